@@ -1,0 +1,32 @@
+# The two commands a user needs: `make demo` and `make test`. Both create and reuse ./.venv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kiln-installed
+
+.PHONY: demo test lint bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: a CPU build from the machine's wheel cache, never the multi-GB CUDA one.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[demo,test]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## fine-tune, register, optimize, gate: the whole path on embedded defaults
+	$(BIN)/kiln demo
+
+test: $(STAMP)  ## the test suite (starts and stops whatever servers the tests need)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check kiln tasks flows infra tests
+
+bench: $(STAMP)
+	$(BIN)/kiln bench sentiment
+
+clean:
+	rm -rf .kiln
