@@ -1,0 +1,40 @@
+"""Inference engines behind one small interface; one module per backend.
+
+``load_engine`` picks the backend: ``onnxruntime`` (CPU, or CUDA when present), ``tensorrt``, or
+``auto`` (TensorRT when a CUDA GPU and the ``tensorrt`` package are present, else ONNX Runtime).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.engines.base import Engine, EngineOptions
+from tasks.engines.onnxruntime import OnnxRuntimeEngine
+
+__all__ = ["Engine", "EngineOptions", "OnnxRuntimeEngine", "load_engine", "resolve_backend"]
+
+
+def resolve_backend(requested: str) -> str:
+    """Turn ``auto`` into a concrete backend name for this machine."""
+    if requested != "auto":
+        return requested
+    try:
+        import tensorrt  # noqa: F401
+        import torch
+
+        return "tensorrt" if torch.cuda.is_available() else "onnxruntime"
+    except ImportError:
+        return "onnxruntime"
+
+
+def load_engine(path: Path, options: EngineOptions | None = None) -> Engine:
+    """Open the engine at ``path`` with the backend named in ``options`` (default ONNX Runtime)."""
+    options = options or EngineOptions()
+    backend = resolve_backend(options.backend)
+    if backend == "onnxruntime":
+        return OnnxRuntimeEngine(path, options)
+    if backend == "tensorrt":
+        from tasks.engines.tensorrt import TensorRTEngine  # optional extra
+
+        return TensorRTEngine(path, options)
+    raise ValueError(f"unknown engine backend {backend!r}")

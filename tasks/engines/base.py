@@ -1,0 +1,35 @@
+"""The engine interface: token ids and attention mask in, logits out, as NumPy arrays."""
+
+from __future__ import annotations
+
+from typing import Literal, Protocol
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+
+class EngineOptions(BaseModel):
+    """How an engine is opened; recorded with every candidate."""
+
+    backend: Literal["auto", "onnxruntime", "tensorrt"] = Field(
+        "onnxruntime", description="Engine backend; 'auto' picks TensorRT on a CUDA GPU with TensorRT installed."
+    )
+    threads: int = Field(2, ge=1, description="Intra-op threads (CPU backends).")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = Field(
+        "all", description="ONNX Runtime graph optimisation level."
+    )
+    use_cuda: bool = Field(False, description="Use ONNX Runtime's CUDA execution provider when available.")
+
+
+class Engine(Protocol):
+    """A loaded engine. ``run`` is thread-compatible but not guaranteed thread-safe."""
+
+    backend: str
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Logits for a batch: ``[batch, classes]`` or ``[batch, seq, vocab]``."""
+        ...
+
+    def describe(self) -> dict[str, str]:
+        """Backend, providers and options, for tags."""
+        ...
