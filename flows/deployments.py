@@ -1,0 +1,22 @@
+"""Serve Kiln's flows as Prefect deployments: each shows a typed parameter form in the Prefect UI."""
+
+from __future__ import annotations
+
+from prefect import serve
+
+from flows.demo import demo
+from flows.optimize import optimize
+
+
+def deployments() -> list:
+    """The deployments Kiln offers; parameters come from the flows' pydantic models."""
+    return [
+        optimize.to_deployment(name="kiln-optimize", tags=["kiln"],
+                               description="Registered model in, gated challenger out."),
+        demo.to_deployment(name="kiln-demo", tags=["kiln"], description="Fine-tune MiniLM, register, optimize."),
+    ]
+
+
+def serve_all() -> None:
+    """Block serving every deployment (needs PREFECT_API_URL pointing at a Prefect server)."""
+    serve(*deployments())

