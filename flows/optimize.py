@@ -42,7 +42,7 @@ class OptimizeParams(BaseModel):
     eval_limit: int | None = Field(None, gt=0, description="Judge on a seeded sample of this many test rows.")
     backend: str = Field("onnxruntime", description="Engine backend: onnxruntime, tensorrt or auto.")
     seq_len: int = Field(64, ge=8, le=4096, description="Serving sequence length (latency inputs are padded to it).")
-    bench: BenchConfig = Field(default_factory=BenchConfig, description="How latency is measured.")
+    bench: BenchConfig | None = Field(None, description="How latency is measured; default from settings.")
 
 
 # ── steps ────────────────────────────────────────────────────────────────────────────────────────────
@@ -111,6 +111,7 @@ def optimize(params: OptimizeParams, settings: Settings | None = None) -> dict[s
     policy: Policy = load_policy(Path(params.policy) if params.policy else None, source.meta.task)
     chosen = recipes.resolve_recipes(params.recipes, Path(params.recipe_file) if params.recipe_file else None)
     options = EngineOptions(backend=resolve_backend(params.backend), threads=settings.threads)
+    bench = params.bench or BenchConfig(max_seconds=settings.bench_seconds)
 
     run = client.create_run(registry.ensure_experiment(client, settings),
                             run_name=f"optimize {ref}", tags={"kiln.model": str(ref)})
@@ -121,14 +122,14 @@ def optimize(params: OptimizeParams, settings: Settings | None = None) -> dict[s
         frame = cands.eval_frame(splits, params.eval_limit, settings.seed)
 
         src, reference = evaluate(f"source v{source.version.version}", source.folder, "fp32", source.key, frame,
-                                  cache, options, params.bench, keep_outputs=True)
-        champion = _champion(client, settings, source, frame, cache, options, params, src)
+                                  cache, options, bench, keep_outputs=True)
+        champion = _champion(client, settings, source, frame, cache, options, bench, src)
 
         built = [build_candidate(r, source, splits, cache, params.seq_len, settings) for r in chosen]
         evaluated = []
         for candidate, folder in built:
             ev, _ = evaluate(candidate.recipe.name, folder, candidate.precision, candidate.key, frame, cache,
-                             options, params.bench, reference)
+                             options, bench, reference)
             ev.stages = [r.__dict__ for r in candidate.records]
             evaluated.append(ev)
 
@@ -157,18 +158,18 @@ def optimize(params: OptimizeParams, settings: Settings | None = None) -> dict[s
         raise
 
 
-def _champion(client, settings, source, frame, cache, options, params, src) -> cands.Evaluated | None:
+def _champion(client, settings, source, frame, cache, options, bench, src) -> cands.Evaluated | None:
     """The champion measured in this run: the source itself, another version, or none yet."""
     aliases = registry.aliases_of(client, source.version.name)
     if registry.CHAMPION not in aliases:
         return None
-    if aliases[registry.CHAMPION] == source.version.version:
+    if aliases[registry.CHAMPION] == str(source.version.version):
         return src
     version = client.get_model_version(source.version.name, aliases[registry.CHAMPION])
     folder = registry.fetch_package(client, version, settings.home / "downloads")
     meta = PackageMeta.read(folder)
     ev, _ = evaluate(f"champion v{version.version}", folder, meta.precision,
-                     f"{version.name}/{version.version}/{version.run_id}", frame, cache, options, params.bench)
+                     f"{version.name}/{version.version}/{version.run_id}", frame, cache, options, bench)
     return ev
 
 

@@ -31,6 +31,7 @@ class Settings(BaseSettings):
     experiment: str = Field("kiln", description="MLflow experiment that optimize runs are logged to.")
     threads: int = Field(2, ge=1, le=256, description="Intra-op threads for engines and benchmarks.")
     seed: int = Field(0, description="Seed for splits, sampling and training.")
+    bench_seconds: float = Field(3.0, gt=0, description="Seconds of timed runs per model and batch size.")
 
     @field_validator("home")
     @classmethod

@@ -33,7 +33,7 @@ def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: 
     frame = eval_frame(splits, None, settings.seed)
     cache = StageCache(settings.cache_dir)
     options = EngineOptions(threads=settings.threads)
-    quality_bench = BenchConfig()  # same as optimize's, so its cached evaluations are reused
+    quality_bench = BenchConfig(max_seconds=settings.bench_seconds)  # as optimize: reuses its cached evaluations
     timing = BenchConfig(max_seconds=seconds, min_runs=20)
 
     models = [("torch fp32 eager", source.folder, "fp32", source.key)]

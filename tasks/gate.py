@@ -181,12 +181,13 @@ def _parity_results(tol: ParityTolerance, metrics: dict[str, float]) -> list[Cla
         got = metrics.get("parity_max_abs")
         ok = got is not None and got <= tol.max_abs
         out.append(ClauseResult(f"parity_max_abs <= {tol.max_abs:g}", ok, got, tol.max_abs,
-                                f"parity_max_abs {_fmt(got)} <= {tol.max_abs:g}"))
+                                f"parity_max_abs {_fmt(got)} <= {tol.max_abs:g}: {_verdict(ok)}"))
     if tol.top1_agreement is not None:
         got = metrics.get("parity_top1_agreement")
         ok = got is not None and got >= tol.top1_agreement
         out.append(ClauseResult(f"parity_top1_agreement >= {tol.top1_agreement:g}", ok, got,
-                                tol.top1_agreement, f"parity_top1_agreement {_fmt(got)} >= {tol.top1_agreement:g}"))
+                                tol.top1_agreement,
+                                f"parity_top1_agreement {_fmt(got)} >= {tol.top1_agreement:g}: {_verdict(ok)}"))
     return out
 
 
@@ -205,7 +206,11 @@ def _judge_clause(clause: Clause, metrics: dict[str, float], champion: dict[str,
     base = f" ({baseline_name} {_fmt(champion[clause.metric])})" if clause.relative and champion else ""
     return ClauseResult(clause.text, passed, observed, threshold,
                         f"{clause.metric} {_fmt(observed)} {clause.op} {_fmt(threshold)}{base}: "
-                        f"{'ok' if passed else 'FAILED'} [{clause.text}]")
+                        f"{_verdict(passed)} [{clause.text}]")
+
+
+def _verdict(passed: bool) -> str:
+    return "ok" if passed else "FAILED"
 
 
 def _fmt(value: float | None) -> str:

@@ -54,7 +54,7 @@ def _requirements() -> list[str]:
 
 
 def signature(task: str) -> ModelSignature:
-    inputs = Schema([ColSpec("string", "text")])
+    inputs = Schema([ColSpec("string")])  # unnamed: a plain list of strings is valid input
     if task == "causal-lm":
         outputs = Schema([ColSpec("string", "generated_text")])
     else:

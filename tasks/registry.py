@@ -97,7 +97,7 @@ def resolve(client: MlflowClient, ref: ModelRef) -> ModelVersion:
 
 
 def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
-    return dict(client.get_registered_model(name).aliases or {})
+    return {alias: str(v) for alias, v in (client.get_registered_model(name).aliases or {}).items()}
 
 
 def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Path:

@@ -286,13 +286,14 @@ def build_engine(onnx_path: Path, out_dir: Path, config: TensorRTBuildConfig | N
     _write_atomic(plan, bytes(serialized))
     if config.timing_cache:
         _write_atomic(config.timing_cache, bytes(builder_config.get_timing_cache().serialize()))
+    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     metadata = {
         "format": METADATA_FORMAT, **info, "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "precision": config.precision or graph_precision(onnx_path),
         **config.model_dump(include={"version_compatible", "hardware_compatibility", "sparse_weights", "tf32",
                                      "workspace_mb"}),
         "profiles": [{name: dict(zip(("min", "opt", "max"), map(list, shapes), strict=True))
-                      for name, shapes in optimization_profile(config).items()}],
+                      for name, shapes in optimization_profile(config).items() if name in inputs}],
         "inputs": [_tensor_spec(network.get_input(i)) for i in range(network.num_inputs)],
         "outputs": [_tensor_spec(network.get_output(i)) for i in range(network.num_outputs)],
         "plan_sha256": sha256_file(plan), "onnx_sha256": sha256_file(onnx_path),

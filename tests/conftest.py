@@ -1,0 +1,55 @@
+"""Shared fixtures: a project folder per test, tiny data and tiny models built from config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_spec():
+    from tasks.data import DatasetSpec
+
+    return DatasetSpec(limit=400, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_splits(tiny_spec):
+    from tasks.data import load_splits
+
+    return load_splits(tiny_spec)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tiny_splits) -> dict[str, Path]:
+    """Tiny BERT classifier, GPT-2 and Llama causal LMs as Hugging Face folders (seconds to build)."""
+    from tasks.tiny import save_tiny
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    texts = tiny_splits.train["text"].tolist()
+    return {
+        "bert": save_tiny("bert", texts, root / "bert", labels=tiny_splits.labels),
+        "gpt2": save_tiny("gpt2", texts, root / "gpt2"),
+        "llama": save_tiny("llama", texts, root / "llama"),
+    }
+
+
+@pytest.fixture
+def settings(tmp_path, monkeypatch):
+    """Settings with a fresh project folder (its own SQLite registry) and short latency runs."""
+    from kiln.settings import load_settings
+
+    for key in [k for k in os.environ if k.startswith("KILN_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(home=tmp_path / ".kiln", bench_seconds=0.2)
+    s.ensure_dirs()
+    return s

@@ -1,0 +1,109 @@
+"""The optimize flow as real Prefect flow runs against a real MLflow SQLite registry, on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from flows.optimize import OptimizeParams, optimize
+from kiln.errors import DataCheckFailed, GateError
+from tasks import registry
+from tasks.data import DatasetSpec
+from tasks.onboard import register_folder
+from tests.integration.helpers import registry_state
+
+
+def _register(settings, tiny_models, family, spec, name="tiny"):
+    client = registry.connect(settings)
+    task = "sequence-classification" if family == "bert" else "causal-lm"
+    if task == "causal-lm":
+        spec = spec.model_copy(update={"label_column": None})
+    register_folder(client, settings, tiny_models[family], name, task, spec)
+    return client
+
+
+def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec):
+    client = _register(settings, tiny_models, "bert", tiny_spec)
+    summary = optimize(OptimizeParams(model="tiny@champion"), settings=settings)
+
+    assert set(summary["candidates"]) == {"onnx-fp32", "int8-dynamic"}
+    assert registry.aliases_of(client, "tiny") == {"champion": "1", "challenger": "2"}
+    v2 = client.get_model_version("tiny", "2")
+    tags = v2.tags
+    assert tags["kiln.gate"] == "passed" and tags["kiln.parent_version"] == "1"
+    assert tags["kiln.recipe"] == summary["registered"]["recipe"]
+    assert tags["kiln.precision"] in {"fp32", "int8-dynamic"}
+    assert len(tags["kiln.dataset_digest"]) == 16 and tags["kiln.git_commit"]
+    assert json.loads(tags["kiln.metrics"])["accuracy"] == pytest.approx(
+        summary["candidates"][tags["kiln.recipe"]]["metrics"]["accuracy"], abs=1e-6)
+    assert all("ok" in r for r in json.loads(tags["kiln.gate_reasons"]))
+
+    run = client.get_run(tags["kiln.run_id"])
+    assert run.info.status == "FINISHED"
+    for name in ("onnx-fp32", "int8-dynamic"):
+        for metric in ("accuracy", "macro_f1", "latency_p50_ms", "latency_p99_ms", "throughput_per_s", "size_mb",
+                       "peak_memory_mb", "parity_top1_agreement"):
+            assert f"{name}.{metric}" in run.data.metrics
+    logged = mlflow.get_logged_model(v2.source.removeprefix("models:/"))
+    assert {m.key for m in logged.metrics} >= {"accuracy", "latency_p50_ms"}
+
+    predictions = mlflow.pyfunc.load_model("models:/tiny@challenger").predict(["what a day", "awful traffic"])
+    assert list(predictions.columns[:2]) == ["label", "score"] and len(predictions) == 2
+    assert set(predictions["label"]) <= {"negative", "neutral", "positive"}
+    assert predictions["score"].between(0, 1).all()
+
+
+def test_rerun_skips_finished_work_and_never_duplicates_a_version(settings, tiny_models, tiny_spec):
+    client = _register(settings, tiny_models, "bert", tiny_spec)
+    optimize(OptimizeParams(model="tiny"), settings=settings)
+    before = registry_state(client, "tiny")
+    optimize(OptimizeParams(model="tiny"), settings=settings)
+    assert registry_state(client, "tiny") == before
+    assert len(client.search_model_versions("name='tiny'")) == 2
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_causal_lm_through_the_same_flow(settings, tiny_models, tiny_spec, family):
+    client = _register(settings, tiny_models, family, tiny_spec, name=f"lm-{family}")
+    summary = optimize(OptimizeParams(model=f"lm-{family}", eval_limit=24), settings=settings)
+    fp32 = summary["candidates"]["onnx-fp32"]["metrics"]
+    assert fp32["perplexity"] == pytest.approx(summary["source"]["perplexity"], rel=1e-3)
+    assert fp32["next_token_agreement"] > 0.99
+    assert registry.aliases_of(client, f"lm-{family}")["challenger"] == "2"
+    out = mlflow.pyfunc.load_model(f"models:/lm-{family}@challenger").predict(["the car"], params={"max_new_tokens": 3})
+    assert out.columns.tolist() == ["generated_text"] and out["generated_text"][0].startswith("the car")
+
+
+def test_failed_gate_registers_nothing_and_spells_out_clauses(settings, tiny_models, tiny_spec, tmp_path):
+    client = _register(settings, tiny_models, "bert", tiny_spec)
+    policy = tmp_path / "strict.yaml"
+    policy.write_text("clauses: ['size_mb <= 0.001', 'accuracy >= champion + 0.5']\n")
+    before = registry_state(client, "tiny")
+    with pytest.raises(GateError, match=r"size_mb .* <= 0.001: FAILED .*accuracy .* FAILED"):
+        optimize(OptimizeParams(model="tiny", policy=str(policy)), settings=settings)
+    assert registry_state(client, "tiny") == before
+    run = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id],
+                             "tags.`kiln.model` = 'tiny@champion'")[0]
+    assert run.info.status == "FAILED"
+    gate = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/gate/int8-dynamic.json")
+    assert not gate["passed"] and len([c for c in gate["clauses"] if not c["passed"]]) == 2
+
+
+def test_failing_data_checks_stop_the_flow_with_a_logged_report(settings, tiny_models, tiny_spec, tmp_path,
+                                                                tiny_splits):
+    client = _register(settings, tiny_models, "bert", tiny_spec)
+    frame = tiny_splits.train.copy()
+    frame.loc[0, "text"] = "z" * 5000  # longer than the suite allows
+    frame.loc[1:3, "label"] = None
+    path = tmp_path / "bad.csv"
+    frame.to_csv(path, index=False)
+    before = registry_state(client, "tiny")
+    with pytest.raises(DataCheckFailed, match="expect_column_value_lengths_to_be_between"):
+        optimize(OptimizeParams(model="tiny", data=DatasetSpec(source=str(path), label_column="label")),
+                 settings=settings)
+    assert registry_state(client, "tiny") == before
+    run = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id])[0]
+    report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/datachecks.json")
+    assert report["success"] is False

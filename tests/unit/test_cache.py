@@ -1,0 +1,45 @@
+import pytest
+
+from tasks.cache import StageCache, code_version, make_key
+
+
+def test_result_is_persisted_and_reused(tmp_path):
+    cache, calls = StageCache(tmp_path), []
+
+    def work(folder):
+        calls.append(folder)
+        (folder / "out.txt").write_text("done")
+        return {"path": "out.txt"}
+
+    first, hit1 = cache.run("k", work)
+    second, hit2 = StageCache(tmp_path).run("k", work)  # a new process sees the same folder
+    assert (hit1, hit2) == (False, True) and first == second and len(calls) == 1
+    assert (cache.folder("k") / "out.txt").read_text() == "done"
+
+
+def test_a_killed_stage_leaves_nothing_that_looks_finished(tmp_path):
+    cache = StageCache(tmp_path)
+
+    def dies(folder):
+        (folder / "half.bin").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cache.run("k", dies)
+    assert cache.get("k") is None and list(tmp_path.iterdir()) == []
+    result, hit = cache.run("k", lambda folder: {"ok": 1})
+    assert result == {"ok": 1} and not hit
+
+
+def test_keys_change_with_any_input():
+    base = make_key("model/1", "digest", {"p": 1}, "code")
+    assert base == make_key("model/1", "digest", {"p": 1}, "code")
+    assert len({base, make_key("model/2", "digest", {"p": 1}, "code"), make_key("model/1", "digest", {"p": 2},
+                "code"), make_key("model/1", "digest", {"p": 1}, "code2")}) == 4
+
+
+def test_code_version_tracks_the_module_source():
+    from tasks import quantize, recipes
+
+    assert code_version(quantize.int8_dynamic) != code_version(recipes.export_stage)
+    assert code_version(quantize.int8_dynamic).startswith("0.")
