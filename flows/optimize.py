@@ -69,7 +69,8 @@ def build_candidate(recipe: recipes.Recipe, source: cands.Source, splits: Splits
                     seq_len: int, settings: Settings) -> tuple[recipes.BuiltCandidate, Path]:
     def make_ctx(workdir: Path) -> StageContext:
         return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
-                            train=splits.train, labels=splits.labels, seq_len=seq_len, seed=settings.seed,
+                            train=splits.train, validation=splits.validation, labels=splits.labels,
+                            seq_len=seq_len, seed=settings.seed,
                             threads=settings.threads)
 
     built = recipes.build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
@@ -96,6 +97,17 @@ def log_candidate(run_id: str, cand: cands.Evaluated, staging: Path) -> str:
 def register(settings: Settings, source: cands.Source, cand: cands.Evaluated, model_id: str, run_id: str,
              tags: dict[str, str]):
     return publish.register(registry.connect(settings), source, cand, model_id, run_id, tags)
+
+
+def preflight(params: OptimizeParams, settings: Settings) -> None:
+    """Check everything a user can get wrong before a flow run starts: model, artifacts, policy,
+    recipes, dataset. Raises a :class:`KilnError` naming the problem; writes nothing to the registry."""
+    client = registry.connect(settings)
+    source = cands.resolve_source(client, registry.ModelRef.parse(params.model), settings.home / "downloads",
+                                  params.data)
+    load_policy(Path(params.policy) if params.policy else None, source.meta.task)
+    recipes.resolve_recipes(params.recipes, Path(params.recipe_file) if params.recipe_file else None)
+    load_splits(source.data)
 
 
 # ── the flow ─────────────────────────────────────────────────────────────────────────────────────────

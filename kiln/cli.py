@@ -97,7 +97,7 @@ def optimize(
     """
     try:
         settings = _settings(config)
-        from flows.optimize import OptimizeParams
+        from flows.optimize import OptimizeParams, preflight
         from flows.optimize import optimize as optimize_flow
         from tasks.report import print_optimize
 
@@ -106,6 +106,7 @@ def optimize(
             policy=str(policy) if policy else None, recipe_file=str(recipe_file) if recipe_file else None,
             data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
         )
+        preflight(params, settings)  # bad input fails here, in one line, before any flow run starts
         print_optimize(optimize_flow(params, settings=settings))
     except KilnError as exc:
         _fail(exc)

@@ -4,12 +4,34 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record, not at set-up (test runners swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # noqa: ANN201
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - logging assigns it in __init__; ignore
+        pass
 
 
 def setup_logging(level: str | None = None) -> None:
     """Log Kiln's own modules at ``level`` (default ``$KILN_LOG_LEVEL`` or INFO); quiet the noisy ones."""
     level = (level or os.environ.get("KILN_LOG_LEVEL", "INFO")).upper()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    root = logging.getLogger()
+    if not any(isinstance(h, _CurrentStderr) for h in root.handlers):
+        handler = _CurrentStderr()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
     for name in ("kiln", "tasks", "flows", "infra"):
         logging.getLogger(name).setLevel(level)
     for noisy in ("mlflow", "alembic", "urllib3", "great_expectations", "httpx"):

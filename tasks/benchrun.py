@@ -40,7 +40,8 @@ def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: 
     for recipe in resolve_recipes(recipe_names):
         def make_ctx(workdir: Path) -> StageContext:
             return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
-                                train=splits.train, labels=splits.labels, seed=settings.seed,
+                                train=splits.train, validation=splits.validation, labels=splits.labels,
+                                seed=settings.seed,
                                 threads=settings.threads)
 
         built = build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)

@@ -203,34 +203,11 @@ def _resume(folder: Path, student: PreTrainedModel, optimizer: torch.optim.Optim
     return int(state["step"])
 
 
-def distill(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
-    """Distil the teacher into a student on ``ctx.train`` (see the module docstring for the loss).
-
-    Args:
-        artifact: an ``hf`` folder: the teacher, or the student when ``teacher`` is set.
-        params: :class:`DistillParams` fields.
-        ctx: stage context; ``ctx.workdir`` holds checkpoints and the output folder.
-
-    Returns:
-        The student folder (with tokenizer) and ``kl_before`` / ``kl_after`` (on the first
-        ``eval_batches`` of ``ctx.train``), ``params``, ``teacher_params``, ``steps``, ``loss``.
-    """
-    cfg = hf.parse_params(DistillParams, params, "distill")
-    folder = hf.require_hf(artifact, "distill")
-    torch.set_num_threads(ctx.threads)
-    teacher = hf.load_model(Path(cfg.teacher) if cfg.teacher else folder, ctx.task)
-    teacher.requires_grad_(False)
-    tokenizer = hf.load_tokenizer(folder, ctx)
-    student = _student(folder, cfg, ctx)
+def _fit(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: Any, cfg: DistillParams,
+         ctx: StageContext, plan: _Plan) -> tuple[int, float]:
+    """Train ``student`` (resuming from a checkpoint if one exists); returns (first step run, last loss)."""
     causal, layer_map = ctx.task == "causal-lm", _layer_map(cfg, student, teacher)
-    rows = len(ctx.train)
-    plan = _Plan(rows, cfg.batch_size, cfg.max_steps or cfg.epochs * math.ceil(rows / cfg.batch_size))
     seq = cfg.max_seq_len or ctx.seq_len
-    eval_data = list(hf.batches(ctx.train.iloc[: cfg.batch_size * cfg.eval_batches], tokenizer, ctx,
-                                batch_size=cfg.batch_size, max_len=seq))
-    _check(student, teacher, cfg, eval_data[0])
-    kl_before = _mean_kl(student, teacher, eval_data, cfg.temperature, causal)
-
     torch.manual_seed(ctx.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
     checkpoints, fingerprint = ctx.workdir / "checkpoints", _fingerprint(cfg, ctx)
@@ -253,11 +230,43 @@ def distill(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> St
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < plan.total_steps:
             _save_checkpoint(checkpoints, step + 1, student, optimizer, fingerprint, cfg.keep_checkpoints)
     bar.close()
-
     student.eval()
+    return start, last
+
+
+def distill(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
+    """Distil the teacher into a student on ``ctx.train`` (see the module docstring for the loss).
+
+    Args:
+        artifact: an ``hf`` folder: the teacher, or the student when ``teacher`` is set.
+        params: :class:`DistillParams` fields.
+        ctx: stage context; ``ctx.workdir`` holds checkpoints and the output folder.
+
+    Returns:
+        The student folder (with tokenizer) and ``kl_before`` / ``kl_after`` (on the first
+        ``eval_batches`` of ``ctx.train``), ``params``, ``teacher_params``, ``steps``, ``loss``.
+    """
+    cfg = hf.parse_params(DistillParams, params, "distill")
+    folder = hf.require_hf(artifact, "distill")
+    torch.set_num_threads(ctx.threads)
+    teacher = hf.load_model(Path(cfg.teacher) if cfg.teacher else folder, ctx.task)
+    teacher.requires_grad_(False)
+    hf.check_task(teacher, ctx)
+    tokenizer = hf.load_tokenizer(folder, ctx)
+    student = _student(folder, cfg, ctx)
+    eval_data = list(hf.batches(ctx.train.iloc[: cfg.batch_size * cfg.eval_batches], tokenizer, ctx,
+                                batch_size=cfg.batch_size, max_len=cfg.max_seq_len or ctx.seq_len))
+    _check(student, teacher, cfg, eval_data[0])
+    causal = ctx.task == "causal-lm"
+    kl_before = _mean_kl(student, teacher, eval_data, cfg.temperature, causal)
+
+    rows = len(ctx.train)
+    plan = _Plan(rows, cfg.batch_size, cfg.max_steps or cfg.epochs * math.ceil(rows / cfg.batch_size))
+    start, last = _fit(student, teacher, tokenizer, cfg, ctx, plan)
+
     kl_after = _mean_kl(student, teacher, eval_data, cfg.temperature, causal)
     out = hf.save_folder(student, tokenizer, ctx.workdir / "model")
-    shutil.rmtree(checkpoints, ignore_errors=True)  # superseded, and 3x the model's size with Adam
+    shutil.rmtree(ctx.workdir / "checkpoints", ignore_errors=True)  # superseded; 3x the model with Adam
     log.info("distill: KL to teacher %.4f -> %.4f over %d steps", kl_before, kl_after, plan.total_steps)
     metrics = {"kl_before": kl_before, "kl_after": kl_after, "loss": last, "steps": float(plan.total_steps),
                "resumed_from_step": float(start), "params": float(hf.count_params(student)),

@@ -73,6 +73,13 @@ def load_model(folder: Path, task: TaskType) -> PreTrainedModel:
     return model.eval()
 
 
+def check_task(model: PreTrainedModel, ctx: StageContext) -> None:
+    """A classifier must have one output per class of the task, or every loss is wrong."""
+    if ctx.task == "sequence-classification" and ctx.labels and model.config.num_labels != len(ctx.labels):
+        raise ConfigError(f"the model predicts {model.config.num_labels} classes but the task has "
+                          f"{len(ctx.labels)} ({list(ctx.labels)}); train a head for these labels first")
+
+
 def load_tokenizer(folder: Path, ctx: StageContext) -> PreTrainedTokenizerBase:
     """The tokenizer saved with the model, else the recipe's shared one (``ctx.tokenizer_dir``)."""
     source = folder if (folder / "tokenizer_config.json").is_file() else ctx.tokenizer_dir

@@ -99,7 +99,9 @@ def _start(artifact: Artifact, ctx: StageContext, stage: str) -> tuple[PreTraine
     folder = hf.require_hf(artifact, stage)
     torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.seed)
-    return hf.load_model(folder, ctx.task), hf.load_tokenizer(folder, ctx)
+    model = hf.load_model(folder, ctx.task)
+    hf.check_task(model, ctx)
+    return model, hf.load_tokenizer(folder, ctx)
 
 
 def _calibration(cfg: Any, ctx: StageContext, tokenizer: Any, needed: bool) -> list[hf.Batch]:
@@ -131,8 +133,7 @@ def _lowest(score: torch.Tensor, remove: int) -> torch.Tensor:
     return order[: len(score) - remove]
 
 
-def _heads_to_keep(layout: surgery.UnitLayout, score: torch.Tensor, cfg: HeadPruneParams,
-                   model: PreTrainedModel) -> torch.Tensor:
+def _heads_to_keep(score: torch.Tensor, cfg: HeadPruneParams, model: PreTrainedModel) -> torch.Tensor:
     units = len(score)
     if cfg.remove_per_layer >= units:
         raise ConfigError(f"remove_per_layer={cfg.remove_per_layer} would leave no attention units "
@@ -163,14 +164,14 @@ def prune_heads(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -
     model, tokenizer = _start(artifact, ctx, "prune_heads")
     before = hf.count_params(model)
     layers = surgery.blocks(model)
-    layouts = [surgery.head_layout(model, layer, cfg.gqa) for layer in layers]
-    data = _calibration(cfg, ctx, tokenizer, cfg.importance != "magnitude" and cfg.remove_per_layer > 0)
-    unit_scores = scores.unit_scores(model, layouts, cfg.importance, data) if cfg.remove_per_layer else []
-    for layer, layout, score in zip(layers, layouts, unit_scores, strict=False):
-        keep = _heads_to_keep(layout, score, cfg, model)
-        surgery.keep_units(layout, keep)
-        surgery.set_heads(model, layer)
-    surgery.finish_heads(model)
+    if cfg.remove_per_layer:
+        layouts = [surgery.head_layout(model, layer, cfg.gqa) for layer in layers]
+        data = _calibration(cfg, ctx, tokenizer, cfg.importance != "magnitude")
+        unit_scores = scores.unit_scores(model, layouts, cfg.importance, data)
+        for layer, layout, score in zip(layers, layouts, unit_scores, strict=True):
+            surgery.keep_units(layout, _heads_to_keep(score, cfg, model))
+            surgery.set_heads(model, layer)
+        surgery.finish_heads(model)
     heads = surgery.head_count(model, layers[0])
     return _finish(model, tokenizer, cfg, ctx, before, {"heads_per_layer": float(heads)})
 

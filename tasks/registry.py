@@ -115,6 +115,10 @@ def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Pat
                 f"artifacts of {version.name} v{version.version} are missing or unreadable ({exc.__class__.__name__}"
                 f": {str(exc).splitlines()[0][:160]}); re-register the model"
             ) from exc
+        if not (got / "artifacts" / PACKAGE_ARTIFACT / "kiln.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise ArtifactError(f"artifacts of {version.name} v{version.version} are missing or incomplete "
+                                f"(no Kiln package at {version.source}); re-register the model")
         shutil.rmtree(root, ignore_errors=True)
         got.rename(root)
         shutil.rmtree(tmp, ignore_errors=True)

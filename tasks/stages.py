@@ -40,6 +40,8 @@ class StageContext:
         train: training split (``text`` and, for classifiers, ``label`` columns) for calibration,
             recovery fine-tuning and distillation.
         labels: class names in id order (classifiers only).
+        validation: held-out split for stages that check their own quality (e.g. accuracy-aware
+            quantization fallback); never the split candidates are gated on.
         seq_len: sequence length used for calibration and serving.
         seed: seed for anything random.
         threads: CPU threads a stage may use.
@@ -50,6 +52,7 @@ class StageContext:
     tokenizer_dir: Path
     train: pd.DataFrame
     labels: tuple[str, ...] = ()
+    validation: pd.DataFrame | None = None
     seq_len: int = 64
     seed: int = 0
     threads: int = 2

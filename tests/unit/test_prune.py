@@ -263,3 +263,10 @@ def test_bad_params_raise_config_error_naming_the_field(tiny, tmp_path, stage, f
 def test_onnx_input_is_refused(tiny, tmp_path):
     with pytest.raises(ConfigError, match="before 'export'"):
         prune.prune_ffn(Artifact("onnx", tmp_path / "m.onnx"), {}, _ctx("bert", tiny["bert"], tmp_path))
+
+
+def test_classifier_with_other_classes_is_refused(tiny, tmp_path):
+    ctx = _ctx("bert", tiny["bert"], tmp_path)
+    ctx.labels = ("no", "yes")
+    with pytest.raises(ConfigError, match="3 classes but the task has 2"):
+        prune.prune_heads(Artifact("hf", tiny["bert"]), {}, ctx)

@@ -1,0 +1,110 @@
+"""Bad input through the ``kiln`` CLI: one clear line, exit status 2, registry unchanged."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from kiln.cli import app
+from tasks import registry
+from tasks.onboard import register_folder
+from tests.integration.helpers import registry_state
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def registered(settings, tiny_models, tiny_spec, monkeypatch):
+    monkeypatch.setenv("KILN_HOME", str(settings.home))
+    monkeypatch.setenv("KILN_BENCH_SECONDS", "0.2")
+    client = registry.connect(settings)
+    register_folder(client, settings, tiny_models["bert"], "tiny", "sequence-classification", tiny_spec)
+    return client
+
+
+def _fails_cleanly(client, args: list[str], expected: str) -> str:
+    before = registry_state(client, "tiny")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert expected in errors[0], errors[0]
+    assert registry_state(client, "tiny") == before
+    return errors[0]
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("nope", "registered model 'nope' does not exist (registered models: tiny)"),
+    ("tiny@staging", "'tiny' has no alias @staging (aliases: @champion→v1)"),
+    ("tiny/9", "'tiny' has no version 9"),
+])
+def test_unknown_model_alias_or_version(registered, model, expected):
+    _fails_cleanly(registered, ["optimize", "--model", model], expected)
+
+
+def _weights(settings):
+    found = list(settings.artifact_root.rglob("model.safetensors"))
+    assert len(found) == 1
+    return found[0]
+
+
+def test_corrupt_artifacts(registered, settings):
+    path = _weights(settings)
+    path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    _fails_cleanly(registered, ["optimize", "--model", "tiny"], "model.safetensors in")
+    assert "corrupt (sha256 mismatch)" in runner.invoke(app, ["optimize", "--model", "tiny"]).output
+
+
+def test_missing_artifacts(registered, settings):
+    shutil.rmtree(_weights(settings).parent.parent.parent)  # the logged model's artifact folder
+    _fails_cleanly(registered, ["optimize", "--model", "tiny"], "artifacts of tiny v1 are missing or")
+
+
+def test_policy_with_unknown_metric_or_bad_syntax(registered, tmp_path):
+    unknown = tmp_path / "p1.yaml"
+    unknown.write_text("clauses: ['latency_p50 <= 3']\n")
+    _fails_cleanly(registered, ["optimize", "--model", "tiny", "--policy", str(unknown)],
+                   "unknown metric(s) ['latency_p50']")
+    broken = tmp_path / "p2.yaml"
+    broken.write_text("clauses:\n  - size_mb <= 3\n bad indent: [\n")
+    _fails_cleanly(registered, ["optimize", "--model", "tiny", "--policy", str(broken)], "is not valid YAML at line")
+
+
+def test_dataset_missing_columns_or_empty(registered, tmp_path):
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("sentence,label\nhello,a\n")
+    _fails_cleanly(registered, ["optimize", "--model", "tiny", "--data", str(wrong)], "has no column(s) ['text']")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    _fails_cleanly(registered, ["optimize", "--model", "tiny", "--data", str(empty)], "no usable rows")
+
+
+def test_unknown_recipe(registered):
+    _fails_cleanly(registered, ["optimize", "--model", "tiny", "--recipes", "int4-magic"], "unknown recipe(s)")
+
+
+def test_register_refuses_a_folder_that_is_not_a_model(registered, tmp_path):
+    _fails_cleanly(registered, ["register", str(tmp_path), "--name", "tiny"], "no config.json")
+
+
+def test_optimize_from_the_cli_prints_the_table(registered, settings):
+    # A real process (CliRunner's swapped streams confuse Prefect's console logging), on the test server.
+    from prefect.settings import get_current_settings
+
+    env = os.environ | {"PREFECT_API_URL": str(get_current_settings().api.url), "COLUMNS": "160"}
+    result = subprocess.run([sys.executable, "-m", "kiln", "optimize", "--model", "tiny", "--eval-limit", "20"],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "registered tiny v2" in result.stdout and "p50 b1 ms" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["optimize", "register", "demo", "bench", "recipes", "serve-flows", "show"])
+def test_every_command_explains_itself(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and len(result.output) > 200
