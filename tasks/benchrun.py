@@ -6,8 +6,6 @@ every model in the same process with the same threads, so the ratios are fair.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from rich.console import Console
 from rich.table import Table
 
@@ -15,12 +13,12 @@ from kiln.settings import Settings
 from tasks import registry
 from tasks.benchmark import BenchConfig, measure
 from tasks.cache import StageCache
-from tasks.candidates import eval_frame, evaluate, resolve_source
+from tasks.candidates import eval_frame, evaluate, resolve_source, stage_context_factory
 from tasks.data import load_splits
 from tasks.engines import EngineOptions
 from tasks.predictor import PackageMeta, package
 from tasks.recipes import build, resolve_recipes
-from tasks.stages import Artifact, StageContext
+from tasks.stages import Artifact
 
 
 def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: float,
@@ -38,12 +36,7 @@ def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: 
 
     models = [("torch fp32 eager", source.folder, "fp32", source.key)]
     for recipe in resolve_recipes(recipe_names):
-        def make_ctx(workdir: Path) -> StageContext:
-            return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
-                                train=splits.train, validation=splits.validation, labels=splits.labels,
-                                seed=settings.seed,
-                                threads=settings.threads)
-
+        make_ctx = stage_context_factory(source, splits, settings, source.meta.seq_len)
         built = build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
         folder = cache.folder(built.key) / "package"
         if not (folder / "kiln.json").exists():

@@ -3,8 +3,9 @@
 A key hashes the inputs (model version, dataset digest, stage parameters) together with the code
 version (Kiln's version and a hash of the stage's own module source), so changing any of them runs
 the stage again, and a run killed at any point skips what already finished when started again. A
-result is written into a temporary folder and renamed into place only when complete, so a half-written
-result is never mistaken for a finished one.
+stage works in ``.<key>.partial`` and the folder is renamed into place only when complete, so a
+half-written result is never mistaken for a finished one; the partial folder survives a crash so that
+a stage which checkpoints (distillation) resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -66,14 +67,11 @@ class StageCache:
         if cached is not None:
             return cached, True
         final = self.root / key
-        work = self.root / f".{key}.{os.getpid()}.partial"
-        shutil.rmtree(work, ignore_errors=True)
-        work.mkdir(parents=True)
-        try:
-            result = fn(work)
-            (work / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(work, final)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
+        # A stable name, kept after a failure: a stage that checkpoints (distill) resumes from it.
+        work = self.root / f".{key}.partial"
+        work.mkdir(parents=True, exist_ok=True)
+        result = fn(work)
+        (work / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(work, final)
         return result, False

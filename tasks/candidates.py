@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from kiln.errors import ArtifactError, ModelNotFoundError
+from kiln.settings import Settings
 from tasks import registry
 from tasks.benchmark import BenchConfig, measure
 from tasks.cache import StageCache, code_version, make_key
@@ -26,6 +28,7 @@ from tasks.engines import EngineOptions
 from tasks.evaluate import Outputs, quality
 from tasks.gate import GateDecision, Policy, judge
 from tasks.predictor import PackageMeta, Predictor
+from tasks.stages import StageContext
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,18 @@ def _recorded_dataset(version: ModelVersion) -> DatasetSpec:
         raise ModelNotFoundError(f"{version.name} v{version.version} records no dataset (tag kiln.dataset); "
                                  "pass one with --data FILE --text-column ... --label-column ...")
     return DatasetSpec(**json.loads(raw))
+
+
+def stage_context_factory(source: Source, splits: Splits, settings: Settings, seq_len: int
+                          ) -> Callable[[Path], StageContext]:
+    """``workdir -> StageContext`` for the recipe runner: the same data and knobs for every stage."""
+    def make(workdir: Path) -> StageContext:
+        return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
+                            train=splits.train, validation=splits.validation, labels=splits.labels,
+                            source_dir=source.folder, seq_len=seq_len, seed=settings.seed,
+                            threads=settings.threads)
+
+    return make
 
 
 def eval_frame(splits: Splits, limit: int | None, seed: int) -> pd.DataFrame:

@@ -49,7 +49,8 @@ class DistillParams(BaseModel):
         None, description="Teacher layers the student keeps (e.g. [0, 2, 4]); None: the input is the student."
     )
     teacher: str | None = Field(
-        None, description="Teacher folder when the input is the student (e.g. pruned); None: the input."
+        None, description="Teacher when the input is the student (e.g. pruned): a folder, or 'source' for "
+        "the registered model the recipe started from; None: the input is the teacher."
     )
     epochs: int = Field(1, ge=1, description="Passes over ctx.train (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
@@ -234,6 +235,15 @@ def _fit(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: Any, cfg
     return start, last
 
 
+def _teacher_dir(cfg: DistillParams, folder: Path, ctx: StageContext) -> Path:
+    """``teacher: source`` means the registered model the recipe started from (e.g. before pruning)."""
+    if cfg.teacher == "source":
+        if ctx.source_dir is None:
+            raise ConfigError("teacher 'source' needs the recipe's source model; none was given")
+        return ctx.source_dir
+    return Path(cfg.teacher) if cfg.teacher else folder
+
+
 def distill(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
     """Distil the teacher into a student on ``ctx.train`` (see the module docstring for the loss).
 
@@ -249,7 +259,7 @@ def distill(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> St
     cfg = hf.parse_params(DistillParams, params, "distill")
     folder = hf.require_hf(artifact, "distill")
     torch.set_num_threads(ctx.threads)
-    teacher = hf.load_model(Path(cfg.teacher) if cfg.teacher else folder, ctx.task)
+    teacher = hf.load_model(_teacher_dir(cfg, folder, ctx), ctx.task)
     teacher.requires_grad_(False)
     hf.check_task(teacher, ctx)
     tokenizer = hf.load_tokenizer(folder, ctx)

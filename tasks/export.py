@@ -41,7 +41,8 @@ class _LogitsOnly(torch.nn.Module):
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        kwargs = {"use_cache": False} if getattr(self.model.config, "is_decoder", False) or _is_causal(self.model) else {}
+        causal = getattr(self.model.config, "is_decoder", False) or _is_causal(self.model)
+        kwargs = {"use_cache": False} if causal else {}
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
 
 

@@ -41,7 +41,8 @@ PRESETS = Path(__file__).parent / "presets"
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 _CLAUSE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*(<=|>=|<|>)\s*(.+?)\s*$")
-_RHS = re.compile(r"^(?:(?P<num>-?\d+(?:\.\d+)?(?:e-?\d+)?)|champion(?:\s*(?P<op>[-+*])\s*(?P<k>\d+(?:\.\d+)?(?:e-?\d+)?))?)$")
+_NUM = r"\d+(?:\.\d+)?(?:e-?\d+)?"
+_RHS = re.compile(rf"^(?:(?P<num>-?{_NUM})|champion(?:\s*(?P<op>[-+*])\s*(?P<k>{_NUM}))?)$")
 
 
 @dataclass(frozen=True)

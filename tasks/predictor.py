@@ -176,14 +176,11 @@ def encode(tokenizer: Any, texts: Sequence[str], seq_len: int, *, pad_to: int | 
 def torch_runner(folder: Path, task: TaskType, threads: int) -> Runner:
     """A logits function backed by the PyTorch model in ``folder`` (fp32, eager)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tasks.hf_model import load_model  # handles head-pruned folders without remote code
 
     torch.set_num_threads(threads)
-    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    try:
-        model = cls.from_pretrained(str(folder)).eval()
-    except (OSError, ValueError) as exc:
-        raise ArtifactError(f"cannot load model weights from {folder}: {str(exc).splitlines()[0]}") from exc
+    model = load_model(folder, task)
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

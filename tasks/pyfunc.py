@@ -71,7 +71,8 @@ def log_package(folder: Path, name: str, staging: Path) -> Any:
     shutil.copytree(folder, staged)
     try:
         return mlflow.pyfunc.log_model(
-            name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")), artifacts={PACKAGE_ARTIFACT: str(staged)},
+            name=name, python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
+            artifacts={PACKAGE_ARTIFACT: str(staged)},
             pip_requirements=_requirements(), signature=signature(meta.task),
             code_paths=None, metadata={"kiln_format": meta.format, "kiln_task": meta.task},
         )

@@ -28,6 +28,11 @@ PRESETS = Path(__file__).parent / "presets" / "recipes.yaml"
 STAGES: dict[str, str] = {
     "export": "tasks.recipes:export_stage",
     "int8_dynamic": "tasks.quantize:int8_dynamic",
+    "prune_heads": "tasks.prune:prune_heads",
+    "prune_ffn": "tasks.prune:prune_ffn",
+    "prune_layers": "tasks.prune:prune_layers",
+    "prune_unstructured": "tasks.prune:prune_unstructured",
+    "distill": "tasks.distill:distill",
 }
 
 
@@ -86,14 +91,12 @@ def stage_function(name: str) -> Stage:
 
 def export_stage(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
     """Hugging Face folder → ONNX graph (fp32), checked after export."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
     from tasks.export import ExportConfig, export_onnx
+    from tasks.hf_model import load_model
 
     if artifact.kind != "hf":
         raise ConfigError("export needs a Hugging Face model; it must come before quantization stages")
-    cls = AutoModelForCausalLM if ctx.task == "causal-lm" else AutoModelForSequenceClassification
-    model = cls.from_pretrained(str(artifact.path))
+    model = load_model(artifact.path, ctx.task)
     path = export_onnx(model, ctx.workdir / "model.onnx", ExportConfig(**params))
     return StageResult(Artifact("onnx", path), precision="fp32")
 

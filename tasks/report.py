@@ -26,7 +26,9 @@ def optimize_table(summary: dict[str, Any]) -> Table:
     registered = (summary.get("registered") or {}).get("recipe")
     for name, cand in summary["candidates"].items():
         verdict = "PASS" if cand["passed"] else "FAIL"
-        cols.append((name, cand["precision"], cand["metrics"], verdict + (" → challenger" if name == registered else "")))
+        if name == registered:
+            verdict += " → challenger"
+        cols.append((name, cand["precision"], cand["metrics"], verdict))
     table = Table(title="kiln optimize", header_style="bold")
     table.add_column("metric")
     for name, precision, _, _ in cols:

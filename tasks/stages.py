@@ -40,6 +40,7 @@ class StageContext:
         train: training split (``text`` and, for classifiers, ``label`` columns) for calibration,
             recovery fine-tuning and distillation.
         labels: class names in id order (classifiers only).
+        source_dir: the registered source model's folder (a distillation teacher: ``teacher: source``).
         validation: held-out split for stages that check their own quality (e.g. accuracy-aware
             quantization fallback); never the split candidates are gated on.
         seq_len: sequence length used for calibration and serving.
@@ -53,6 +54,7 @@ class StageContext:
     train: pd.DataFrame
     labels: tuple[str, ...] = ()
     validation: pd.DataFrame | None = None
+    source_dir: Path | None = None
     seq_len: int = 64
     seed: int = 0
     threads: int = 2

@@ -59,7 +59,11 @@ def _accuracy(model, tokenizer, frame: pd.DataFrame, labels: tuple[str, ...], se
 def finetune_classifier(base_dir: Path, train: pd.DataFrame, validation: pd.DataFrame, labels: tuple[str, ...],
                         out_dir: Path, config: FinetuneConfig) -> dict[str, float]:
     """Fine-tune the encoder in ``base_dir`` with a fresh ``len(labels)``-way head; save the best to ``out_dir``."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        get_linear_schedule_with_warmup,
+    )
 
     torch.manual_seed(config.seed)
     torch.set_num_threads(config.threads)

@@ -11,5 +11,6 @@ def registry_state(client: MlflowClient, name: str) -> tuple:
         model = client.get_registered_model(name)
     except Exception:  # noqa: BLE001 - absent model is a state too
         return ()
-    versions = sorted((v.version, tuple(sorted(v.tags.items()))) for v in client.search_model_versions(f"name='{name}'"))
+    found = client.search_model_versions(f"name='{name}'")
+    versions = sorted((v.version, tuple(sorted(v.tags.items()))) for v in found)
     return tuple(versions), tuple(sorted((model.aliases or {}).items()))

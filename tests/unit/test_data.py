@@ -43,7 +43,7 @@ def test_user_files_in_each_format(tmp_path, name):
 
 def test_latin1_csv_is_read(tmp_path):
     path = tmp_path / "latin.csv"
-    path.write_bytes("text,label\n".encode() + "".join(f"caf\xe9 {i},x\n" for i in range(30)).encode("latin-1"))
+    path.write_bytes(b"text,label\n" + "".join(f"caf\xe9 {i},x\n" for i in range(30)).encode("latin-1"))
     splits = load_splits(DatasetSpec(source=str(path), label_column="label"))
     assert splits.train["text"].str.contains("café").all()
 
