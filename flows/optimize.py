@@ -22,9 +22,9 @@ from tasks import datachecks, publish, recipes, registry
 from tasks.benchmark import BenchConfig
 from tasks.cache import StageCache
 from tasks.data import DatasetSpec, Splits, load_splits
-from tasks.engines import EngineOptions, resolve_backend
+from tasks.engines import EngineOptions, engine_versions, resolve_backend
 from tasks.gate import Policy, load_policy, pareto_front, rank
-from tasks.predictor import PackageMeta, package
+from tasks.predictor import PackageMeta
 from tasks.stages import Artifact
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,10 @@ def check_data(spec: DatasetSpec, run_id: str) -> Splits:
 
 @task(cache_policy=NONE)
 def build_candidate(recipe: recipes.Recipe, source: cands.Source, splits: Splits, cache: StageCache,
-                    seq_len: int, settings: Settings) -> tuple[recipes.BuiltCandidate, Path]:
+                    seq_len: int, settings: Settings, backend: str) -> tuple[recipes.BuiltCandidate, Path]:
     make_ctx = cands.stage_context_factory(source, splits, settings, seq_len)
     built = recipes.build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
-    meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels), seq_len=seq_len,
-                       precision=built.precision, recipe=recipe.name)
-    folder = cache.folder(built.key) / "package"
-    if not (folder / "kiln.json").exists():
-        package(built.artifact, source.folder, folder, meta)
-    return built, folder
+    return built, cands.package_candidate(built, source, cache, seq_len, backend)
 
 
 @task(cache_policy=NONE)
@@ -131,7 +126,8 @@ def optimize(params: OptimizeParams, settings: Settings | None = None) -> dict[s
                                   cache, options, bench, keep_outputs=True)
         champion = _champion(client, settings, source, frame, cache, options, bench, src)
 
-        built = [build_candidate(r, source, splits, cache, params.seq_len, settings) for r in chosen]
+        built = [build_candidate(r, source, splits, cache, params.seq_len, settings, options.backend)
+                 for r in chosen]
         evaluated = []
         for candidate, folder in built:
             ev, _ = evaluate(candidate.recipe.name, folder, candidate.precision, candidate.key, frame, cache,
@@ -152,7 +148,7 @@ def optimize(params: OptimizeParams, settings: Settings | None = None) -> dict[s
                             + " | ".join(f"{c.name}: {c.decision.summary()}" for c in evaluated))
         best = next(c for c in evaluated if c.name == rank(policy, passing)[0])
         tags = {"kiln.dataset_digest": splits.digest, "kiln.backend": options.backend,
-                "kiln.baseline": baseline_name}
+                "kiln.engine": json.dumps(options.model_dump() | engine_versions()), "kiln.baseline": baseline_name}
         version = register(settings, source, best, model_ids[best.name], run_id, tags)
         summary["registered"] = {"name": version.name, "version": version.version, "recipe": best.name}
         client.log_dict(run_id, summary, "summary.json")

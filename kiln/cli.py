@@ -201,5 +201,38 @@ def show(
         _fail(exc)
 
 
+@app.command("export-triton")
+def export_triton(
+    model: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION of an engine version.")],
+    repo: Annotated[Path, typer.Option(help="Triton model repository folder (created if missing).")],
+    model_name: Annotated[str | None, typer.Option(help="Model name in the repository (default: NAME).")] = None,
+    plan: Annotated[bool, typer.Option(help="Export the TensorRT plan instead of the ONNX graph.")] = False,
+    max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size; 0 keeps explicit batch dims.")] = 0,
+    config: ConfigOpt = None,
+) -> None:
+    """Write a Triton model repository for a registry version: config.pbtxt + <version>/model.onnx|plan."""
+    try:
+        settings = _settings(config)
+        from tasks import registry
+        from tasks.predictor import ENGINE_FILE, PLAN_FILE, PackageMeta
+        from tasks.triton import write_triton_repository
+
+        client = registry.connect(settings)
+        version = registry.resolve(client, registry.ModelRef.parse(model))
+        folder = registry.fetch_package(client, version, settings.home / "downloads")
+        if PackageMeta.read(folder).format != "onnx":
+            raise KilnError(f"{version.name} v{version.version} is a PyTorch source model, not an engine; "
+                            "export a version built by `kiln optimize`")
+        engine = folder / (PLAN_FILE if plan else ENGINE_FILE)
+        if not engine.is_file():
+            raise KilnError(f"{version.name} v{version.version} has no {engine.name}; build it with "
+                            "`kiln optimize --backend tensorrt` on a GPU, or export the ONNX graph")
+        out = write_triton_repository(engine, repo, model_name or version.name, int(version.version),
+                                      max_batch_size=max_batch_size)
+        typer.echo(f"wrote {out} (version {version.version}); serve with: tritonserver --model-repository {repo}")
+    except KilnError as exc:
+        _fail(exc)
+
+
 def run() -> None:  # pragma: no cover - console entry
     sys.exit(app())

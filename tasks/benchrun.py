@@ -13,10 +13,9 @@ from kiln.settings import Settings
 from tasks import registry
 from tasks.benchmark import BenchConfig, measure
 from tasks.cache import StageCache
-from tasks.candidates import eval_frame, evaluate, resolve_source, stage_context_factory
+from tasks.candidates import eval_frame, evaluate, package_candidate, resolve_source, stage_context_factory
 from tasks.data import load_splits
 from tasks.engines import EngineOptions
-from tasks.predictor import PackageMeta, package
 from tasks.recipes import build, resolve_recipes
 from tasks.stages import Artifact
 
@@ -38,11 +37,7 @@ def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: 
     for recipe in resolve_recipes(recipe_names):
         make_ctx = stage_context_factory(source, splits, settings, source.meta.seq_len)
         built = build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
-        folder = cache.folder(built.key) / "package"
-        if not (folder / "kiln.json").exists():
-            package(built.artifact, source.folder, folder,
-                    PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels),
-                                precision=built.precision, recipe=recipe.name))
+        folder = package_candidate(built, source, cache, source.meta.seq_len)
         models.append((recipe.name, folder, built.precision, built.key))
 
     rows = []

@@ -27,7 +27,8 @@ from tasks.data import DatasetSpec, Splits
 from tasks.engines import EngineOptions
 from tasks.evaluate import Outputs, quality
 from tasks.gate import GateDecision, Policy, judge
-from tasks.predictor import PackageMeta, Predictor
+from tasks.predictor import PackageMeta, Predictor, add_tensorrt_plan, package
+from tasks.recipes import BuiltCandidate
 from tasks.stages import StageContext
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,19 @@ def stage_context_factory(source: Source, splits: Splits, settings: Settings, se
                             threads=settings.threads)
 
     return make
+
+
+def package_candidate(built: BuiltCandidate, source: Source, cache: StageCache, seq_len: int,
+                      backend: str = "onnxruntime") -> Path:
+    """The candidate's Kiln package (engine + tokenizer + checksums), made once per backend."""
+    folder = cache.folder(built.key) / f"package-{backend}-seq{seq_len}"
+    if not (folder / "kiln.json").exists():
+        meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels),
+                           seq_len=seq_len, precision=built.precision, recipe=built.recipe.name)
+        package(built.artifact, source.folder, folder, meta)
+        if backend == "tensorrt":
+            add_tensorrt_plan(folder)
+    return folder
 
 
 def eval_frame(splits: Splits, limit: int | None, seed: int) -> pd.DataFrame:

@@ -20,11 +20,12 @@ import numpy as np
 import pandas as pd
 
 from kiln.errors import ArtifactError
-from tasks.engines import EngineOptions, load_engine
+from tasks.engines import EngineOptions, load_engine, resolve_backend
 from tasks.stages import Artifact, TaskType
 
 META_FILE = "kiln.json"
 ENGINE_FILE = "model.onnx"
+PLAN_FILE = "model.plan"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -82,10 +83,31 @@ def package(artifact: Artifact, tokenizer_dir: Path, out_dir: Path, meta: Packag
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).is_file() and not (out_dir / name).exists():
             shutil.copy2(tokenizer_dir / name, out_dir / name)
-    weights = [p for p in out_dir.iterdir() if p.suffix in {".onnx", ".safetensors", ".data", ".bin"}]
-    meta.sha256 = {p.name: sha256_file(p) for p in sorted(weights)}
-    meta.write(out_dir)
+    record_checksums(out_dir, meta)
     return out_dir
+
+
+def record_checksums(folder: Path, meta: PackageMeta) -> None:
+    """Write ``kiln.json`` with the sha256 of every weight and engine file now in ``folder``."""
+    weights = [p for p in folder.iterdir() if p.suffix in {".onnx", ".safetensors", ".data", ".bin", ".plan"}]
+    meta.sha256 = {p.name: sha256_file(p) for p in sorted(weights)}
+    meta.write(folder)
+
+
+def add_tensorrt_plan(folder: Path, build_config: Any = None) -> Path:
+    """Build a TensorRT plan from the package's ONNX graph into the package (needs CUDA + TensorRT).
+
+    The ONNX graph stays: it is the portable engine (and what Triton's ONNX backend serves); the plan
+    is tied to the GPU model and TensorRT version that built it, which its sidecar metadata records.
+    """
+    from tasks.engines.tensorrt import TensorRTBuildConfig, build_engine
+
+    meta = PackageMeta.read(folder)
+    config = build_config or TensorRTBuildConfig.for_serving(meta.seq_len)
+    plan = build_engine(folder / ENGINE_FILE, folder, config)
+    meta.engine = {"backend": "tensorrt", "plan": plan.name}
+    record_checksums(folder, meta)
+    return plan
 
 
 def verify(folder: Path, meta: PackageMeta) -> None:
@@ -118,7 +140,11 @@ class Predictor:
 
     def _open(self) -> Runner:
         if self.meta.format == "onnx":
-            self.engine = load_engine(self.folder / ENGINE_FILE, self.options)
+            backend = resolve_backend(self.options.backend)
+            path = self.folder / (PLAN_FILE if backend == "tensorrt" else ENGINE_FILE)
+            if backend == "tensorrt" and not path.is_file():
+                raise ArtifactError(f"{self.folder} has no TensorRT plan; optimize with --backend tensorrt on a GPU")
+            self.engine = load_engine(path, self.options.model_copy(update={"backend": backend}))
             return self.engine.run
         return torch_runner(self.folder, self.meta.task, self.options.threads)
 

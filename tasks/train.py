@@ -29,6 +29,7 @@ class FinetuneConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     seq_len: int = Field(64, ge=8, description="Longest sequence, in tokens.")
     eval_every: int = Field(100, ge=1, description="Validate every N steps; keep the best.")
+    eval_rows: int = Field(1000, ge=1, description="Validation rows used to pick the best checkpoint.")
     seed: int = 0
     threads: int = Field(2, ge=1)
 
@@ -77,6 +78,8 @@ def finetune_classifier(base_dir: Path, train: pd.DataFrame, validation: pd.Data
     sched = get_linear_schedule_with_warmup(opt, math.ceil(config.max_steps * config.warmup_fraction), config.max_steps)
     batches = _batches(train, {n: i for i, n in enumerate(labels)}, config.batch_size,
                        np.random.default_rng(config.seed))
+    # A seeded sample keeps checkpoint selection cheap (a full pass over 3.7k rows costs ~30 s on 2 cores).
+    held_out = validation.sample(n=min(config.eval_rows, len(validation)), random_state=config.seed)
     best, losses = -1.0, []
     bar = tqdm(range(1, config.max_steps + 1), desc="fine-tune", unit="step")
     for step in bar:
@@ -91,7 +94,7 @@ def finetune_classifier(base_dir: Path, train: pd.DataFrame, validation: pd.Data
         losses.append(float(loss))
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if step % config.eval_every == 0 or step == config.max_steps:
-            acc = _accuracy(model, tokenizer, validation, labels, config.seq_len)
+            acc = _accuracy(model, tokenizer, held_out, labels, config.seq_len)
             log.info("step %d: train loss %.3f, validation accuracy %.4f", step, np.mean(losses[-50:]), acc)
             if acc > best:
                 best = acc

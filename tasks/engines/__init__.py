@@ -11,7 +11,21 @@ from pathlib import Path
 from tasks.engines.base import Engine, EngineOptions
 from tasks.engines.onnxruntime import OnnxRuntimeEngine
 
-__all__ = ["Engine", "EngineOptions", "OnnxRuntimeEngine", "load_engine", "resolve_backend"]
+__all__ = ["Engine", "EngineOptions", "OnnxRuntimeEngine", "engine_versions", "load_engine", "resolve_backend"]
+
+
+def engine_versions() -> dict[str, str]:
+    """Versions of the engine builders installed here, recorded on every candidate."""
+    import onnxruntime
+
+    versions = {"onnxruntime_version": onnxruntime.__version__}
+    try:
+        import tensorrt
+
+        versions["tensorrt_version"] = tensorrt.__version__
+    except ImportError:
+        pass
+    return versions
 
 
 def resolve_backend(requested: str) -> str:
