@@ -74,11 +74,11 @@ def register(model_dir: Path, spec: DatasetSpec, name: str, settings: Settings) 
 
 
 @flow(name="demo", log_prints=True)
-def demo(params: DemoParams, settings: Settings | None = None) -> dict[str, Any]:
-    """Fine-tune, register as @champion (first time), optimize into @challenger."""
-    settings = settings or load_settings()
+def demo(params: DemoParams) -> dict[str, Any]:
+    """Fine-tune, register as @champion (first time), optimize into @challenger (settings: ``KILN_*``)."""
+    settings = load_settings()
     spec = DatasetSpec(limit=params.limit, seed=settings.seed)
     model_dir = finetune(spec, params.train_steps, settings)
     register(model_dir, spec, params.name, settings)
     return optimize(OptimizeParams(model=f"{params.name}@champion", recipes=params.recipes,
-                                   eval_limit=params.eval_limit), settings=settings)
+                                   eval_limit=params.eval_limit))

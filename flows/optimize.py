@@ -101,9 +101,17 @@ def preflight(params: OptimizeParams, settings: Settings) -> None:
 
 # ── the flow ─────────────────────────────────────────────────────────────────────────────────────────
 @flow(name="optimize", log_prints=True)
-def optimize(params: OptimizeParams, settings: Settings | None = None) -> dict[str, Any]:
-    """Build candidates from a registered model, gate them, and register the best as ``challenger``."""
-    settings = settings or load_settings()
+def optimize(params: OptimizeParams) -> dict[str, Any]:
+    """Build candidates from a registered model, gate them, and register the best as ``challenger``.
+
+    Settings come from the worker's environment (``KILN_*``), not from the form: where the registry and
+    the cache live is the deployment's business, not the person clicking "Run".
+    """
+    return run_optimize(params, load_settings())
+
+
+def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
+    """The optimize flow's body (inside a flow run), with explicit settings."""
     client = registry.connect(settings)
     cache = StageCache(settings.cache_dir)
     ref = registry.ModelRef.parse(params.model)

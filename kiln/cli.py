@@ -108,7 +108,7 @@ def optimize(
             data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
         )
         preflight(params, settings)  # bad input fails here, in one line, before any flow run starts
-        print_optimize(optimize_flow(params, settings=settings))
+        print_optimize(optimize_flow(params))
     except KilnError as exc:
         _fail(exc)
 
@@ -137,7 +137,7 @@ def demo(
         from flows.demo import demo as demo_flow
         from tasks.report import print_optimize
 
-        summary = demo_flow(DemoParams(train_steps=train_steps, limit=limit, name=name), settings=settings)
+        summary = demo_flow(DemoParams(train_steps=train_steps, limit=limit, name=name))
         print_optimize(summary)
         typer.echo(f"\nBrowse it: mlflow ui --backend-store-uri {settings.effective_tracking_uri}")
     except KilnError as exc:

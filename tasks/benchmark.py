@@ -2,19 +2,23 @@
 
 Inputs are real evaluation texts padded to the serving sequence length, so every model sees the same
 shapes. Each measurement warms up first, runs for a bounded time, and reports percentiles. Peak memory
-is the resident-set growth from before the model is opened until the measurement ends, sampled by a
-background thread (it sees allocations of native runtimes that ``tracemalloc`` cannot).
+is measured in a fresh process (``python -m tasks.benchmark FOLDER``): the peak resident set while
+opening the model and running one throughput batch, minus the process's resident set after imports.
+A fresh process matters: in a long-lived one, memory freed by an earlier model is reused by the next
+and its growth reads as zero.
 """
 
 from __future__ import annotations
 
-import threading
+import json
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import psutil
 from pydantic import BaseModel, Field
 
 from tasks.engines import EngineOptions
@@ -28,35 +32,6 @@ class BenchConfig(BaseModel):
     min_runs: int = Field(20, ge=3, description="Runs per measurement, at least.")
     max_seconds: float = Field(3.0, gt=0, description="Stop adding runs after this long.")
     batch_sizes: tuple[int, int] = Field((1, 32), description="Latency batch size and throughput batch size.")
-
-
-class RssSampler:
-    """Peak resident-set size of this process while the block runs."""
-
-    def __init__(self, interval: float = 0.005) -> None:
-        self.interval = interval
-        self.process = psutil.Process()
-        self.start = self.peak = self.process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.process.memory_info().rss)
-
-    @property
-    def growth_mb(self) -> float:
-        return (self.peak - self.start) / 1e6
 
 
 def time_runs(fn: Callable[[], object], config: BenchConfig) -> np.ndarray:
@@ -96,9 +71,37 @@ def latency(predictor: Predictor, texts: Sequence[str], config: BenchConfig) -> 
 
 def measure(folder: Path, texts: Sequence[str], options: EngineOptions, config: BenchConfig | None = None
             ) -> dict[str, float]:
-    """Open the package at ``folder`` and measure latency, throughput, peak memory and size."""
+    """Latency and throughput of the package at ``folder`` here; peak memory in a fresh process; size."""
     config = config or BenchConfig()
-    with RssSampler() as rss:
-        predictor = Predictor(folder, options)
-        metrics = latency(predictor, texts, config)
-    return metrics | {"peak_memory_mb": rss.growth_mb, "size_mb": size_mb(folder)}
+    predictor = Predictor(folder, options)
+    metrics = latency(predictor, texts, config)
+    del predictor
+    memory = peak_memory_mb(folder, options, config.batch_sizes[1])
+    return metrics | {"peak_memory_mb": memory, "size_mb": size_mb(folder)}
+
+
+def peak_memory_mb(folder: Path, options: EngineOptions, batch: int) -> float:
+    """Peak RSS growth of a fresh process that opens ``folder`` and runs one batch (see module docstring)."""
+    cmd = [sys.executable, "-m", "tasks.benchmark", str(folder), options.model_dump_json(), str(batch)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed for {folder}: {out.stderr.strip().splitlines()[-1:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["peak_memory_mb"])
+
+
+def _probe(folder: Path, options: EngineOptions, batch: int) -> float:
+    # ru_maxrss is the process's high-water mark (KiB on Linux); measured after imports, then after work.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    predictor = Predictor(folder, options)
+    ids, mask = predictor.encode(["a short text to measure memory with"] * batch, pad_to=predictor.meta.seq_len)
+    predictor.run(ids, mask)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+if __name__ == "__main__":
+    import onnxruntime  # noqa: F401 - imported before the baseline so runtime libraries are not counted
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    opts = EngineOptions.model_validate_json(sys.argv[2])
+    print(json.dumps({"peak_memory_mb": _probe(Path(sys.argv[1]), opts, int(sys.argv[3]))}))

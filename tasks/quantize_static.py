@@ -32,17 +32,15 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 import pandas as pd
+from onnxruntime.quantization import CalibrationDataReader
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kiln.errors import ConfigError, DataError
 from tasks import hf_model as hf
-from tasks.predictor import encode
+from tasks.quantize import Feeds, file_size, run_graph, sample_rows, save_graph, text_feeds
 from tasks.stages import Artifact, StageContext, StageResult
 
 log = logging.getLogger(__name__)
-
-Feeds = dict[str, np.ndarray]
-
 
 class StaticInt8Params(BaseModel):
     """Parameters of static INT8 quantization (fields left None follow ``target``)."""
@@ -121,64 +119,18 @@ class StaticInt8Params(BaseModel):
         }
 
 
-class FeedReader:
-    """ONNX Runtime ``CalibrationDataReader`` over precomputed batches; iterating again starts over."""
+class FeedReader(CalibrationDataReader):
+    """ONNX Runtime calibration reader over precomputed batches; ``rewind`` before each quantization."""
 
     def __init__(self, feeds: list[Feeds]) -> None:
-        self.feeds = feeds
-        self._next = 0
+        self.feeds, self._next = feeds, 0
 
     def get_next(self) -> Feeds | None:
-        if self._next >= len(self.feeds):
-            return None
         self._next += 1
-        return self.feeds[self._next - 1]
+        return self.feeds[self._next - 1] if self._next <= len(self.feeds) else None
 
     def rewind(self) -> None:
         self._next = 0
-
-    def __iter__(self) -> FeedReader:
-        # ORT's GPTQ deep-copies the reader and iterates it once per pass: each pass starts at batch 0.
-        self.rewind()
-        return self
-
-    def __next__(self) -> Feeds:
-        feed = self.get_next()
-        if feed is None:
-            raise StopIteration
-        return feed
-
-    def __len__(self) -> int:
-        return len(self.feeds)
-
-
-def sample_rows(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
-    """Up to ``n`` rows of ``frame``, drawn without replacement, the same for the same seed."""
-    if frame is None or frame.empty or "text" not in frame:
-        raise DataError("no texts to calibrate or score on: the split is empty or has no 'text' column")
-    return frame.sample(n=min(n, len(frame)), random_state=seed).reset_index(drop=True)
-
-
-def text_feeds(texts: list[str], ctx: StageContext, batch_size: int) -> list[Feeds]:
-    """``input_ids`` / ``attention_mask`` batches of ``texts`` with the recipe's tokenizer at ``ctx.seq_len``."""
-    tokenizer = hf.load_tokenizer(ctx.tokenizer_dir, ctx)
-    out = []
-    for start in range(0, len(texts), batch_size):
-        ids, mask = encode(tokenizer, texts[start : start + batch_size], ctx.seq_len)
-        out.append({"input_ids": ids, "attention_mask": mask})
-    return out
-
-
-def run_graph(model: Path | bytes, feeds: list[Feeds], threads: int) -> list[np.ndarray]:
-    """Logits of a graph (file or serialized bytes) for each batch, with the serving engine's settings."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so,
-                                   providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    return [session.run(None, {k: v for k, v in f.items() if k in names})[0] for f in feeds]
 
 
 def logits_mse(got: list[np.ndarray], ref: list[np.ndarray], feeds: list[Feeds]) -> float:
@@ -207,17 +159,20 @@ def score(logits: list[np.ndarray], feeds: list[Feeds], gold: np.ndarray | None)
 
 
 def _preprocess(src: Path, dst: Path, external: bool) -> Path:
-    """ONNX Runtime's recommended pre-pass (symbolic shapes, then ONNX shapes only); ``src`` if both fail."""
+    """ONNX Runtime's recommended pre-pass (ONNX shape inference, basic graph optimisation); ``src`` on failure.
+
+    Symbolic shape inference is skipped: it gives up on every Hugging Face export tried here
+    (``Min(512, sequence)``) and leaves its temporary files in the working directory when it does.
+    """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    for symbolic in (True, False):
-        try:
-            quant_pre_process(str(src), str(dst), skip_symbolic_shape=not symbolic, save_as_external_data=external)
-            return dst
-        except Exception as exc:  # symbolic inference gives up on many HF graphs (e.g. Min(512, seq))
-            log.info("quant_pre_process (symbolic=%s) failed: %s", symbolic, str(exc).splitlines()[0][:200])
-    log.warning("quantization pre-processing failed; quantizing the exported graph as it is")
-    return src
+    try:
+        quant_pre_process(str(src), str(dst), skip_symbolic_shape=True, save_as_external_data=external)
+        return dst
+    except Exception as exc:  # ORT raises bare Exceptions and onnx errors here
+        log.warning("quantization pre-processing failed (%s); quantizing the exported graph as it is",
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return src
 
 
 def float_input_nodes(model: onnx.ModelProto, op_types: list[str]) -> list[str]:
@@ -230,29 +185,55 @@ def float_input_nodes(model: onnx.ModelProto, op_types: list[str]) -> list[str]:
             if n.op_type in op_types and types.get(n.input[0]) == onnx.TensorProto.FLOAT]
 
 
-def float_twin(qmodel: onnx.ModelProto, src: onnx.ModelProto, name: str) -> onnx.ModelProto:
-    """A copy of QDQ graph ``qmodel`` whose node ``name`` reads its original float inputs again.
+def keep_float(qmodel: onnx.ModelProto, src: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
+    """A copy of QDQ graph ``qmodel`` in which nodes ``names`` read the float tensors they read in ``src``.
 
-    Inputs that come from a DequantizeLinear are pointed back at the tensors the node read in ``src``
-    (activations still exist upstream of their Q node; float weights are copied from ``src`` under a
-    new name, since a dequantized weight may keep the original one).
+    ONNX Runtime's QDQ quantizer leaves an excluded node's weights float but still feeds it the
+    quantize-dequantized activation it shares with quantized siblings (e.g. a LayerNorm output read by
+    query, key and value). Pointing such inputs back at the float tensor makes the node truly float;
+    Q/DQ nodes nobody reads any more are dropped.
     """
-    twin = copy.deepcopy(qmodel)
-    from_dq = {o for n in twin.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-    original = next(n for n in src.graph.node if n.name == name)
-    node = next(n for n in twin.graph.node if n.name == name)
+    model = copy.deepcopy(qmodel)
+    graph = model.graph
+    from_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     weights = {i.name: i for i in src.graph.initializer}
-    for k, tensor in enumerate(node.input):
-        if tensor not in from_dq:
+    originals = {n.name: n for n in src.graph.node}
+    added: set[str] = set()
+    for node in graph.node:
+        if node.name not in names:
             continue
-        if original.input[k] in weights:
-            weight = copy.deepcopy(weights[original.input[k]])
-            weight.name = f"{weight.name}__float_twin"
-            twin.graph.initializer.append(weight)
-            node.input[k] = weight.name
-        else:
-            node.input[k] = original.input[k]
-    return twin
+        for k, tensor in enumerate(node.input):
+            original = originals[node.name].input[k]
+            if tensor not in from_dq:
+                continue
+            if original in weights:  # a new name: the dequantized weight may keep the original one
+                node.input[k] = f"{original}__float"
+                if node.input[k] not in added:
+                    weight = onnx.TensorProto()
+                    weight.CopyFrom(weights[original])
+                    weight.name = node.input[k]
+                    graph.initializer.append(weight)
+                    added.add(node.input[k])
+            elif original in produced:
+                node.input[k] = original
+    _drop_dead_qdq(graph)
+    return model
+
+
+def _drop_dead_qdq(graph: onnx.GraphProto) -> None:
+    while True:
+        read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {i for n in graph.node for i in n.input}
+    unused = [i for i in graph.initializer if i.name not in read]
+    for init in unused:
+        graph.initializer.remove(init)
 
 
 class _Quantizer:
@@ -274,6 +255,9 @@ class _Quantizer:
         kwargs = self.kwargs | ({"quant_format": QuantFormat.QDQ} if qdq else {})
         quantize_static(str(self.src), str(out), self.reader, nodes_to_exclude=list(exclude),
                         use_external_data_format=self.external, calibration_cache_path=str(self.cache), **kwargs)
+        if exclude and kwargs["quant_format"] == QuantFormat.QDQ:
+            model = keep_float(onnx.load(str(out)), onnx.load(str(self.src)), exclude)
+            onnx.save_model(model, str(out), save_as_external_data=self.external, location=out.name + ".data")
         return out
 
 
@@ -317,7 +301,7 @@ class _Fallback:
     def rank(self, candidates: list[str], excluded: list[str]) -> dict[str, float]:
         """Leave-one-out sensitivity: logit MSE vs fp32 with only that node back in float (low = sensitive).
 
-        One QDQ graph is rewired per candidate (see :func:`float_twin`) instead of re-quantized: a session
+        One QDQ graph is rewired per candidate (:func:`keep_float`) instead of re-quantized: a session
         from bytes costs ~0.1 s on MiniLM where a ``quantize_static`` run costs seconds.
         """
         if self.quantizer.external:
@@ -326,7 +310,7 @@ class _Fallback:
         src = onnx.load(str(self.quantizer.src))
         mse = {}
         for name in candidates:
-            twin = float_twin(qmodel, src, name).SerializeToString()
+            twin = keep_float(qmodel, src, [name]).SerializeToString()
             mse[name] = logits_mse(run_graph(twin, self.sens_feeds, self.threads), self.sens_ref, self.sens_feeds)
         return dict(sorted(mse.items(), key=lambda kv: kv[1]))
 
@@ -357,27 +341,13 @@ def _metrics(report: dict[str, Any] | None, fp32: Path, out: Path, exclude: list
     metrics = {"quantize_linear_nodes": float(ops.count("QuantizeLinear")),
                "dequantize_linear_nodes": float(ops.count("DequantizeLinear")),
                "float_nodes_excluded": float(len(exclude)),
-               "size_mb": _size(out) / 1e6, "size_ratio": _size(fp32) / max(_size(out), 1)}
+               "size_mb": file_size(out) / 1e6, "size_ratio": file_size(fp32) / max(file_size(out), 1)}
     if report is not None:
         drop = report["accuracy_fp32"] - report["accuracy_quantized"]
         metrics |= {"accuracy_fp32": report["accuracy_fp32"], "accuracy_quantized": report["accuracy_quantized"],
                     "accuracy_drop": drop, "fallback_nodes": float(len(report["fallback_nodes"])),
                     "fallback_met_tolerance": float(report["met"])}
     return metrics
-
-
-def _size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def _save(best: Path, out: Path, external: bool) -> Path:
-    if external:  # re-save so the weights file is named after the final graph
-        onnx.save_model(onnx.load(str(best)), str(out), save_as_external_data=True,
-                        all_tensors_to_one_file=True, location=out.name + ".data")
-    else:
-        shutil.copyfile(best, out)
-    return out
 
 
 def int8_static(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
@@ -420,7 +390,7 @@ def int8_static(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -
                         "node(s) in float; the gate will reject this candidate", report["accuracy_quantized"],
                         report["accuracy_fp32"], cfg.max_accuracy_drop, len(report["fallback_nodes"]))
         (ctx.workdir / "fallback.json").write_text(json.dumps(report, indent=2))
-    out = _save(best, ctx.workdir / "model.onnx", external)
+    out = save_graph(onnx.load(str(best)), ctx.workdir / "model.onnx")
     shutil.rmtree(scratch, ignore_errors=True)
     exclude = cfg.nodes_to_exclude + (report["fallback_nodes"] if report else [])
     log.info("static INT8 (%s, %s calibration): %s -> %s", cfg.format, cfg.calibration, artifact.path.name, out)

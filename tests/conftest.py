@@ -44,12 +44,17 @@ def tiny_models(tmp_path_factory, tiny_splits) -> dict[str, Path]:
 
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
-    """Settings with a fresh project folder (its own SQLite registry) and short latency runs."""
+    """Settings with a fresh project folder (its own SQLite registry) and short latency runs.
+
+    Also exported as ``KILN_*`` variables: flows read their settings from the environment, as a worker does.
+    """
     from kiln.settings import load_settings
 
     for key in [k for k in os.environ if k.startswith("KILN_")]:
         monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
-    s = load_settings(home=tmp_path / ".kiln", bench_seconds=0.2)
+    monkeypatch.setenv("KILN_HOME", str(tmp_path / ".kiln"))
+    monkeypatch.setenv("KILN_BENCH_SECONDS", "0.2")
+    s = load_settings()
     s.ensure_dirs()
     return s

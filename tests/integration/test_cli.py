@@ -20,8 +20,6 @@ runner = CliRunner()
 
 @pytest.fixture
 def registered(settings, tiny_models, tiny_spec, monkeypatch):
-    monkeypatch.setenv("KILN_HOME", str(settings.home))
-    monkeypatch.setenv("KILN_BENCH_SECONDS", "0.2")
     client = registry.connect(settings)
     register_folder(client, settings, tiny_models["bert"], "tiny", "sequence-classification", tiny_spec)
     return client

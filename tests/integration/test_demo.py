@@ -12,7 +12,7 @@ pytestmark = pytest.mark.demo
 
 
 def test_demo_leaves_a_champion_and_a_challenger(settings):
-    summary = demo(DemoParams(train_steps=4, limit=600, eval_limit=48), settings=settings)
+    summary = demo(DemoParams(train_steps=4, limit=600, eval_limit=48))
     client = registry.connect(settings)
     aliases = registry.aliases_of(client, "sentiment")
     assert aliases["champion"] == "1" and aliases["challenger"] == summary["registered"]["version"] == "2"

@@ -39,7 +39,7 @@ def test_a_broken_engine_is_rejected_by_parity(settings, tiny_models, tiny_spec,
     client = registry.connect(settings)
     register_folder(client, settings, tiny_models["bert"], "tiny", "sequence-classification", tiny_spec)
     summary = optimize(OptimizeParams(model="tiny", recipes=["onnx-fp32", "broken"],
-                                      recipe_file=str(recipe_file)), settings=settings)
+                                      recipe_file=str(recipe_file)))
     broken = summary["candidates"]["broken"]
     assert not broken["passed"]
     assert any(r.startswith("parity_max_abs") and "FAILED" in r for r in broken["reasons"])
@@ -47,10 +47,9 @@ def test_a_broken_engine_is_rejected_by_parity(settings, tiny_models, tiny_spec,
 
 
 def test_triton_repository_for_a_registered_version(settings, tiny_models, tiny_spec, tmp_path, monkeypatch):
-    monkeypatch.setenv("KILN_HOME", str(settings.home))
     client = registry.connect(settings)
     register_folder(client, settings, tiny_models["bert"], "tiny", "sequence-classification", tiny_spec)
-    optimize(OptimizeParams(model="tiny", recipes=["onnx-fp32"]), settings=settings)
+    optimize(OptimizeParams(model="tiny", recipes=["onnx-fp32"]))
     repo = tmp_path / "triton"
     result = CliRunner().invoke(app, ["export-triton", "tiny@challenger", "--repo", str(repo)])
     assert result.exit_code == 0, result.output
@@ -94,5 +93,5 @@ def test_tensorrt_backend_packages_a_plan_beside_the_onnx_graph(settings, tiny_m
     from tasks.engines import EngineOptions
     from tasks.predictor import Predictor
 
-    with pytest.raises(KilnError, match="TensorRT|tensorrt") as err:
+    with pytest.raises(KilnError, match="TensorRT|tensorrt"):
         Predictor(folder, EngineOptions(backend="tensorrt"))  # no CUDA/TensorRT here: refused clearly

@@ -26,7 +26,7 @@ def _register(settings, tiny_models, family, spec, name="tiny"):
 
 def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec):
     client = _register(settings, tiny_models, "bert", tiny_spec)
-    summary = optimize(OptimizeParams(model="tiny@champion"), settings=settings)
+    summary = optimize(OptimizeParams(model="tiny@champion"))
 
     assert set(summary["candidates"]) == {"onnx-fp32", "int8-dynamic"}
     assert registry.aliases_of(client, "tiny") == {"champion": "1", "challenger": "2"}
@@ -57,9 +57,9 @@ def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec)
 
 def test_rerun_skips_finished_work_and_never_duplicates_a_version(settings, tiny_models, tiny_spec):
     client = _register(settings, tiny_models, "bert", tiny_spec)
-    optimize(OptimizeParams(model="tiny"), settings=settings)
+    optimize(OptimizeParams(model="tiny"))
     before = registry_state(client, "tiny")
-    optimize(OptimizeParams(model="tiny"), settings=settings)
+    optimize(OptimizeParams(model="tiny"))
     assert registry_state(client, "tiny") == before
     assert len(client.search_model_versions("name='tiny'")) == 2
 
@@ -67,7 +67,7 @@ def test_rerun_skips_finished_work_and_never_duplicates_a_version(settings, tiny
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_causal_lm_through_the_same_flow(settings, tiny_models, tiny_spec, family):
     client = _register(settings, tiny_models, family, tiny_spec, name=f"lm-{family}")
-    summary = optimize(OptimizeParams(model=f"lm-{family}", eval_limit=24), settings=settings)
+    summary = optimize(OptimizeParams(model=f"lm-{family}", eval_limit=24))
     fp32 = summary["candidates"]["onnx-fp32"]["metrics"]
     assert fp32["perplexity"] == pytest.approx(summary["source"]["perplexity"], rel=1e-3)
     assert fp32["next_token_agreement"] > 0.99
@@ -82,7 +82,7 @@ def test_failed_gate_registers_nothing_and_spells_out_clauses(settings, tiny_mod
     policy.write_text("clauses: ['size_mb <= 0.001', 'accuracy >= champion + 0.5']\n")
     before = registry_state(client, "tiny")
     with pytest.raises(GateError, match=r"size_mb .* <= 0.001: FAILED .*accuracy .* FAILED"):
-        optimize(OptimizeParams(model="tiny", policy=str(policy)), settings=settings)
+        optimize(OptimizeParams(model="tiny", policy=str(policy)))
     assert registry_state(client, "tiny") == before
     run = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id],
                              "tags.`kiln.model` = 'tiny@champion'")[0]
@@ -101,8 +101,7 @@ def test_failing_data_checks_stop_the_flow_with_a_logged_report(settings, tiny_m
     frame.to_csv(path, index=False)
     before = registry_state(client, "tiny")
     with pytest.raises(DataCheckFailed, match="expect_column_value_lengths_to_be_between"):
-        optimize(OptimizeParams(model="tiny", data=DatasetSpec(source=str(path), label_column="label")),
-                 settings=settings)
+        optimize(OptimizeParams(model="tiny", data=DatasetSpec(source=str(path), label_column="label")))
     assert registry_state(client, "tiny") == before
     run = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id])[0]
     report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/datachecks.json")
