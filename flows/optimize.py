@@ -23,7 +23,9 @@ from tasks.benchmark import BenchConfig
 from tasks.cache import StageCache
 from tasks.data import DatasetSpec, Splits, load_splits
 from tasks.engines import EngineOptions, engine_versions, resolve_backend
+from tasks.evaluate import assess_artifact
 from tasks.gate import Policy, load_policy, pareto_front, rank
+from tasks.plots import pareto_png
 from tasks.predictor import PackageMeta
 from tasks.stages import Artifact
 
@@ -67,7 +69,8 @@ def check_data(spec: DatasetSpec, run_id: str) -> Splits:
 def build_candidate(recipe: recipes.Recipe, source: cands.Source, splits: Splits, cache: StageCache,
                     seq_len: int, settings: Settings, backend: str) -> tuple[recipes.BuiltCandidate, Path]:
     make_ctx = cands.stage_context_factory(source, splits, settings, seq_len)
-    built = recipes.build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
+    built = recipes.build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache,
+                          assess=assess_artifact)
     return built, cands.package_candidate(built, source, cache, seq_len, backend)
 
 
@@ -95,7 +98,7 @@ def preflight(params: OptimizeParams, settings: Settings) -> None:
     source = cands.resolve_source(client, registry.ModelRef.parse(params.model), settings.home / "downloads",
                                   params.data)
     load_policy(Path(params.policy) if params.policy else None, source.meta.task)
-    recipes.resolve_recipes(params.recipes, Path(params.recipe_file) if params.recipe_file else None)
+    recipes.recipes_for(params.recipes, Path(params.recipe_file) if params.recipe_file else None, source.folder)
     load_splits(source.data)
 
 
@@ -118,7 +121,8 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
     registry.resolve(client, ref)  # fail fast on a bad name or alias, before any other work
     source = resolve_source(settings, params.model, params.data)
     policy: Policy = load_policy(Path(params.policy) if params.policy else None, source.meta.task)
-    chosen = recipes.resolve_recipes(params.recipes, Path(params.recipe_file) if params.recipe_file else None)
+    chosen = recipes.recipes_for(params.recipes, Path(params.recipe_file) if params.recipe_file else None,
+                                 source.folder)
     options = EngineOptions(backend=resolve_backend(params.backend), threads=settings.threads)
     bench = params.bench or BenchConfig(max_seconds=settings.bench_seconds)
 
@@ -149,6 +153,7 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         passing = {c.name: c.metrics for c in evaluated if c.decision and c.decision.passed}
         summary = _summary(src, champion, evaluated, passing, policy)
         client.log_dict(run_id, summary, "summary.json")
+        client.log_artifact(run_id, str(pareto_png(summary, settings.home / "staging" / run_id / "pareto.png")))
 
         if not passing:
             client.set_terminated(run_id, "FAILED")

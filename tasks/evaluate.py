@@ -7,14 +7,15 @@ with the source. Parity compares raw outputs with the source's on the same input
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from tasks.predictor import Predictor
+from tasks.predictor import Predictor, Runner, encode, torch_runner
+from tasks.stages import Artifact, StageContext
 
 
 @dataclass
@@ -29,11 +30,16 @@ class Outputs:
 def collect_outputs(predictor: Predictor, texts: Sequence[str], *, batch_size: int = 32,
                     desc: str = "evaluate") -> Outputs:
     """Run ``predictor`` over ``texts`` in fixed batches (the same batches for every model)."""
+    return _collect(predictor.run, predictor.encode, texts, batch_size, desc)
+
+
+def _collect(run: Runner, encoder: Callable[[list[str]], tuple[np.ndarray, np.ndarray]], texts: Sequence[str],
+             batch_size: int, desc: str) -> Outputs:
     logits, masks, ids_all = [], [], []
     for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch", leave=False,
                       disable=len(texts) <= batch_size * 4):
-        ids, mask = predictor.encode(list(texts[start : start + batch_size]))
-        logits.append(predictor.run(ids, mask))
+        ids, mask = encoder(list(texts[start : start + batch_size]))
+        logits.append(run(ids, mask))
         masks.append(mask)
         ids_all.append(ids)
     return Outputs(logits, masks, ids_all)
@@ -104,3 +110,27 @@ def quality(predictor: Predictor, frame: pd.DataFrame, *, reference: Outputs | N
     if reference is not None:
         metrics |= parity(outputs, reference)
     return metrics, outputs
+
+
+def assess_artifact(artifact: Artifact, ctx: StageContext, rows: int = 256) -> dict[str, float]:
+    """Quality of a recipe's intermediate artifact on a seeded validation sample ("quality after the stage").
+
+    Cheap on purpose (a few hundred rows): it shows where in a recipe quality was lost; candidates are
+    judged on the full evaluation split later.
+    """
+    from transformers import AutoTokenizer
+
+    from tasks.engines import EngineOptions, OnnxRuntimeEngine
+
+    pool = ctx.validation if ctx.validation is not None else ctx.train
+    frame = pool.sample(n=min(rows, len(pool)), random_state=ctx.seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(ctx.tokenizer_dir))
+    if artifact.kind == "hf":
+        run = torch_runner(artifact.path, ctx.task, ctx.threads)
+    else:
+        run = OnnxRuntimeEngine(artifact.path, EngineOptions(threads=ctx.threads)).run
+    outputs = _collect(run, lambda texts: encode(tokenizer, texts, ctx.seq_len), frame["text"].tolist(), 32,
+                       "assess")
+    if ctx.task == "causal-lm":
+        return {f"stage_{k}": v for k, v in lm_metrics(outputs).items()}
+    return {f"stage_{k}": v for k, v in classification_metrics(outputs, ctx.labels, frame["label"].tolist()).items()}

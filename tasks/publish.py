@@ -34,7 +34,9 @@ def log_candidate(run_id: str, cand: Evaluated, staging: Path) -> str:
             mlflow.log_dict({"passed": cand.decision.passed, "clauses": [r.__dict__ for r in cand.decision.results]},
                             f"gate/{cand.name}.json")
         for i, stage in enumerate(cand.stages):
-            mlflow.log_params({f"{cand.name}.stage{i}.{k}": v for k, v in stage.items() if k != "metrics"})
+            prefix = f"{cand.name}.{i + 1}-{stage['stage']}"
+            mlflow.log_params({f"{prefix}.params": json.dumps(stage["params"])[:500]})
+            mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in stage["metrics"].items()})
     return info.model_id
 
 
@@ -68,6 +70,9 @@ def tags_for(source: Source, cand: Evaluated, run_id: str) -> dict[str, Any]:
         "kiln.gate_reasons": json.dumps([r.reason for r in decision.results]) if decision else "[]",
         "kiln.metrics": json.dumps({k: round(v, 6) for k, v in cand.metrics.items()}),
         "kiln.sha256": json.dumps(json.loads((cand.folder / "kiln.json").read_text())["sha256"]),
+        "kiln.stages": json.dumps([{"stage": s["stage"], "params": s["params"],
+                                    "metrics": {k: round(v, 4) for k, v in s["metrics"].items()}}
+                                   for s in cand.stages])[:5000],
         "kiln.git_commit": git_commit(),
         "kiln.run_id": run_id,
     }

@@ -10,10 +10,12 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
@@ -33,6 +35,18 @@ STAGES: dict[str, str] = {
     "prune_layers": "tasks.prune:prune_layers",
     "prune_unstructured": "tasks.prune:prune_unstructured",
     "distill": "tasks.distill:distill",
+}
+
+
+# Stage name -> the pydantic model of its parameters ("module:Class"), checked before any work starts.
+PARAMS: dict[str, str] = {
+    "export": "tasks.export:ExportConfig",
+    "int8_dynamic": "tasks.quantize:DynamicInt8Params",
+    "prune_heads": "tasks.prune:HeadPruneParams",
+    "prune_ffn": "tasks.prune:FFNPruneParams",
+    "prune_layers": "tasks.prune:LayerPruneParams",
+    "prune_unstructured": "tasks.prune:UnstructuredParams",
+    "distill": "tasks.distill:DistillParams",
 }
 
 
@@ -56,6 +70,70 @@ class Recipe(BaseModel):
             raise ConfigError(f"recipe {self.name!r} uses unknown stage(s) {unknown}; known: {sorted(STAGES)}")
         if not any(s.stage == "export" for s in self.stages):
             raise ConfigError(f"recipe {self.name!r} never exports: add an 'export' stage")
+        for i, spec in enumerate(self.stages):
+            if spec.stage in PARAMS:
+                _parse_params(self.name, i, spec)
+
+    def check_against(self, model_config: Any) -> None:
+        """Refuse parameters the model cannot satisfy (more layers than it has, too many heads, …).
+
+        Follows the model's shape through the stages, so ``distill`` to 3 layers then ``prune_layers``
+        of 3 is caught too.
+        """
+        shape = _Shape.of(model_config)
+        for i, spec in enumerate(self.stages):
+            where = f"recipe {self.name!r}, stage {i + 1} ({spec.stage})"
+            if spec.stage in PARAMS:
+                shape.apply(spec.stage, _parse_params(self.name, i, spec), where)
+
+
+def _parse_params(recipe: str, index: int, spec: StageSpec) -> BaseModel:
+    module, cls = PARAMS[spec.stage].split(":")
+    model = getattr(importlib.import_module(module), cls)
+    try:
+        return model(**spec.params)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"recipe {recipe!r}, stage {index + 1} ({spec.stage}): {problems}") from exc
+
+
+@dataclass
+class _Shape:
+    """Layer and head counts of the model as a recipe's stages change it."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+
+    @classmethod
+    def of(cls, config: Any) -> _Shape:
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)
+        return cls(layers, heads, getattr(config, "num_key_value_heads", None) or heads)
+
+    def apply(self, stage: str, p: Any, where: str) -> None:
+        if stage == "distill" and p.layers is not None:
+            if max(p.layers) >= self.layers:
+                raise ConfigError(f"{where}: layers {p.layers} — the teacher has only {self.layers} layers "
+                                  f"(indices 0..{self.layers - 1})")
+            self.layers = len(p.layers)
+        elif stage == "prune_layers":
+            drop = p.layers if p.layers is not None else list(range(p.remove))
+            if len(drop) >= self.layers or any(i >= self.layers for i in drop):
+                raise ConfigError(f"{where}: cannot remove {drop if p.layers else p.remove} of {self.layers} layers")
+            self.layers -= len(drop)
+        elif stage == "prune_heads":
+            units = self.kv_heads if p.gqa == "groups" else self.heads
+            if p.remove_per_layer >= units:
+                raise ConfigError(f"{where}: remove_per_layer={p.remove_per_layer} but layers have {units} "
+                                  f"{'KV groups' if p.gqa == 'groups' else 'heads'}")
+            if p.gqa == "queries" and self.kv_heads != self.heads and p.remove_per_layer % self.kv_heads:
+                raise ConfigError(f"{where}: remove_per_layer={p.remove_per_layer} does not divide evenly over "
+                                  f"{self.kv_heads} KV groups; use a multiple of {self.kv_heads} or gqa: groups")
+            removed_groups = p.remove_per_layer if p.gqa == "groups" else 0
+            per_group = self.heads // max(self.kv_heads, 1)
+            self.heads -= p.remove_per_layer * (per_group if p.gqa == "groups" else 1)
+            self.kv_heads -= removed_groups
 
 
 def library(path: Path = PRESETS) -> dict[str, Recipe]:
@@ -84,6 +162,17 @@ def resolve_recipes(names: list[str], extra: Path | None = None) -> list[Recipe]
     return recipes
 
 
+def recipes_for(names: list[str], extra: Path | None, model_dir: Path) -> list[Recipe]:
+    """Named recipes, each checked against the model in ``model_dir`` before any work starts."""
+    from transformers import AutoConfig
+
+    chosen = resolve_recipes(names, extra)
+    model_config = AutoConfig.from_pretrained(str(model_dir))
+    for recipe in chosen:
+        recipe.check_against(model_config)
+    return chosen
+
+
 def stage_function(name: str) -> Stage:
     module, func = STAGES[name].split(":")
     return getattr(importlib.import_module(module), func)
@@ -99,6 +188,25 @@ def export_stage(artifact: Artifact, params: dict[str, Any], ctx: StageContext) 
     model = load_model(artifact.path, ctx.task)
     path = export_onnx(model, ctx.workdir / "model.onnx", ExportConfig(**params))
     return StageResult(Artifact("onnx", path), precision="fp32")
+
+
+def artifact_stats(artifact: Artifact) -> dict[str, float]:
+    """Size on disk (MB) and parameter count of a stage's output, read from the files, not a loaded model."""
+    if artifact.kind == "onnx":
+        import onnx
+
+        graph = onnx.load(str(artifact.path), load_external_data=False).graph
+        files = [artifact.path, *artifact.path.parent.glob(artifact.path.name + ".data")]
+        params = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    else:
+        from safetensors import safe_open
+
+        files = sorted(artifact.path.glob("*.safetensors"))
+        params = 0
+        for path in files:
+            with safe_open(str(path), "np") as handle:
+                params += sum(int(np.prod(handle.get_slice(k).get_shape())) for k in handle.keys())
+    return {"size_mb": sum(f.stat().st_size for f in files) / 1e6, "params": float(params)}
 
 
 @dataclass
@@ -121,11 +229,14 @@ class BuiltCandidate:
     records: list[StageRecord]
 
 
-def build(recipe: Recipe, source: Artifact, source_key: str, make_ctx: Any, cache: StageCache) -> BuiltCandidate:
+def build(recipe: Recipe, source: Artifact, source_key: str, make_ctx: Any, cache: StageCache,
+          assess: Callable[[Artifact, StageContext], dict[str, float]] | None = None) -> BuiltCandidate:
     """Run ``recipe``'s stages from ``source``, each cached under a key chained from the previous one.
 
     Args:
         make_ctx: ``workdir -> StageContext`` (the runner owns work folders).
+        assess: optional quality check of each stage's output (cached with it), e.g.
+            :func:`tasks.evaluate.assess_artifact`.
     """
     artifact, precision, key, records = source, "fp32", source_key, []
     for spec in recipe.stages:
@@ -134,9 +245,14 @@ def build(recipe: Recipe, source: Artifact, source_key: str, make_ctx: Any, cach
         started = time.perf_counter()
 
         def run(workdir: Path, fn: Stage = fn, spec: StageSpec = spec, artifact: Artifact = artifact) -> dict:
-            result = fn(artifact, spec.params, make_ctx(workdir))
+            ctx = make_ctx(workdir)
+            started = time.perf_counter()
+            result = fn(artifact, spec.params, ctx)
+            metrics = {"seconds": time.perf_counter() - started} | artifact_stats(result.artifact) | result.metrics
+            if assess is not None:
+                metrics |= assess(result.artifact, ctx)
             return {"kind": result.artifact.kind, "path": str(result.artifact.path.relative_to(workdir)),
-                    "precision": result.precision, "metrics": result.metrics}
+                    "precision": result.precision, "metrics": metrics}
 
         result, cached = cache.run(key, run)
         artifact = Artifact(result["kind"], cache.folder(key) / result["path"])

@@ -46,6 +46,11 @@ def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec)
         for metric in ("accuracy", "macro_f1", "latency_p50_ms", "latency_p99_ms", "throughput_per_s", "size_mb",
                        "peak_memory_mb", "parity_top1_agreement"):
             assert f"{name}.{metric}" in run.data.metrics
+    # Every stage is logged: duration, size, parameter count, and quality after the stage.
+    for metric in ("seconds", "size_mb", "params", "stage_accuracy"):
+        assert f"int8-dynamic.2-int8_dynamic.{metric}" in run.data.metrics
+    assert run.data.metrics["int8-dynamic.2-int8_dynamic.size_mb"] < run.data.metrics["int8-dynamic.1-export.size_mb"]
+    assert "pareto.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
     logged = mlflow.get_logged_model(v2.source.removeprefix("models:/"))
     assert {m.key for m in logged.metrics} >= {"accuracy", "latency_p50_ms"}
 
@@ -106,3 +111,23 @@ def test_failing_data_checks_stop_the_flow_with_a_logged_report(settings, tiny_m
     run = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id])[0]
     report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/datachecks.json")
     assert report["success"] is False
+
+
+def test_hybrid_recipe_prune_distill_quantize(settings, tiny_models, tiny_spec, tmp_path):
+    """prune FFN → distil from the source → export → INT8, one candidate among others, on a tiny BERT."""
+    recipe_file = tmp_path / "recipes.yaml"
+    recipe_file.write_text(
+        "hybrid:\n  stages:\n"
+        "    - {stage: prune_ffn, params: {fraction: 0.5, importance: activation}}\n"
+        "    - {stage: distill, params: {teacher: source, max_steps: 6, batch_size: 16}}\n"
+        "    - {stage: export}\n"
+        "    - {stage: int8_dynamic}\n"
+    )
+    policy = tmp_path / "lenient.yaml"
+    policy.write_text("clauses: ['size_mb <= 100']\nparity: {default: {top1_agreement: 0.0}}\n")
+    _register(settings, tiny_models, "bert", tiny_spec)
+    summary = optimize(OptimizeParams(model="tiny", recipes=["onnx-fp32", "hybrid"], recipe_file=str(recipe_file),
+                                      policy=str(policy)))
+    hybrid = summary["candidates"]["hybrid"]
+    assert hybrid["passed"]
+    assert hybrid["metrics"]["size_mb"] < summary["candidates"]["onnx-fp32"]["metrics"]["size_mb"] / 2

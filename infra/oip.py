@@ -1,0 +1,205 @@
+"""Open Inference Protocol v2 (REST/JSON) codec: parse infer requests, build responses and metadata.
+
+Pure functions on plain Python objects, so the model server, the gateway's tests and any v2 client
+share one reading of the protocol. Tensors travel as ``{"name", "shape", "datatype", "data"}`` with
+``data`` flattened in row-major order (nested lists are accepted and flattened).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MAX_ROWS = 4096  # one request may not monopolise the batcher; clients split larger jobs
+_INT_TYPES = {"INT64": np.int64, "INT32": np.int32, "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8}
+
+
+class InferError(Exception):
+    """A request the client got wrong (400) or a model/version that does not exist (404)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class TextRequest:
+    """Texts to classify or continue."""
+
+    texts: list[str]
+
+
+@dataclass
+class TensorRequest:
+    """Token ids and attention mask for a raw logits call, ``[batch, seq]`` each."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+
+@dataclass
+class InferRequest:
+    """A parsed ``/infer`` body."""
+
+    payload: TextRequest | TensorRequest
+    id: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    outputs: list[str] | None = None  # names the client asked for; None means all
+
+    @property
+    def rows(self) -> int:
+        p = self.payload
+        return len(p.texts) if isinstance(p, TextRequest) else int(p.input_ids.shape[0])
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    out: list[Any] = []
+    for item in data:
+        out.extend(_flatten(item) if isinstance(item, list) else [item])
+    return out
+
+
+def _tensor(spec: Any, index: int) -> tuple[str, list[int], str, list[Any]]:
+    if not isinstance(spec, dict):
+        raise InferError(f"inputs[{index}] must be an object with name, shape, datatype and data")
+    missing = [k for k in ("name", "shape", "datatype", "data") if k not in spec]
+    if missing:
+        raise InferError(f"inputs[{index}] lacks {', '.join(missing)}")
+    name, shape, datatype = spec["name"], spec["shape"], spec["datatype"]
+    if not isinstance(name, str) or not isinstance(datatype, str):
+        raise InferError(f"inputs[{index}]: name and datatype must be strings")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                              for d in shape):
+        raise InferError(f"inputs[{index}] ({name}): shape must be a list of non-negative integers")
+    data = _flatten(spec["data"])
+    if len(data) != math.prod(shape):
+        raise InferError(f"input {name}: shape {shape} holds {math.prod(shape)} elements but data has {len(data)}")
+    return name, shape, datatype.upper(), data
+
+
+def parse_infer(body: Any) -> InferRequest:
+    """Read an infer request body (already JSON-decoded).
+
+    Accepts either one ``BYTES`` input (the texts; named ``text`` or the only input) with shape ``[n]``
+    or ``[n, 1]``, or ``input_ids`` (and optionally ``attention_mask``) as integer tensors ``[batch, seq]``.
+
+    Raises:
+        InferError: with status 400 and a message naming the offending field.
+    """
+    if not isinstance(body, dict):
+        raise InferError("the request body must be a JSON object with an 'inputs' list")
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InferError("'inputs' must be a non-empty list of tensors")
+    tensors = {}
+    for i, spec in enumerate(inputs):
+        name, shape, datatype, data = _tensor(spec, i)
+        if name in tensors:
+            raise InferError(f"input {name} is given twice")
+        tensors[name] = (shape, datatype, data)
+    request = InferRequest(payload=_payload(tensors), id=_optional_str(body.get("id"), "id"),
+                           parameters=_parameters(body.get("parameters")), outputs=_requested(body.get("outputs")))
+    if request.rows == 0:
+        raise InferError("the request has no rows; send at least one")
+    if request.rows > MAX_ROWS:
+        raise InferError(f"the request has {request.rows} rows; send at most {MAX_ROWS} per request")
+    return request
+
+
+def _payload(tensors: dict[str, tuple[list[int], str, list[Any]]]) -> TextRequest | TensorRequest:
+    if "input_ids" in tensors:
+        ids = _int_tensor("input_ids", *tensors["input_ids"])
+        mask = _int_tensor("attention_mask", *tensors["attention_mask"]) if "attention_mask" in tensors \
+            else np.ones_like(ids)
+        if mask.shape != ids.shape:
+            raise InferError(f"attention_mask has shape {list(mask.shape)} but input_ids has {list(ids.shape)}")
+        return TensorRequest(ids, mask)
+    texts = {k: v for k, v in tensors.items() if v[1] == "BYTES"}
+    name = "text" if "text" in texts else (next(iter(texts)) if len(texts) == 1 else None)
+    if name is None:
+        raise InferError(f"send one BYTES input named 'text' or INT64 'input_ids'; got {sorted(tensors)}")
+    shape, _, data = texts[name]
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+        raise InferError(f"input {name}: shape must be [n] or [n, 1], got {shape}")
+    if not all(isinstance(t, str) for t in data):
+        raise InferError(f"input {name}: every element must be a string")
+    return TextRequest(list(data))
+
+
+def _int_tensor(name: str, shape: list[int], datatype: str, data: list[Any]) -> np.ndarray:
+    if datatype not in _INT_TYPES:
+        raise InferError(f"input {name}: datatype must be INT64 (or another integer type), got {datatype}")
+    if len(shape) != 2:
+        raise InferError(f"input {name}: shape must be [batch, seq], got {shape}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in data):
+        raise InferError(f"input {name}: every element must be an integer")
+    return np.asarray(data, dtype=np.int64).reshape(shape)
+
+
+def _optional_str(value: Any, name: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise InferError(f"'{name}' must be a string")
+    return value
+
+
+def _parameters(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InferError("'parameters' must be an object")
+    if "max_new_tokens" in value:
+        n = value["max_new_tokens"]
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256:
+            raise InferError("parameters.max_new_tokens must be an integer from 1 to 256")
+    return value
+
+
+def _requested(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in value):
+        raise InferError("'outputs' must be a list of objects with a 'name'")
+    return [o["name"] for o in value]
+
+
+def tensor(name: str, datatype: str, values: Sequence[Any] | np.ndarray) -> dict[str, Any]:
+    """An output tensor in the JSON form: shape taken from ``values``, data flattened."""
+    if isinstance(values, np.ndarray):
+        return {"name": name, "datatype": datatype, "shape": list(values.shape), "data": values.ravel().tolist()}
+    return {"name": name, "datatype": datatype, "shape": [len(values)], "data": list(values)}
+
+
+def select_outputs(outputs: list[dict[str, Any]], requested: list[str] | None) -> list[dict[str, Any]]:
+    """Only the outputs the client asked for; an unknown name is the client's mistake."""
+    if requested is None:
+        return outputs
+    known = {o["name"] for o in outputs}
+    unknown = [n for n in requested if n not in known]
+    if unknown:
+        raise InferError(f"unknown output(s) {unknown}; this request can return {sorted(known)}")
+    return [o for o in outputs if o["name"] in requested]
+
+
+def labels_of(response: Any) -> list[str] | None:
+    """The ``label`` output of an infer response, or None when it has none (LMs, raw logits)."""
+    if not isinstance(response, dict):
+        return None
+    for out in response.get("outputs") or []:
+        if isinstance(out, dict) and out.get("name") == "label" and isinstance(out.get("data"), list):
+            return [str(x) for x in out["data"]]
+    return None
+
+
+def text_request(texts: Sequence[str], *, request_id: str | None = None) -> dict[str, Any]:
+    """An infer request body for ``texts`` (what the load generator and benchmarks send)."""
+    body: dict[str, Any] = {"inputs": [{"name": "text", "shape": [len(texts)], "datatype": "BYTES",
+                                        "data": list(texts)}]}
+    if request_id:
+        body["id"] = request_id
+    return body
