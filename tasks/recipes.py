@@ -35,6 +35,7 @@ STAGES: dict[str, str] = {
     "prune_layers": "tasks.prune:prune_layers",
     "prune_unstructured": "tasks.prune:prune_unstructured",
     "distill": "tasks.distill:distill",
+    "prune_vocab": "tasks.vocab:prune_vocab",
 }
 
 
@@ -47,6 +48,7 @@ PARAMS: dict[str, str] = {
     "prune_layers": "tasks.prune:LayerPruneParams",
     "prune_unstructured": "tasks.prune:UnstructuredParams",
     "distill": "tasks.distill:DistillParams",
+    "prune_vocab": "tasks.vocab:VocabPruneParams",
 }
 
 
