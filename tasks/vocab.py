@@ -14,7 +14,6 @@ import json
 import logging
 import shutil
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
