@@ -2,7 +2,7 @@
 
 ``int8_dynamic``: weights INT8 ahead of time, activations quantized per batch at run time
 (ONNX Runtime ``quantize_dynamic``) — no calibration data needed.
-``fp16``: a float16 graph for GPU engines (``bf16`` explains why it is not offered).
+``fp16``: a float16 graph for GPU engines (bf16 is refused by the recipe check; see tasks.recipes).
 ``weight_only``: group-wise 4- or 8-bit weights in ``MatMulNBits`` nodes, for causal LMs whose time goes
 into reading weights (RTN or HQQ).
 Static INT8 with calibration and accuracy-aware fallback lives in :mod:`tasks.quantize_static`.
@@ -91,18 +91,6 @@ def fp16(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> Stage
     log.info("fp16: %s -> %s", artifact.path.name, out)
     return StageResult(Artifact("onnx", out), metrics=_report(artifact.path, out, ctx, cfg.check_samples),
                        precision="fp16")
-
-
-def bf16(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
-    """Not offered: a bfloat16 ONNX graph would not run on the engines Kiln serves with.
-
-    Checked with ONNX Runtime 1.32: its CPU provider has no bfloat16 kernels for Add, MatMul or
-    LayerNormalization, and at opset 17 ONNX itself rejects bfloat16 inputs to Sin/Cos (Llama's rotary
-    embedding), so a converted graph either fails to load or is invalid.
-    """
-    raise ConfigError("bf16 is not supported: ONNX Runtime has no bfloat16 kernels for common ops (Add, "
-                      "MatMul, LayerNormalization) and opset-17 Sin/Cos reject bfloat16; use the 'fp16' stage "
-                      "for GPU engines, or 'int8_static' / 'weight_only' for CPU")
 
 
 # --- weight-only 4/8-bit ---------------------------------------------------------------------------

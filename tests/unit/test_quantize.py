@@ -17,7 +17,7 @@ from kiln.errors import ConfigError
 from tasks import hf_model as hf
 from tasks import quantize_static as qs
 from tasks.export import export_onnx
-from tasks.quantize import bf16, fp16, weight_only
+from tasks.quantize import fp16, weight_only
 from tasks.quantize_static import int8_static
 from tasks.stages import Artifact, StageContext
 from tasks.tiny import save_tiny
@@ -208,12 +208,6 @@ def test_fp16_graph_has_half_weights_and_close_outputs(models, tmp_path, family)
     m = result.metrics
     assert result.precision == "fp16" and 1.3 < m["size_ratio"] < 2.1  # graph overhead on tiny models
     assert m["parity_max_abs"] < 0.05 and m["parity_top1_agreement"] >= 0.95
-
-
-def test_bf16_is_refused_with_a_reason(models, tmp_path):
-    folder, graph = models["bert"]
-    with pytest.raises(ConfigError, match="bf16 is not supported"):
-        bf16(Artifact("onnx", graph), {}, _ctx("bert", folder, tmp_path))
 
 
 # --- weight-only ------------------------------------------------------------------------------------

@@ -14,6 +14,11 @@ def test_presets_are_valid():
         recipe.validate_stages()
 
 
+def test_bf16_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="bf16 is not supported: ONNX Runtime"):
+        _recipe(("export", {}), ("bf16", {})).validate_stages()
+
+
 def test_unknown_stage_or_recipe_is_named():
     with pytest.raises(ConfigError, match=r"unknown stage\(s\) \['quantise'\]"):
         _recipe(("quantise", {}), ("export", {})).validate_stages()

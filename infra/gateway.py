@@ -1,0 +1,393 @@
+"""The serving gateway: one address in front of the champion and challenger model servers.
+
+    KILN_GATEWAY_TOKEN=... python -m infra.gateway --champion http://127.0.0.1:8001 \
+        --challenger http://127.0.0.1:8002 --port 8080
+
+Open Inference Protocol v2 requests (``/v2/...``) are forwarded unchanged to one upstream, chosen by
+the challenger's weight (0-100 %, exact proportion) or, with an ``X-Kiln-Sticky`` header, by a hash of
+its value (a user stays on one side while the weight holds). Every answer names its upstream in
+``X-Kiln-Upstream`` and carries an ``X-Kiln-Request-Id`` that ``POST /feedback`` can later score.
+Shadow mode mirrors a share of champion-answered requests to the challenger in the background and
+records whether the predicted labels agree; the client only ever sees the champion's answer.
+
+The admin API (bearer token) changes the split at run time: ``POST /admin/weight {"weight": 25}``,
+``POST /admin/shadow {"fraction": 0.5}``, ``GET /admin/state``, ``POST /admin/reset`` (new analysis
+window). A change swaps one immutable routing object: requests in flight finish where they started.
+Prometheus metrics are at ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from infra.gateway_stats import (
+    CHALLENGER,
+    CHAMPION,
+    GatewayMetrics,
+    PredictionLog,
+    Routing,
+    Splitter,
+    Window,
+    choose,
+)
+from infra.oip import labels_of
+from infra.server import VERSION_HEADER
+
+log = logging.getLogger(__name__)
+UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "X-Kiln-Upstream", "X-Kiln-Request-Id", "X-Kiln-Sticky"
+TOKEN_ENV = "KILN_GATEWAY_TOKEN"
+_HOP_BY_HOP = {"host", "connection", "keep-alive", "content-length", "transfer-encoding", "te", "trailer",
+               "upgrade", "proxy-authorization", "proxy-authenticate", "authorization", "accept-encoding"}
+_PASS_BACK = {"content-type", VERSION_HEADER.lower()}
+_MAX_PARSE_BYTES = 1 << 20  # label bookkeeping parses answers up to 1 MB; raw LM logits can be far larger
+
+
+@dataclass
+class Upstream:
+    """A model server. ``version`` labels metrics; unset, it is learnt from the server's version header."""
+
+    url: str
+    version: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.version or "unknown"
+
+
+def _learn_version(upstream: Upstream, answer: httpx.Response) -> None:
+    if upstream.version is None:
+        upstream.version = answer.headers.get(VERSION_HEADER)
+
+
+def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class Gateway:
+    """Routing, forwarding, shadowing and bookkeeping; :func:`create_app` wires it to HTTP routes."""
+
+    def __init__(self, champion: Upstream, challenger: Upstream, admin_token: str, *, weight: float = 0.0,
+                 shadow: float = 0.0, timeout_s: float = 30.0, max_connections: int = 256,
+                 max_shadow_inflight: int = 64, max_samples: int = 5000) -> None:
+        if not admin_token:
+            raise ValueError(f"the admin API needs a token; set {TOKEN_ENV}")
+        self.upstreams = {CHAMPION: champion, CHALLENGER: challenger}
+        self._token = admin_token.encode()
+        self.routing = Routing(_check_weight(weight), _check_fraction(shadow))
+        self.splitter, self.shadow_splitter = Splitter(), Splitter()
+        self.metrics = GatewayMetrics()
+        self.window = Window(max_samples)
+        self.predictions = PredictionLog()
+        self.timeout_s, self.max_connections, self.max_shadow_inflight = timeout_s, max_connections, \
+            max_shadow_inflight
+        self._shadow_tasks: set[asyncio.Task] = set()
+        self.client: httpx.AsyncClient | None = None
+        self._publish_routing()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette):  # noqa: ANN201 - Starlette's lifespan protocol
+        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections,
+                              keepalive_expiry=5.0)
+        async with httpx.AsyncClient(limits=limits, timeout=self.timeout_s) as client:
+            self.client = client
+            try:
+                yield
+            finally:
+                # Let mirrors in flight finish (bounded), so their answers are counted rather than torn.
+                if self._shadow_tasks:
+                    await asyncio.wait(self._shadow_tasks, timeout=self.timeout_s)
+                self.client = None
+
+    # ---- live traffic -------------------------------------------------------------------------------------
+
+    async def proxy(self, request: Request) -> Response:
+        routing = self.routing  # one snapshot for the whole request: a concurrent weight change cannot split it
+        role = choose(routing, request.headers.get(STICKY_HEADER), self.splitter)
+        body = await request.body()
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers[REQUEST_ID_HEADER] = request_id
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        answer = await self._send(role, request.method, path, headers, body)
+        if isinstance(answer, Exception) and role == CHALLENGER and isinstance(answer, httpx.ConnectError):
+            # Never sent: safe to answer from the champion instead of failing the client.
+            self.metrics.fallbacks.inc()
+            role = CHAMPION
+            answer = await self._send(role, request.method, path, headers, body)
+        extra = {UPSTREAM_HEADER: role, REQUEST_ID_HEADER: request_id}
+        if isinstance(answer, Exception):
+            status = 504 if isinstance(answer, httpx.TimeoutException) else 502
+            return _error(f"upstream {role} failed: {answer.__class__.__name__}: {answer}"[:300], status, extra)
+        is_infer = request.method == "POST" and request.url.path.endswith("/infer")
+        labels = self._labels(role, answer) if is_infer else None
+        if labels is not None:
+            self.predictions.add(request_id, "live", role, self.upstreams[role].label, labels)
+        if is_infer and role == CHAMPION and answer.status_code == 200 and routing.shadow > 0:
+            self._mirror(routing, path, headers, body, request_id, labels)
+        passed = {k: v for k, v in answer.headers.items() if k.lower() in _PASS_BACK}
+        return Response(answer.content, status_code=answer.status_code, headers=passed | extra)
+
+    async def _send(self, role: str, method: str, path: str, headers: dict[str, str], body: bytes
+                    ) -> httpx.Response | Exception:
+        """Forward to ``role``'s upstream and record the outcome; a transport failure is returned, not raised."""
+        assert self.client is not None, "the gateway's lifespan has not started"
+        upstream = self.upstreams[role]
+        started = time.perf_counter()
+        try:
+            answer: httpx.Response | Exception = await self.client.request(
+                method, upstream.url + path, headers=headers, content=body)
+        except httpx.HTTPError as exc:
+            answer = exc
+        seconds = time.perf_counter() - started
+        code = answer.status_code if isinstance(answer, httpx.Response) else 502
+        if isinstance(answer, httpx.Response):
+            _learn_version(upstream, answer)
+        self.metrics.requests.labels(role, upstream.label, str(code)).inc()
+        if code < 500:
+            self.metrics.duration.labels(role, upstream.label).observe(seconds)
+        self.window.live[role].record(code, seconds)
+        return answer
+
+    def _labels(self, role: str, answer: httpx.Response) -> list[str] | None:
+        if answer.status_code != 200 or len(answer.content) > _MAX_PARSE_BYTES:
+            return None
+        try:
+            labels = labels_of(json.loads(answer.content))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if labels is not None:
+            window, version = self.window.live[role], self.upstreams[role].label
+            for label in labels:
+                window.labels[label] += 1
+                self.metrics.predictions.labels(role, version, label).inc()
+        return labels
+
+    # ---- shadow traffic ------------------------------------------------------------------------------------
+
+    def _mirror(self, routing: Routing, path: str, headers: dict[str, str], body: bytes, request_id: str,
+                champion_labels: list[str] | None) -> None:
+        if not self.shadow_splitter.take(routing.shadow):
+            return
+        if len(self._shadow_tasks) >= self.max_shadow_inflight:  # shadowing must never slow live traffic
+            self.window.shadow.dropped += 1
+            self.metrics.shadow_dropped.inc()
+            return
+        task = asyncio.create_task(self._shadow(path, headers, body, request_id, champion_labels))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def _shadow(self, path: str, headers: dict[str, str], body: bytes, request_id: str,
+                      champion_labels: list[str] | None) -> None:
+        assert self.client is not None
+        upstream, window = self.upstreams[CHALLENGER], self.window.shadow
+        started = time.perf_counter()
+        try:
+            answer = await self.client.post(upstream.url + path, headers=headers, content=body)
+            code = answer.status_code
+            _learn_version(upstream, answer)
+        except httpx.HTTPError:
+            answer, code = None, 502
+        seconds = time.perf_counter() - started
+        window.record(code, seconds)
+        self.metrics.shadow_requests.labels(upstream.label, str(code)).inc()
+        if code < 500:
+            self.metrics.shadow_duration.labels(upstream.label).observe(seconds)
+        labels = None
+        if answer is not None and code == 200 and len(answer.content) <= _MAX_PARSE_BYTES:
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                labels = labels_of(json.loads(answer.content))
+        if labels is None or champion_labels is None or len(labels) != len(champion_labels):
+            return
+        agreed = sum(a == b for a, b in zip(labels, champion_labels, strict=True))
+        window.compared += len(labels)
+        window.agreed += agreed
+        self.metrics.shadow_rows.labels(upstream.label, "agree").inc(agreed)
+        self.metrics.shadow_rows.labels(upstream.label, "disagree").inc(len(labels) - agreed)
+        self.predictions.add(request_id, "shadow", CHALLENGER, upstream.label, labels)
+
+    # ---- feedback ------------------------------------------------------------------------------------------
+
+    async def feedback(self, request: Request) -> Response:
+        """``{"request_id": ..., "label": ...}`` or ``"labels": [...]``: score what each upstream predicted."""
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _error("the feedback body must be JSON: {\"request_id\": ..., \"label\": ...}", 400)
+        request_id = body.get("request_id") if isinstance(body, dict) else None
+        truth = body.get("labels", [body.get("label")]) if isinstance(body, dict) else None
+        if not isinstance(request_id, str) or not isinstance(truth, list) or not all(isinstance(t, str)
+                                                                                    for t in truth):
+            return _error("feedback needs a string 'request_id' and a string 'label' (or a 'labels' list)", 400)
+        entry = self.predictions.get(request_id)
+        if entry is None:
+            return _error(f"no recorded prediction for request id {request_id!r} (unknown, already scored, "
+                          "or too old)", 404)
+        rows = {len(predicted) for _, _, predicted in entry.values()}
+        if rows != {len(truth)}:
+            return _error(f"request {request_id} predicted {sorted(rows)} rows; the feedback has {len(truth)}", 400)
+        self.predictions.pop(request_id)  # scored once: a repeated post would count the same answer twice
+        scored = {}
+        for source, (role, version, predicted) in entry.items():
+            correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
+            window = self.window.shadow if source == "shadow" else self.window.live[role]
+            window.feedback += len(truth)
+            window.correct += correct
+            self.metrics.feedback.labels(role, version, source, "correct").inc(correct)
+            self.metrics.feedback.labels(role, version, source, "incorrect").inc(len(truth) - correct)
+            scored[f"{role}/{source}"] = correct / len(truth)
+        return JSONResponse({"request_id": request_id, "scored": scored})
+
+    # ---- admin ---------------------------------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token)
+
+    def state(self, samples: bool = False) -> dict[str, Any]:
+        r = self.routing
+        return {"weight": r.weight, "shadow": r.shadow, "generation": r.generation, "sticky_header": STICKY_HEADER,
+                "upstreams": {role: {"url": u.url, "version": u.version} for role, u in self.upstreams.items()},
+                "shadow_in_flight": len(self._shadow_tasks), "window": self.window.to_dict(samples)}
+
+    def set_routing(self, *, weight: float | None = None, shadow: float | None = None) -> Routing:
+        old = self.routing
+        self.routing = Routing(old.weight if weight is None else _check_weight(weight),
+                               old.shadow if shadow is None else _check_fraction(shadow), old.generation + 1)
+        self._publish_routing()
+        log.info("routing changed: weight %.1f%% shadow %.2f (generation %d)", self.routing.weight,
+                 self.routing.shadow, self.routing.generation)
+        return self.routing
+
+    def reset_window(self) -> dict[str, Any]:
+        closed, self.window = self.window, Window(self.window.max_samples)
+        return closed.to_dict(samples=True)
+
+    def _publish_routing(self) -> None:
+        self.metrics.weight.set(self.routing.weight)
+        self.metrics.shadow_fraction.set(self.routing.shadow)
+
+
+def _check_weight(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise ValueError(f"weight must be a number from 0 to 100 (percent to the challenger), got {value!r}")
+    return float(value)
+
+
+def _check_fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"shadow fraction must be a number from 0 to 1, got {value!r}")
+    return float(value)
+
+
+def _admin(gateway: Gateway, handler: Any) -> Any:
+    async def guarded(request: Request) -> Response:
+        if not gateway.authorized(request):
+            return _error("missing or wrong admin token; send 'Authorization: Bearer <token>'", 401,
+                          {"WWW-Authenticate": "Bearer"})
+        try:
+            return await handler(request)
+        except ValueError as exc:
+            return _error(str(exc), 400)
+
+    return guarded
+
+
+async def _json_field(request: Request, name: str) -> Any:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the body must be JSON like {{\"{name}\": ...}}") from exc
+    if not isinstance(body, dict) or name not in body:
+        raise ValueError(f"the body must be JSON like {{\"{name}\": ...}}")
+    return body[name]
+
+
+def create_app(gateway: Gateway) -> Starlette:
+    """The gateway as an ASGI app (run it with uvicorn, or :mod:`infra.background` in tests)."""
+    async def weight(request: Request) -> Response:
+        return JSONResponse(gateway.set_routing(weight=await _json_field(request, "weight")).__dict__)
+
+    async def shadow(request: Request) -> Response:
+        return JSONResponse(gateway.set_routing(shadow=await _json_field(request, "fraction")).__dict__)
+
+    async def state(request: Request) -> Response:
+        return JSONResponse(gateway.state(request.query_params.get("samples", "") in {"1", "true", "yes"}))
+
+    async def reset(request: Request) -> Response:
+        return JSONResponse(gateway.reset_window())
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        return _error(f"{getattr(exc, 'detail', 'error')}: {request.method} {request.url.path}",
+                      getattr(exc, "status_code", 500))
+
+    routes = [Route("/v2{rest:path}", gateway.proxy, methods=["GET", "POST"]),
+              Route("/feedback", gateway.feedback, methods=["POST"]),
+              Route("/admin/weight", _admin(gateway, weight), methods=["POST"]),
+              Route("/admin/shadow", _admin(gateway, shadow), methods=["POST"]),
+              Route("/admin/state", _admin(gateway, state), methods=["GET"]),
+              Route("/admin/reset", _admin(gateway, reset), methods=["POST"]),
+              Route("/metrics", metrics), Route("/health", health)]
+    app = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: http_error})
+    app.state.gateway = gateway
+    return app
+
+
+def _upstream_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")):
+        raise argparse.ArgumentTypeError(f"upstream {text!r} must be an http(s):// URL")
+    return text.rstrip("/")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point; the admin token comes from ``$KILN_GATEWAY_TOKEN``."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Kiln gateway: weighted, sticky, shadowing v2 proxy")
+    parser.add_argument("--champion", type=_upstream_url, required=True, help="champion model server URL")
+    parser.add_argument("--challenger", type=_upstream_url, required=True, help="challenger model server URL")
+    parser.add_argument("--champion-version", help="version label for metrics (default: learnt from answers)")
+    parser.add_argument("--challenger-version", help="version label for metrics (default: learnt from answers)")
+    parser.add_argument("--weight", type=float, default=0.0, help="initial challenger weight, percent")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--timeout", type=float, default=30.0, help="upstream timeout, seconds")
+    args = parser.parse_args(argv)
+    token = os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise SystemExit(f"error: set {TOKEN_ENV} to the admin API's bearer token")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        gateway = Gateway(Upstream(args.champion, args.champion_version),
+                          Upstream(args.challenger, args.challenger_version), token, weight=args.weight,
+                          timeout_s=args.timeout)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    uvicorn.run(create_app(gateway), host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
+
+
+if __name__ == "__main__":
+    main()
