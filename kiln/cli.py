@@ -149,6 +149,7 @@ def bench(
     model: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION of a registered model.")],
     recipes: Annotated[str, typer.Option(help="Comma-separated recipes to compare.")] = DEFAULT_RECIPES,
     seconds: Annotated[float, typer.Option(help="Seconds of timing per model and batch size.")] = 5.0,
+    baseline: Annotated[str | None, typer.Option(help="Recipe to compare against (default: PyTorch eager).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Torch fp32 eager vs each candidate: latency at batch 1 and 32, speed-up, size, quality — one run."""
@@ -156,7 +157,7 @@ def bench(
         settings = _settings(config)
         from tasks.benchrun import run_bench
 
-        run_bench(settings, model, [r.strip() for r in recipes.split(",") if r.strip()], seconds)
+        run_bench(settings, model, [r.strip() for r in recipes.split(",") if r.strip()], seconds, baseline=baseline)
     except KilnError as exc:
         _fail(exc)
 

@@ -21,8 +21,14 @@ from tasks.stages import Artifact
 
 
 def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: float,
-              console: Console | None = None) -> list[dict]:
-    """Measure the source and each recipe's candidate; print a table; return its rows."""
+              console: Console | None = None, baseline: str | None = None) -> list[dict]:
+    """Measure the source and each recipe's candidate; print a table; return its rows.
+
+    Speed-ups are against PyTorch fp32 eager, or against ``baseline`` (a recipe name, added to the run if
+    missing) when given: both measured here, in the same process, with the same threads.
+    """
+    if baseline and baseline not in recipe_names:
+        recipe_names = [baseline, *recipe_names]
     console = console or Console()
     client = registry.connect(settings)
     source = resolve_source(client, registry.ModelRef.parse(model), settings.home / "downloads")
@@ -49,13 +55,14 @@ def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: 
         speed = measure(folder, frame["text"].tolist()[:256], options, timing)
         rows.append({"model": name, "precision": precision, **{k: ev.metrics.get(k) for k in
                      ("accuracy", "macro_f1", "perplexity")}, **speed})
-    console.print(_table(rows, settings.threads))
+    base = next(r for r in rows if r["model"] == baseline) if baseline else rows[0]
+    console.print(_table(rows, settings.threads, base))
     return rows
 
 
-def _table(rows: list[dict], threads: int) -> Table:
-    base = rows[0]
-    table = Table(title=f"kiln bench — {threads} threads, seq len padded, median of timed runs", header_style="bold")
+def _table(rows: list[dict], threads: int, base: dict) -> Table:
+    table = Table(title=f"kiln bench — {threads} threads, inputs padded to the serving length; speed-up vs "
+                        f"{base['model']}", header_style="bold")
     for header in ("model", "precision", "quality", "p50 b1 ms", "speed-up b1", "p50 b32 ms", "speed-up b32",
                    "size MB", "peak mem MB"):
         table.add_column(header, justify="left" if header in {"model", "precision"} else "right")

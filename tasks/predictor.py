@@ -134,7 +134,9 @@ class Predictor:
         self.meta = PackageMeta.read(folder)
         if check:
             verify(folder, self.meta)
-        self.options = options or EngineOptions()
+        # A package that carries a TensorRT plan uses it where CUDA + TensorRT exist, ONNX Runtime elsewhere.
+        default = "auto" if self.meta.engine.get("backend") == "tensorrt" else "onnxruntime"
+        self.options = options or EngineOptions(backend=default)
         self.tokenizer = _load_tokenizer(folder)
         self.run: Runner = self._open()
 

@@ -19,6 +19,11 @@ def test_bench_compares_torch_with_each_candidate_in_one_run(settings, tiny_mode
     assert rows[1]["accuracy"] == rows[0]["accuracy"]  # fp32 ONNX predicts what PyTorch predicts
     text = console.export_text()
     assert "speed-up b1" in text and "1.00×" in text and "int8-dynamic" in text
+    # Against a named baseline recipe, added to the run when not asked for.
+    console = Console(record=True, width=200)
+    rows = run_bench(settings, "tiny", ["onnx-fp32"], seconds=0.2, console=console, baseline="int8-dynamic")
+    assert [r["model"] for r in rows] == ["torch fp32 eager", "int8-dynamic", "onnx-fp32"]
+    assert "speed-up vs int8-dynamic" in console.export_text()
 
 
 def test_deployments_have_typed_forms_with_descriptions():

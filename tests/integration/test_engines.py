@@ -95,3 +95,5 @@ def test_tensorrt_backend_packages_a_plan_beside_the_onnx_graph(settings, tiny_m
 
     with pytest.raises(KilnError, match="TensorRT|tensorrt"):
         Predictor(folder, EngineOptions(backend="tensorrt"))  # no CUDA/TensorRT here: refused clearly
+    # Opened without options (as the MLflow pyfunc does), the package falls back to its ONNX graph here.
+    assert Predictor(folder).engine.backend == "onnxruntime"
