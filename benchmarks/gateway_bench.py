@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated client concurrency levels")
     parser.add_argument("--requests", type=int, default=400, help="requests per measurement (default 400)")
     parser.add_argument("--seconds", type=float, default=20.0, help="time limit per measurement")
-    parser.add_argument("--threads", type=int, default=2, help="engine intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help=(
+        "engine intra-op threads (default 1: on a small machine the client and gateway need the other cores)"))
     return parser.parse_args(argv)
 
 

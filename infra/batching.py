@@ -48,7 +48,7 @@ class Batcher:
     """
 
     def __init__(self, run_batch: RunBatch, executor: Executor, *, max_batch_size: int = 32,
-                 max_wait_ms: float = 5.0) -> None:
+                 max_wait_ms: float = 0.0) -> None:
         if max_batch_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch_size must be >= 1 and max_wait_ms >= 0")
         self.run_batch = run_batch

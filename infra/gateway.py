@@ -30,7 +30,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -50,6 +49,7 @@ from infra.gateway_stats import (
 )
 from infra.oip import labels_of
 from infra.server import VERSION_HEADER
+from infra.upstream import Answer, Failure, UpstreamClient
 
 log = logging.getLogger(__name__)
 UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "X-Kiln-Upstream", "X-Kiln-Request-Id", "X-Kiln-Sticky"
@@ -72,9 +72,9 @@ class Upstream:
         return self.version or "unknown"
 
 
-def _learn_version(upstream: Upstream, answer: httpx.Response) -> None:
+def _learn_version(upstream: Upstream, answer: Answer) -> None:
     if upstream.version is None:
-        upstream.version = answer.headers.get(VERSION_HEADER)
+        upstream.version = answer.headers.get(VERSION_HEADER.lower())
 
 
 def _error(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -99,14 +99,12 @@ class Gateway:
         self.timeout_s, self.max_connections, self.max_shadow_inflight = timeout_s, max_connections, \
             max_shadow_inflight
         self._shadow_tasks: set[asyncio.Task] = set()
-        self.client: httpx.AsyncClient | None = None
+        self.client: UpstreamClient | None = None
         self._publish_routing()
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):  # noqa: ANN201 - Starlette's lifespan protocol
-        limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=self.max_connections,
-                              keepalive_expiry=5.0)
-        async with httpx.AsyncClient(limits=limits, timeout=self.timeout_s) as client:
+        async with UpstreamClient(max_connections=self.max_connections, timeout_s=self.timeout_s) as client:
             self.client = client
             try:
                 yield
@@ -127,38 +125,33 @@ class Gateway:
         headers[REQUEST_ID_HEADER] = request_id
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         answer = await self._send(role, request.method, path, headers, body)
-        if isinstance(answer, Exception) and role == CHALLENGER and isinstance(answer, httpx.ConnectError):
+        if isinstance(answer, Failure) and answer.kind == "connect" and role == CHALLENGER:
             # Never sent: safe to answer from the champion instead of failing the client.
             self.metrics.fallbacks.inc()
             role = CHAMPION
             answer = await self._send(role, request.method, path, headers, body)
         extra = {UPSTREAM_HEADER: role, REQUEST_ID_HEADER: request_id}
-        if isinstance(answer, Exception):
-            status = 504 if isinstance(answer, httpx.TimeoutException) else 502
-            return _error(f"upstream {role} failed: {answer.__class__.__name__}: {answer}"[:300], status, extra)
+        if isinstance(answer, Failure):
+            return _error(f"upstream {role} failed: {answer.message}"[:300], answer.status, extra)
         is_infer = request.method == "POST" and request.url.path.endswith("/infer")
         labels = self._labels(role, answer) if is_infer else None
         if labels is not None:
             self.predictions.add(request_id, "live", role, self.upstreams[role].label, labels)
-        if is_infer and role == CHAMPION and answer.status_code == 200 and routing.shadow > 0:
+        if is_infer and role == CHAMPION and answer.status == 200 and routing.shadow > 0:
             self._mirror(routing, path, headers, body, request_id, labels)
         passed = {k: v for k, v in answer.headers.items() if k.lower() in _PASS_BACK}
-        return Response(answer.content, status_code=answer.status_code, headers=passed | extra)
+        return Response(answer.content, status_code=answer.status, headers=passed | extra)
 
     async def _send(self, role: str, method: str, path: str, headers: dict[str, str], body: bytes
-                    ) -> httpx.Response | Exception:
+                    ) -> Answer | Failure:
         """Forward to ``role``'s upstream and record the outcome; a transport failure is returned, not raised."""
         assert self.client is not None, "the gateway's lifespan has not started"
         upstream = self.upstreams[role]
         started = time.perf_counter()
-        try:
-            answer: httpx.Response | Exception = await self.client.request(
-                method, upstream.url + path, headers=headers, content=body)
-        except httpx.HTTPError as exc:
-            answer = exc
+        answer = await self.client.request(method, upstream.url + path, headers=headers, body=body)
         seconds = time.perf_counter() - started
-        code = answer.status_code if isinstance(answer, httpx.Response) else 502
-        if isinstance(answer, httpx.Response):
+        code = answer.status
+        if isinstance(answer, Answer):
             _learn_version(upstream, answer)
         self.metrics.requests.labels(role, upstream.label, str(code)).inc()
         if code < 500:
@@ -166,8 +159,8 @@ class Gateway:
         self.window.live[role].record(code, seconds)
         return answer
 
-    def _labels(self, role: str, answer: httpx.Response) -> list[str] | None:
-        if answer.status_code != 200 or len(answer.content) > _MAX_PARSE_BYTES:
+    def _labels(self, role: str, answer: Answer) -> list[str] | None:
+        if answer.status != 200 or len(answer.content) > _MAX_PARSE_BYTES:
             return None
         try:
             labels = labels_of(json.loads(answer.content))
@@ -199,19 +192,17 @@ class Gateway:
         assert self.client is not None
         upstream, window = self.upstreams[CHALLENGER], self.window.shadow
         started = time.perf_counter()
-        try:
-            answer = await self.client.post(upstream.url + path, headers=headers, content=body)
-            code = answer.status_code
+        answer = await self.client.request("POST", upstream.url + path, headers=headers, body=body)
+        code = answer.status
+        if isinstance(answer, Answer):
             _learn_version(upstream, answer)
-        except httpx.HTTPError:
-            answer, code = None, 502
         seconds = time.perf_counter() - started
         window.record(code, seconds)
         self.metrics.shadow_requests.labels(upstream.label, str(code)).inc()
         if code < 500:
             self.metrics.shadow_duration.labels(upstream.label).observe(seconds)
         labels = None
-        if answer is not None and code == 200 and len(answer.content) <= _MAX_PARSE_BYTES:
+        if isinstance(answer, Answer) and code == 200 and len(answer.content) <= _MAX_PARSE_BYTES:
             with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
                 labels = labels_of(json.loads(answer.content))
         if labels is None or champion_labels is None or len(labels) != len(champion_labels):

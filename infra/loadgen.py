@@ -19,13 +19,14 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 
 from infra.oip import text_request
+from infra.upstream import Failure, UpstreamClient
 
 MAX_REQUESTS = 1_000_000
 UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "x-kiln-upstream", "x-kiln-request-id", "X-Kiln-Sticky"
@@ -129,41 +130,38 @@ class _Run:
         self.next_index += 1
         return self.next_index - 1
 
-    async def worker(self, client: httpx.AsyncClient) -> None:
+    async def worker(self, client: UpstreamClient) -> None:
         while (i := self._claim()) is not None:
             await self.one(client, i)
 
-    async def one(self, client: httpx.AsyncClient, i: int) -> None:
+    async def one(self, client: UpstreamClient, i: int) -> None:
         plan, n = self.plan, len(self.plan.texts)
         rows = [(i * plan.batch + k) % n for k in range(plan.batch)]
         headers = {STICKY_HEADER: f"user-{i % plan.sticky_users}"} if plan.sticky_users else {}
         started = time.perf_counter()
         self.summary.sent += 1
-        try:
-            answer = await client.post(f"{plan.url}/v2/models/{plan.model}/infer", headers=headers,
-                                       json=text_request([plan.texts[r] for r in rows]))
-        except httpx.HTTPError as exc:
-            self.transport[exc.__class__.__name__] += 1
+        answer = await client.request("POST", f"{plan.url}/v2/models/{plan.model}/infer", headers=headers,
+                                      json=text_request([plan.texts[r] for r in rows]))
+        if isinstance(answer, Failure):
+            self.transport[answer.kind] += 1
             self.summary.failed += 1
             return
         self.latencies.append((time.perf_counter() - started) * 1000)
-        self.status[str(answer.status_code)] += 1
+        self.status[str(answer.status)] += 1
         self.upstream[answer.headers.get(UPSTREAM_HEADER, "direct")] += 1
-        if answer.status_code >= 500:
+        if answer.status >= 500:
             self.summary.failed += 1
             return
-        if answer.status_code == 200:
+        if answer.status == 200:
             self.summary.ok += 1
             request_id = answer.headers.get(REQUEST_ID_HEADER)
             if plan.feedback and request_id and plan.labels is not None:
                 await self.send_feedback(client, request_id, [plan.labels[r] for r in rows])
 
-    async def send_feedback(self, client: httpx.AsyncClient, request_id: str, labels: list[str]) -> None:
-        try:
-            answer = await client.post(f"{self.plan.url}/feedback", json={"request_id": request_id, "labels": labels})
-            ok = answer.status_code == 200
-        except httpx.HTTPError:
-            ok = False
+    async def send_feedback(self, client: UpstreamClient, request_id: str, labels: list[str]) -> None:
+        answer = await client.request("POST", f"{self.plan.url}/feedback",
+                                      json={"request_id": request_id, "labels": labels})
+        ok = answer.status == 200
         self.summary.feedback_sent += ok
         self.summary.feedback_failed += not ok
 
@@ -183,10 +181,9 @@ async def run_load(plan: LoadPlan) -> LoadSummary:
     """Send ``plan``'s requests with ``plan.concurrency`` workers; returns the summary."""
     plan.check()
     run = _Run(plan)
-    limits = httpx.Limits(max_connections=plan.concurrency, max_keepalive_connections=plan.concurrency)
     started = time.monotonic()
     run.deadline = started + plan.seconds
-    async with httpx.AsyncClient(limits=limits, timeout=plan.timeout_s) as client:
+    async with UpstreamClient(max_connections=plan.concurrency, timeout_s=plan.timeout_s) as client:
         await asyncio.gather(*(run.worker(client) for _ in range(plan.concurrency)))
     return run.finish(time.monotonic() - started)
 
@@ -198,8 +195,8 @@ def generate_load(plan: LoadPlan) -> LoadSummary:
 
 def _texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
     if args.texts:
-        lines = [line.strip() for line in open(args.texts, encoding="utf-8") if line.strip()]  # noqa: SIM115
-        return lines, None
+        lines = Path(args.texts).read_text(encoding="utf-8").splitlines()
+        return [line.strip() for line in lines if line.strip()], None
     from tasks.data import DatasetSpec, load_splits
 
     test = load_splits(DatasetSpec(limit=args.limit)).test  # the evaluation split: texts the gate judged on

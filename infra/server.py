@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Hashable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -95,12 +97,12 @@ class ModelRuntime:
             return [tensor("logits", "FP32", logits.astype(np.float32))]
         key: Hashable = ("text", int(request.parameters.get("max_new_tokens", 16)) if self.model.task == "causal-lm"
                          else 0)
-        rows = await self.batcher.submit(key, request.payload.texts, request.rows)
+        columns = await self.batcher.submit(key, request.payload.texts, request.rows)
         if self.model.task == "causal-lm":
-            return [tensor("generated_text", "BYTES", rows["generated_text"].tolist())]
-        return [tensor("label", "BYTES", rows["label"].tolist()),
-                tensor("score", "FP32", rows["score"].astype(np.float32).tolist()),
-                tensor("scores", "FP32", np.asarray(rows["scores"].tolist(), dtype=np.float32))]
+            return [tensor("generated_text", "BYTES", columns["generated_text"])]
+        return [tensor("label", "BYTES", columns["label"]), tensor("score", "FP32", columns["score"]),
+                {"name": "scores", "datatype": "FP32", "shape": [request.rows, len(columns["scores"]) // request.rows],
+                 "data": columns["scores"]}]
 
     def _run_batch(self, key: Hashable, payloads: list[Any]) -> list[Any]:
         rows = sum(len(p) if isinstance(p, list) else p.input_ids.shape[0] for p in payloads)
@@ -109,9 +111,33 @@ class ModelRuntime:
             return run_tensors(self.model.predictor, payloads)
         texts = [t for p in payloads for t in p]
         kwargs = {"max_new_tokens": key[1]} if self.model.task == "causal-lm" else {}
-        frame = self.model.predictor.predict(texts, **kwargs)
-        bounds = np.cumsum([0] + [len(p) for p in payloads])
-        return [frame.iloc[a:b].reset_index(drop=True) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return split_rows(self.model.predictor.predict(texts, **kwargs), [len(p) for p in payloads])
+
+
+def split_rows(frame: pd.DataFrame, sizes: list[int]) -> list[dict[str, list[Any]]]:
+    """A batch's predictions as plain lists per request (``scores`` flattened row-major).
+
+    Done once per batch on the engine thread: slicing a DataFrame per request on the event loop cost
+    more than the HTTP handling itself.
+    """
+    columns: dict[str, list[Any]] = {}
+    for name in frame.columns:
+        values = frame[name].tolist()
+        if name == "scores":
+            width = len(values[0]) if values else 0
+            columns[name] = np.asarray(values, dtype=np.float32).reshape(-1, width).tolist()
+        elif name == "score":
+            columns[name] = np.asarray(values, dtype=np.float32).tolist()
+        else:
+            columns[name] = values
+    out, start = [], 0
+    for size in sizes:
+        part = {name: values[start:start + size] for name, values in columns.items()}
+        if "scores" in part:
+            part["scores"] = [x for row in part["scores"] for x in row]
+        out.append(part)
+        start += size
+    return out
 
 
 def run_tensors(predictor: Any, payloads: list[TensorRequest]) -> list[np.ndarray]:
@@ -255,14 +281,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_size: int = 32,
-               max_wait_ms: float = 5.0) -> Starlette:
+               max_wait_ms: float = 0.0) -> Starlette:
     """The model server as an ASGI app.
 
     Args:
         models: ``{name: predictor}`` (each served as version "1") or :class:`ServedModel` objects; several
             versions of one name may be served, addressed by version number or alias.
         max_batch_size: most rows merged into one engine call.
-        max_wait_ms: longest a request waits for company before its batch runs.
+        max_wait_ms: longest a request waits for company before its batch runs. The default, 0, batches
+            greedily: a lone request runs at once, and whatever queues while the engine is busy goes
+            next as one batch (on a 2-core CPU this cut p50 at concurrency 1 from 9.6 to 2.5 ms with no
+            throughput lost at 8 or 32 against a 5 ms wait). A few ms can help engines whose per-call
+            cost dwarfs per-row cost.
     """
     served = [ServedModel(name, "1", p) for name, p in models.items()] if isinstance(models, Mapping) \
         else list(models)
@@ -295,6 +325,17 @@ def load_registered(refs: list[str], settings: Any, options: Any) -> list[Served
     return served
 
 
+def serving_threads(settings: Any) -> int:
+    """Engine threads for serving: ``KILN_THREADS`` when set, else one less than the CPUs.
+
+    The event loop needs a core of its own: with as many spinning engine threads as cores, a tiny BERT
+    on 2 busy cores served 10 requests/s at 2 torch threads and 469 at 1.
+    """
+    if "threads" in settings.model_fields_set:
+        return settings.threads
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Serve registered Kiln models over the Open Inference Protocol v2")
     parser.add_argument("--model", action="append", default=[], help="NAME@ALIAS or NAME/VERSION (repeatable)")
@@ -303,9 +344,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--max-batch-size", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--max-wait-ms", type=float, default=0.0, help="batching delay (default 0: greedy)")
     parser.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt"])
-    parser.add_argument("--threads", type=int, help="engine intra-op threads (default: settings.threads)")
+    parser.add_argument("--threads", type=int, help="engine intra-op threads (default: KILN_THREADS if set, else "
+                        "one less than the CPUs)")
     args = parser.parse_args(argv)
     if bool(args.model) == bool(args.package):
         parser.error("give --model (one or more) or --package, not both")
@@ -325,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         settings = load_settings()
-        options = EngineOptions(backend=args.backend, threads=args.threads or settings.threads)
+        options = EngineOptions(backend=args.backend, threads=args.threads or serving_threads(settings))
         models = load_registered(args.model, settings, options) if args.model else \
             [ServedModel(args.name, "1", Predictor(args.package, options))]
     except KilnError as exc:

@@ -71,7 +71,7 @@ def served(tmp_path_factory, tiny_models, tiny_spec):
 @pytest.fixture(scope="module")
 def model_servers(served):
     with serving(server_app(served["champion"])) as champion, \
-            serving(server_app(served["challenger"], max_wait_ms=10)) as challenger:
+            serving(server_app(served["challenger"])) as challenger:
         yield {"champion": champion, "challenger": challenger}
 
 
@@ -177,7 +177,7 @@ def test_server_batches_concurrent_requests(model_servers, served):
     finally:
         predictor.run = original
     assert all(a.status_code == 200 for a in answers)
-    assert sum(calls) == 48 and len(calls) < 48 / 2  # rows merged into far fewer engine calls
+    assert sum(calls) == 48 and len(calls) < 48 / 2, calls  # rows merged into far fewer engine calls
     metrics = httpx.get(model_servers["challenger"].url + "/metrics").text
     assert 'kiln_server_batch_rows_count{model="tiny",version="2"}' in metrics
 
