@@ -1,0 +1,244 @@
+"""Promotion against a real MLflow SQLite registry and real Prefect flow runs: approvals, refusals,
+timeouts, rollback, and concurrent promotions from separate processes.
+
+Versions are registered directly (no artifacts): promotion reads only aliases and tags, and building
+a real challenger with optimize is covered in test_optimize_flow.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from flows.promote import PromoteParams, promote
+from kiln.cli_promote import register_commands
+from tasks import audit, promotion, registry
+from tests.integration.helpers import registry_state
+
+runner = CliRunner()
+METRICS = {"accuracy": 0.81, "latency_p50_ms": 2.0, "size_mb": 23.0}
+
+
+@pytest.fixture
+def cli():
+    app = typer.Typer()
+    register_commands(app)
+    return app
+
+
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A migrated, empty MLflow SQLite store, made once: creating one takes seconds, copying it none."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_registered_models()
+    return path
+
+
+@pytest.fixture
+def tiny(settings, monkeypatch, tmp_path, empty_store):
+    """``tiny``: v1 @champion, v2 @challenger (gate passed, built by carol); alice and bob may approve."""
+    monkeypatch.setenv("KILN_APPROVERS", "alice,bob")
+    shutil.copy(empty_store, settings.home / "mlflow.db")
+    client = registry.connect(settings)
+    client.create_registered_model("tiny")
+    source = (tmp_path / "model").as_uri()
+    client.create_model_version("tiny", source, tags={"kiln.recipe": "source", "kiln.metrics": json.dumps(
+        {"accuracy": 0.82, "latency_p50_ms": 4.0})})
+    client.create_model_version("tiny", source, tags={
+        "kiln.recipe": "int8-dynamic", "kiln.gate": "passed", "kiln.gate_reasons": json.dumps(["size_mb ok"]),
+        "kiln.metrics": json.dumps(METRICS), "kiln.triggered_by": "carol"})
+    client.set_registered_model_alias("tiny", registry.CHAMPION, "1")
+    client.set_registered_model_alias("tiny", registry.CHALLENGER, "2")
+    return client
+
+
+def _events(settings) -> list[tuple[str, str, str]]:
+    return [(e.version, e.event, e.actor) for e in audit.AuditLog.under(settings.home).read("tiny")]
+
+
+def _params(timeout_s: float = 10.0, **kw) -> PromoteParams:
+    return PromoteParams(model="tiny", timeout_s=timeout_s, poll_interval_s=0.1, **kw)
+
+
+def test_approve_then_promote_moves_aliases_and_records_everything(tiny, settings, cli):
+    result = runner.invoke(cli, ["approve", "tiny", "2", "--approver", "alice", "--reason", "2x faster"])
+    assert result.exit_code == 0, result.output
+    outcome = promote(_params())
+    assert outcome["outcome"] == "approved" and outcome["champion"] == "2"
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "2", "previous": "1"}
+    v1, v2 = (tiny.get_model_version("tiny", v).tags for v in ("1", "2"))
+    assert v2["kiln.approval"] == "approved" and v2["kiln.approver"] == "alice" and v2["kiln.promoted_by"] == "alice"
+    assert v2["kiln.approval_reason"] == "2x faster" and "kiln.promoted_at" in v2 and "kiln.demoted_at" in v1
+    assert _events(settings) == [("2", "approved", "alice"), ("1", "demoted", "alice"), ("2", "promoted", "alice")]
+
+    lines = runner.invoke(cli, ["history", "tiny"]).output.splitlines()
+    assert [line.split()[3] for line in lines[1:]] == ["registered", "registered", "gate", "approved", "demoted",
+                                                       "promoted"]
+    # Nothing left to promote: a clear one-line refusal.
+    with pytest.raises(promotion.PromotionError, match="'tiny' has no @challenger to promote"):
+        promotion.promote(tiny, "tiny", approver="bob", reason="again", home=settings.home)
+
+
+def test_review_shows_gate_and_comparison_table(tiny):
+    markdown = promotion.review_markdown(tiny, "tiny", tiny.get_model_version("tiny", "2"))
+    assert "Gate: **passed**" in markdown and "- size_mb ok" in markdown
+    assert "| accuracy | 0.82 | 0.81 | -1.2% |" in markdown
+    assert "| metric | champion v1 | challenger v2 | change |" in markdown
+
+
+def test_approval_tag_set_in_the_registry_completes_a_waiting_flow(tiny, settings):
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(promote(_params(timeout_s=30))))
+    worker.start()
+    time.sleep(1.0)
+    assert registry.aliases_of(tiny, "tiny")["challenger"] == "2"  # still waiting
+    # As someone would in the MLflow UI: plain tags, no Kiln command.
+    for key, value in {"kiln.approver": "bob", "kiln.approval_reason": "ok", "kiln.approval": "approved"}.items():
+        tiny.set_model_version_tag("tiny", "2", key, value)
+    worker.join(30)
+    assert outcome["outcome"] == "approved" and outcome["approver"] == "bob"
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "2", "previous": "1"}
+
+
+def test_reject_moves_nothing(tiny, settings, cli):
+    before = registry_state(tiny, "tiny")
+    result = runner.invoke(cli, ["reject", "tiny", "2", "--approver", "bob", "--reason", "accuracy drop"])
+    assert result.exit_code == 0, result.output
+    outcome = promote(_params())
+    assert outcome["outcome"] == "rejected" and "champion" not in outcome
+    assert registry_state(tiny, "tiny")[1] == before[1]
+    assert tiny.get_model_version("tiny", "2").tags["kiln.approval"] == "rejected"
+    with pytest.raises(promotion.PromotionError, match="is not approved .*kiln.approval=rejected"):
+        promotion.promote(tiny, "tiny", approver="bob", reason="sneak", home=settings.home)
+
+
+def test_no_decision_in_time_tags_not_approved_and_moves_nothing(tiny, settings):
+    before = registry_state(tiny, "tiny")[1]
+    outcome = promote(_params(timeout_s=0.5))
+    assert outcome["outcome"] == "not_approved"
+    assert registry_state(tiny, "tiny")[1] == before
+    tags = tiny.get_model_version("tiny", "2").tags
+    assert tags["kiln.approval"] == "not_approved" and "no decision within 0.5 s" in tags["kiln.approval_reason"]
+    assert _events(settings) == [("2", "not_approved", "kiln")]
+
+
+def test_unlisted_approver_is_refused_and_logged(tiny, settings, cli):
+    before = registry_state(tiny, "tiny")
+    result = runner.invoke(cli, ["approve", "tiny", "2", "--approver", "mallory", "--reason", "trust me"])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: 'mallory' may not approve (approvers: alice, bob)"
+    assert registry_state(tiny, "tiny") == before
+    # The same approval set by hand in the registry: refused, logged, and the flow keeps waiting.
+    tiny.set_model_version_tag("tiny", "2", "kiln.approver", "mallory")
+    tiny.set_model_version_tag("tiny", "2", "kiln.approval", "approved")
+    assert promote(_params(timeout_s=1.0))["outcome"] == "not_approved"
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
+    assert _events(settings) == [("2", "approval_refused", "mallory"), ("2", "approval_refused", "mallory"),
+                                 ("2", "not_approved", "kiln")]
+
+
+def test_four_eyes_refuses_the_person_who_triggered_the_run(tiny, settings, monkeypatch):
+    monkeypatch.setenv("KILN_APPROVERS", "alice,carol")
+    monkeypatch.setenv("KILN_FOUR_EYES", "true")
+    with pytest.raises(promotion.ApprovalRefused, match="four-eyes review: 'carol' triggered this version"):
+        promotion.decide(tiny, "tiny", "2", decision="approved", approver="carol", reason="mine", home=settings.home)
+    promotion.decide(tiny, "tiny", "2", decision="approved", approver="alice", reason="ok", home=settings.home)
+    assert str(promotion.promote(tiny, "tiny", approver="alice", reason="ok", home=settings.home).version) == "2"
+
+
+def test_rollback_restores_previous_in_one_step(tiny, settings, cli):
+    promotion.decide(tiny, "tiny", "2", decision="approved", approver="alice", reason="ok", home=settings.home)
+    promotion.promote(tiny, "tiny", approver="alice", reason="ok", home=settings.home)
+    result = runner.invoke(cli, ["rollback", "tiny", "--actor", "bob", "--reason", "error rate up"])
+    assert result.exit_code == 0, result.output
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1"}
+    assert tiny.get_model_version("tiny", "2").tags["kiln.rollback_reason"] == "error rate up"
+    assert "kiln.restored_at" in tiny.get_model_version("tiny", "1").tags
+    assert _events(settings)[-2:] == [("2", "rolled_back", "bob"), ("1", "restored", "bob")]
+    again = runner.invoke(cli, ["rollback", "tiny", "--actor", "bob", "--reason", "again"])
+    assert again.exit_code == 2 and "has no @previous to roll back to (aliases: @champion→v1)" in again.output
+
+
+def test_aliases_changed_underneath_are_refused(tiny, settings, monkeypatch):
+    promotion.decide(tiny, "tiny", "2", decision="approved", approver="alice", reason="ok", home=settings.home)
+
+    class Racing(promotion.ModelLock):
+        def __enter__(self):  # another promoter moved @champion between our read and our lock
+            self.client.set_registered_model_alias("tiny", registry.CHAMPION, "2")
+            return super().__enter__()
+
+    monkeypatch.setattr(promotion, "ModelLock", Racing)
+    with pytest.raises(promotion.PromotionConflict, match="aliases of 'tiny' changed while waiting for the lock"):
+        promotion.promote(tiny, "tiny", approver="alice", reason="ok", home=settings.home)
+    with pytest.raises(promotion.PromotionConflict, match="@challenger of 'tiny' is now v2, not v7"):
+        promotion.promote(tiny, "tiny", approver="alice", reason="ok", home=settings.home, expected_challenger="7")
+
+
+def test_registry_lock_excludes_other_machines_and_expires(tiny, settings, tmp_path):
+    # Two homes stand for two machines: separate file locks, one shared registry.
+    with promotion.ModelLock(tiny, "tiny", tmp_path / "a", owner="host-a"):
+        with pytest.raises(promotion.PromotionConflict, match="host-a is promoting 'tiny'"):
+            promotion.ModelLock(tiny, "tiny", tmp_path / "b").__enter__()
+        with pytest.raises(promotion.PromotionConflict, match="another process on this machine"):
+            promotion.ModelLock(tiny, "tiny", tmp_path / "a").__enter__()
+    assert not registry.model_exists(tiny, "kiln-lock.tiny")
+    stale = promotion.ModelLock(tiny, "tiny", tmp_path / "a", owner="crashed", ttl_s=0.01).__enter__()
+    stale._close()  # the holder died without releasing
+    time.sleep(0.05)
+    with promotion.ModelLock(tiny, "tiny", tmp_path / "b", owner="host-b") as lock:
+        assert lock._holder()[0] == "host-b"
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from kiln.settings import load_settings
+from tasks import promotion, registry
+settings = load_settings()
+client = registry.connect(settings)
+registry.aliases_of(client, "tiny")
+print("ready", flush=True)
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.005)
+try:
+    v = promotion.promote(client, "tiny", approver="alice", reason=sys.argv[2], home=settings.home)
+    print("PROMOTED", v.version, flush=True)
+except promotion.PromotionError as exc:
+    print("REFUSED", exc, flush=True)
+"""
+
+
+def test_concurrent_promotions_from_separate_processes_one_wins(tiny, settings, tmp_path):
+    promotion.decide(tiny, "tiny", "2", decision="approved", approver="alice", reason="ok", home=settings.home)
+    go = tmp_path / "go"
+    root = Path(__file__).resolve().parents[2]
+    procs = [subprocess.Popen([sys.executable, "-c", RACER, str(go), f"racer {i}"], cwd=tmp_path, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(root)) for i in range(3)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    go.touch()
+    outputs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert sum(o.startswith("PROMOTED 2") for o in outputs) == 1, outputs
+    assert all(o.startswith(("PROMOTED", "REFUSED")) for o in outputs), outputs
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "2", "previous": "1"}
+    assert [e[1] for e in _events(settings)] == ["approved", "demoted", "promoted"]
+    assert not registry.model_exists(tiny, "kiln-lock.tiny")
+
+
+def _env(root: Path) -> dict[str, str]:
+    import os
+
+    return os.environ | {"PYTHONPATH": str(root)}

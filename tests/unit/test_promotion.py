@@ -1,0 +1,104 @@
+"""Pure promotion logic: who may approve, the review table, the audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from kiln.errors import ConfigError, KilnError
+from tasks import audit
+from tasks.audit import AuditEvent, AuditLog
+from tasks.promotion import ApprovalPolicy, ApprovalRefused, load_approval_policy, metrics_table
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in ("KILN_APPROVERS", "KILN_FOUR_EYES", "KILN_APPROVAL_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_listed_approver_passes_and_others_are_refused():
+    policy = ApprovalPolicy(approvers=["alice", "bob"])
+    policy.check("alice", None)
+    with pytest.raises(ApprovalRefused, match=r"'mallory' may not approve \(approvers: alice, bob\)"):
+        policy.check("mallory", None)
+    assert issubclass(ApprovalRefused, KilnError)
+
+
+def test_nobody_may_approve_until_approvers_are_configured():
+    with pytest.raises(ApprovalRefused, match="no approvers are configured; list them in KILN_APPROVERS"):
+        ApprovalPolicy().check("alice", None)
+
+
+def test_four_eyes_refuses_self_approval_but_not_self_rejection():
+    policy = ApprovalPolicy(approvers=["alice", "bob"], four_eyes=True)
+    with pytest.raises(ApprovalRefused, match="four-eyes review: 'alice' triggered this version"):
+        policy.check("alice", "alice")
+    policy.check("bob", "alice")
+    policy.check("alice", "alice", decision="rejected")
+    with pytest.raises(ApprovalRefused, match="nobody is recorded as having triggered"):
+        policy.check("bob", None)
+
+
+def test_policy_from_env_beats_yaml(tmp_path, clean_env):
+    (tmp_path / "approvers.yaml").write_text("approvers: [carol]\nfour_eyes: true\n")
+    assert load_approval_policy(tmp_path) == ApprovalPolicy(approvers=["carol"], four_eyes=True)
+    clean_env.setenv("KILN_APPROVERS", " alice, bob ,")
+    clean_env.setenv("KILN_FOUR_EYES", "false")
+    assert load_approval_policy(tmp_path) == ApprovalPolicy(approvers=["alice", "bob"], four_eyes=False)
+
+
+def test_bad_policy_is_one_config_error(tmp_path, clean_env):
+    clean_env.setenv("KILN_FOUR_EYES", "maybe")
+    with pytest.raises(ConfigError, match="invalid approval policy .*four_eyes"):
+        load_approval_policy(tmp_path)
+    clean_env.delenv("KILN_FOUR_EYES")
+    bad = tmp_path / "p.yaml"
+    bad.write_text("- alice\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_approval_policy(tmp_path, bad)
+
+
+def test_metrics_table_compares_champion_and_challenger():
+    table = metrics_table({"accuracy": 0.8, "latency_p50_ms": 4.0}, {"accuracy": 0.78, "latency_p50_ms": 2.0,
+                                                                      "size_mb": 23.0}, "champion v1", "challenger v2")
+    lines = table.splitlines()
+    assert lines[0] == "| metric | champion v1 | challenger v2 | change |"
+    assert lines[2] == "| accuracy | 0.8 | 0.78 | -2.5% |"
+    assert lines[3] == "| latency_p50_ms | 4 | 2 | -50.0% |"
+    assert lines[4] == "| size_mb | — | 23 | — |"
+    assert metrics_table(None, {"accuracy": 0.5}).splitlines()[2] == "| accuracy | — | 0.5 | — |"
+
+
+def test_audit_log_appends_one_json_object_per_line(tmp_path):
+    book = AuditLog.under(tmp_path / "home")
+    book.append(AuditEvent("tiny", "2", audit.APPROVED, "alice", "looks good"))
+    book.append(AuditEvent("other", "1", audit.REJECTED, "bob", "too slow"))
+    with open(book.path, "a") as f:
+        f.write('{"torn": \n')  # a crashed writer must not hide the rest
+    book.append(AuditEvent("tiny", "2", audit.PROMOTED, "alice", "ship it", details={"replaced": "1"}))
+    lines = book.path.read_text().splitlines()
+    assert {"timestamp", "model", "version", "event", "actor", "reason", "details"} <= set(json.loads(lines[0]))
+    assert [e.event for e in book.read("tiny")] == ["approved", "promoted"]
+    assert book.read("tiny")[1].details == {"replaced": "1"}
+    assert len(book.read()) == 3
+    assert os.stat(book.path).st_size == sum(len(line) + 1 for line in lines)
+
+
+def test_history_of_tags_and_table():
+    version = SimpleNamespace(version="2", user_id=None, creation_timestamp=1_700_000_000_000,
+                              last_updated_timestamp=1_700_000_100_000,
+                              tags={"kiln.gate": "passed", "kiln.recipe": "int8-dynamic", "kiln.approval": "approved",
+                                    "kiln.approver": "bob", "kiln.approval_reason": "fine",
+                                    "kiln.approval_at": "2023-11-14T22:15:00.000+00:00",
+                                    "kiln.promoted_at": "2023-11-14T22:16:00.000+00:00", "kiln.promoted_by": "bob"})
+    events = audit.events_from_tags("tiny", version)
+    assert [e.event for e in events] == ["registered", "gate", "approved", "promoted"]
+    assert all(e.source == "tags" for e in events)
+    table = audit.format_table(events).splitlines()
+    assert table[0].split() == ["time", "(UTC)", "version", "event", "actor", "reason"]
+    assert "approved" in table[3] and "bob" in table[3] and table[3].endswith("fine")
