@@ -6,6 +6,7 @@ from prefect import serve
 
 from flows.demo import demo
 from flows.optimize import optimize
+from flows.promote import promote
 
 
 def deployments() -> list:
@@ -14,6 +15,8 @@ def deployments() -> list:
         optimize.to_deployment(name="kiln-optimize", tags=["kiln"],
                                description="Registered model in, gated challenger out."),
         demo.to_deployment(name="kiln-demo", tags=["kiln"], description="Fine-tune MiniLM, register, optimize."),
+        promote.to_deployment(name="kiln-promote", tags=["kiln"],
+                              description="Review @challenger, wait for an approval, promote it."),
     ]
 
 

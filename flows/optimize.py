@@ -88,7 +88,7 @@ def log_candidate(run_id: str, cand: cands.Evaluated, staging: Path) -> str:
 @task(retries=2, retry_delay_seconds=2, cache_policy=NONE)
 def register(settings: Settings, source: cands.Source, cand: cands.Evaluated, model_id: str, run_id: str,
              tags: dict[str, str]):
-    return publish.register(registry.connect(settings), source, cand, model_id, run_id, tags)
+    return publish.register(registry.connect(settings), source, cand, model_id, run_id, tags, settings.home)
 
 
 def preflight(params: OptimizeParams, settings: Settings) -> None:

@@ -57,7 +57,9 @@ class Decision(BaseModel):
 
 
 # ── steps ────────────────────────────────────────────────────────────────────────────────────────────
-@task(retries=2, retry_delay_seconds=2, cache_policy=NONE)
+# No retries on these two: their failures are KilnErrors (no challenger, a conflict) that a retry
+# would only turn into a more confusing message.
+@task(cache_policy=NONE)
 def review(settings: Settings, name: str) -> tuple[str, str]:
     """The challenger's version and the Markdown an approver reads (also kept as a flow-run artifact)."""
     client = registry.connect(settings)
@@ -116,7 +118,7 @@ def wait_on_form(settings: Settings, name: str, version: str, markdown: str, tim
     return Decision(outcome="not_approved", reason=f"no decision within {timeout_s:g} s")
 
 
-@task(retries=2, retry_delay_seconds=2, cache_policy=NONE)
+@task(cache_policy=NONE)
 def promote_version(settings: Settings, name: str, version: str, decision: Decision) -> str:
     client = registry.connect(settings)
     return str(promotion.promote(client, name, approver=decision.approver, reason=decision.reason,

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from kiln.cli_promote import register_commands as register_promotion_commands
 from kiln.errors import KilnError
 from kiln.logs import setup_logging
 from kiln.settings import Settings, load_settings
@@ -211,7 +212,7 @@ def export_triton(
     max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size; 0 keeps explicit batch dims.")] = 0,
     config: ConfigOpt = None,
 ) -> None:
-    """Write a Triton model repository for a registry version: config.pbtxt + <version>/model.onnx|plan."""
+    """Write a Triton model repository for a registry version: config.pbtxt plus VERSION/model.onnx (or .plan)."""
     try:
         settings = _settings(config)
         from tasks import registry
@@ -233,6 +234,9 @@ def export_triton(
         typer.echo(f"wrote {out} (version {version.version}); serve with: tritonserver --model-repository {repo}")
     except KilnError as exc:
         _fail(exc)
+
+
+register_promotion_commands(app)
 
 
 def run() -> None:  # pragma: no cover - console entry

@@ -5,8 +5,6 @@ Registered on the main app by :func:`register_commands`, so ``kiln/cli.py`` stay
 
 from __future__ import annotations
 
-import getpass
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -20,7 +18,9 @@ ReasonOpt = Annotated[str, typer.Option(help="Why; recorded on the version and i
 
 
 def _user() -> str:
-    return os.environ.get("KILN_USER") or getpass.getuser()
+    from tasks.audit import current_user  # lazy: keeps mlflow out of the CLI's start-up path
+
+    return current_user()
 
 
 def _decide(name: str, version: str, decision: str, approver: str | None, reason: str, config: Path | None) -> None:

@@ -8,6 +8,7 @@ each version (``kiln.approval``, ``kiln.approver``, ``kiln.promoted_at``, ...); 
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,11 @@ AUDIT_FILE = "audit.jsonl"
 REGISTERED, GATE, APPROVED, REJECTED, NOT_APPROVED = "registered", "gate", "approved", "rejected", "not_approved"
 APPROVAL_REFUSED, PROMOTED, DEMOTED, ROLLED_BACK, RESTORED = (
     "approval_refused", "promoted", "demoted", "rolled_back", "restored")
+
+
+def current_user() -> str:
+    """Who is acting: ``$KILN_USER`` (set it in CI and on workers), else the login name."""
+    return os.environ.get("KILN_USER") or getpass.getuser()
 
 
 def now_iso() -> str:

@@ -106,7 +106,7 @@ def package_candidate(built: BuiltCandidate, source: Source, cache: StageCache, 
     if not (folder / "kiln.json").exists():
         meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels),
                            seq_len=seq_len, precision=built.precision, recipe=built.recipe.name)
-        package(built.artifact, source.folder, folder, meta)
+        package(built.artifact, built.tokenizer_dir, folder, meta)
         if backend == "tensorrt":
             add_tensorrt_plan(folder)
     return folder

@@ -17,7 +17,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
-from tasks import registry
+from tasks import audit, registry
 from tasks.candidates import Evaluated, Source, git_commit
 from tasks.pyfunc import log_package
 
@@ -41,7 +41,7 @@ def log_candidate(run_id: str, cand: Evaluated, staging: Path) -> str:
 
 
 def register(client: MlflowClient, source: Source, cand: Evaluated, model_id: str, run_id: str,
-             extra_tags: dict[str, str]) -> ModelVersion:
+             extra_tags: dict[str, str], home: Path) -> ModelVersion:
     """Register ``cand`` (once) as a new version of the source's registered model; move ``challenger``."""
     name = source.version.name
     existing = registry.find_version(client, name, "kiln.candidate_key", cand.key)
@@ -54,6 +54,10 @@ def register(client: MlflowClient, source: Source, cand: Evaluated, model_id: st
         registry.set_tags(client, version, tags_for(source, cand, run_id) | extra_tags)
     # The alias moves last: a crash before this line leaves a tagged version with no alias, never the reverse.
     client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
+    if existing is None:
+        audit.AuditLog.under(home).append(audit.AuditEvent(
+            model=name, version=str(version.version), event="gate", actor=audit.current_user(),
+            reason=cand.decision.summary() if cand.decision else "", details={"recipe": cand.name, "run_id": run_id}))
     return client.get_model_version(name, version.version)
 
 
@@ -74,5 +78,6 @@ def tags_for(source: Source, cand: Evaluated, run_id: str) -> dict[str, Any]:
                                     "metrics": {k: round(v, 4) for k, v in s["metrics"].items()}}
                                    for s in cand.stages])[:5000],
         "kiln.git_commit": git_commit(),
+        "kiln.triggered_by": audit.current_user(),
         "kiln.run_id": run_id,
     }

@@ -246,6 +246,7 @@ class BuiltCandidate:
     precision: str
     key: str
     records: list[StageRecord]
+    tokenizer_dir: Path
 
 
 def build(recipe: Recipe, source: Artifact, source_key: str, make_ctx: Any, cache: StageCache,
@@ -258,25 +259,40 @@ def build(recipe: Recipe, source: Artifact, source_key: str, make_ctx: Any, cach
             :func:`tasks.evaluate.assess_artifact`.
     """
     artifact, precision, key, records = source, "fp32", source_key, []
+    # The tokenizer travels with the model: a stage may rewrite it (prune_vocab), and every later stage,
+    # the quality check and the package must then use the new one.
+    tokenizer_dir = make_ctx(source.path).tokenizer_dir
     for spec in recipe.stages:
         fn = stage_function(spec.stage)
         key = make_key(key, spec.stage, spec.params, code_version(fn))
         started = time.perf_counter()
 
-        def run(workdir: Path, fn: Stage = fn, spec: StageSpec = spec, artifact: Artifact = artifact) -> dict:
+        def run(workdir: Path, fn: Stage = fn, spec: StageSpec = spec, artifact: Artifact = artifact,
+                tokenizer_dir: Path = tokenizer_dir) -> dict:
             ctx = make_ctx(workdir)
+            ctx.tokenizer_dir = tokenizer_dir
             started = time.perf_counter()
             result = fn(artifact, spec.params, ctx)
             metrics = {"seconds": time.perf_counter() - started} | artifact_stats(result.artifact) | result.metrics
             if assess is not None:
+                ctx.tokenizer_dir = _tokenizer_of(result.artifact, tokenizer_dir)
                 metrics |= assess(result.artifact, ctx)
             return {"kind": result.artifact.kind, "path": str(result.artifact.path.relative_to(workdir)),
                     "precision": result.precision, "metrics": metrics}
 
         result, cached = cache.run(key, run)
         artifact = Artifact(result["kind"], cache.folder(key) / result["path"])
+        tokenizer_dir = _tokenizer_of(artifact, tokenizer_dir)
         precision = result["precision"] or precision
         records.append(StageRecord(spec.stage, spec.params, time.perf_counter() - started, cached, result["metrics"]))
         log.info("recipe %s: stage %s %s in %.1fs", recipe.name, spec.stage, "cached" if cached else "done",
                  records[-1].seconds)
-    return BuiltCandidate(recipe, artifact, precision, key, records)
+    return BuiltCandidate(recipe, artifact, precision, key, records, tokenizer_dir)
+
+
+def _tokenizer_of(artifact: Artifact, current: Path) -> Path:
+    """The tokenizer that goes with ``artifact``: its own when the stage wrote one, else ``current``."""
+    folder = artifact.path
+    if artifact.kind == "hf" and ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
+        return folder
+    return current

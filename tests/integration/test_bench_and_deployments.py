@@ -35,4 +35,4 @@ def test_deployments_have_typed_forms_with_descriptions():
     assert params["model"]["description"].startswith("Registered model")
     assert params["recipes"]["default"] == ["onnx-fp32", "int8-dynamic"]
     assert "DatasetSpec" in schema["definitions"]
-    assert "kiln-demo" in by_name
+    assert "kiln-demo" in by_name and "kiln-promote" in by_name

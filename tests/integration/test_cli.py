@@ -102,7 +102,8 @@ def test_optimize_from_the_cli_prints_the_table(registered, settings):
     assert "registered tiny v2" in result.stdout and "p50 b1 ms" in result.stdout
 
 
-@pytest.mark.parametrize("command", ["optimize", "register", "demo", "bench", "recipes", "serve-flows", "show"])
+@pytest.mark.parametrize("command", ["optimize", "register", "demo", "bench", "recipes", "serve-flows", "show",
+                                     "export-triton", "promote", "approve", "reject", "rollback", "history"])
 def test_every_command_explains_itself(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and len(result.output) > 200

@@ -8,6 +8,7 @@ a real challenger with optimize is covered in test_optimize_flow.py.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -90,11 +91,17 @@ def test_approve_then_promote_moves_aliases_and_records_everything(tiny, setting
         promotion.promote(tiny, "tiny", approver="bob", reason="again", home=settings.home)
 
 
-def test_review_shows_gate_and_comparison_table(tiny):
+def test_review_shows_gate_and_comparison_table(tiny, settings):
     markdown = promotion.review_markdown(tiny, "tiny", tiny.get_model_version("tiny", "2"))
     assert "Gate: **passed**" in markdown and "- size_mb ok" in markdown
     assert "| accuracy | 0.82 | 0.81 | -1.2% |" in markdown
     assert "| metric | champion v1 | challenger v2 | change |" in markdown
+    # The champion as measured in the challenger's own optimize run beats the champion's old tag.
+    run = tiny.create_run(registry.ensure_experiment(tiny, settings))
+    tiny.log_dict(run.info.run_id, {"champion": {"accuracy": 0.9}}, "summary.json")
+    tiny.set_model_version_tag("tiny", "2", "kiln.run_id", run.info.run_id)
+    markdown = promotion.review_markdown(tiny, "tiny", tiny.get_model_version("tiny", "2"))
+    assert "| accuracy | 0.9 | 0.81 | -10.0% |" in markdown
 
 
 def test_approval_tag_set_in_the_registry_completes_a_waiting_flow(tiny, settings):
@@ -220,12 +227,18 @@ except promotion.PromotionError as exc:
 """
 
 
-def test_concurrent_promotions_from_separate_processes_one_wins(tiny, settings, tmp_path):
+@pytest.mark.parametrize("machines", ["one", "several"])
+def test_concurrent_promotions_from_separate_processes_one_wins(tiny, settings, tmp_path, machines):
+    """Three processes promote at once. "several": each has its own KILN_HOME (so no shared file lock),
+    as on separate machines that share only the registry; the registry lock alone must decide."""
     promotion.decide(tiny, "tiny", "2", decision="approved", approver="alice", reason="ok", home=settings.home)
     go = tmp_path / "go"
     root = Path(__file__).resolve().parents[2]
+    homes = [settings.home if machines == "one" else tmp_path / f"machine{i}" for i in range(3)]
+    env = {"PYTHONPATH": str(root), "KILN_TRACKING_URI": settings.effective_tracking_uri}
     procs = [subprocess.Popen([sys.executable, "-c", RACER, str(go), f"racer {i}"], cwd=tmp_path, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(root)) for i in range(3)]
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=os.environ | env | {"KILN_HOME": str(home)}) for i, home in enumerate(homes)]
     for p in procs:
         assert p.stdout.readline().strip() == "ready", p.stderr.read()
     go.touch()
@@ -234,11 +247,65 @@ def test_concurrent_promotions_from_separate_processes_one_wins(tiny, settings, 
     assert sum(o.startswith("PROMOTED 2") for o in outputs) == 1, outputs
     assert all(o.startswith(("PROMOTED", "REFUSED")) for o in outputs), outputs
     assert registry.aliases_of(tiny, "tiny") == {"champion": "2", "previous": "1"}
-    assert [e[1] for e in _events(settings)] == ["approved", "demoted", "promoted"]
+    events = [e.event for home in {settings.home, *homes} for e in audit.AuditLog.under(home).read("tiny")]
+    assert sorted(events) == ["approved", "demoted", "promoted"]
     assert not registry.model_exists(tiny, "kiln-lock.tiny")
 
 
-def _env(root: Path) -> dict[str, str]:
-    import os
+def _paused_run_id(deadline_s: float = 20.0):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
 
-    return os.environ | {"PYTHONPATH": str(root)}
+    paused = FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED])))
+    end = time.monotonic() + deadline_s
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < end:
+            runs = client.read_flow_runs(flow_run_filter=paused)
+            if runs:
+                return runs[0].id
+            time.sleep(0.2)
+    raise AssertionError("no paused promote run appeared")
+
+
+def _resume(run_id, answer: dict) -> None:
+    from prefect.flow_runs import resume_flow_run
+
+    end = time.monotonic() + 20
+    while True:  # the form's schema is saved just after the pause is accepted
+        try:
+            resume_flow_run(run_id, run_input=answer)
+            return
+        except Exception:  # noqa: BLE001 - retried until the deadline, then raised
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.2)
+
+
+def test_prefect_ui_form_refuses_unknown_approver_then_accepts_a_listed_one(tiny, settings):
+    outcome: dict = {}
+    worker = threading.Thread(target=lambda: outcome.update(promote(_params(timeout_s=60, approval="ui"))))
+    worker.start()
+    _resume(_paused_run_id(), {"decision": "approve", "approver": "mallory", "reason": "trust me"})
+    time.sleep(1.5)  # the flow reads the answer, refuses it and pauses again with the refusal in the form
+    _resume(_paused_run_id(), {"decision": "approve", "approver": "alice", "reason": "good"})
+    worker.join(60)
+    assert outcome["outcome"] == "approved" and outcome["approver"] == "alice"
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "2", "previous": "1"}
+    assert [e[1:] for e in _events(settings)] == [("approval_refused", "mallory"), ("approved", "alice"),
+                                                  ("demoted", "alice"), ("promoted", "alice")]
+
+
+def test_prefect_ui_form_unanswered_times_out_and_moves_nothing(tiny, settings):
+    outcome = promote(_params(timeout_s=1, approval="ui"))
+    assert outcome["outcome"] == "not_approved"
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
+    assert tiny.get_model_version("tiny", "2").tags["kiln.approval"] == "not_approved"
+
+
+def test_promote_command_exits_3_without_a_decision_and_2_on_unknown_model(tiny, cli):
+    result = runner.invoke(cli, ["promote", "tiny", "--timeout", "0.3", "--poll", "0.1"])
+    assert result.exit_code == 3, result.output
+    assert result.output.strip().splitlines()[-1] == "tiny v2 not promoted: not_approved (no decision within 0.3 s)"
+    result = runner.invoke(cli, ["history", "nope"])
+    assert result.exit_code == 2 and result.output.startswith("error: registered model 'nope' does not exist")
