@@ -143,7 +143,8 @@ def evaluate(name: str, folder: Path, precision: str, key: str, frame: pd.DataFr
     re-run does not measure again; ``keep_outputs`` stores the logits for use as a parity reference.
     """
     eval_key = make_key("evaluate", key, pd.util.hash_pandas_object(frame, index=False).sum(),
-                        options.model_dump(), bench.model_dump(), reference is not None, code_version(quality))
+                        options.model_dump(), bench.model_dump(), reference is not None, code_version(quality),
+                        code_version(measure))
 
     def run(workdir: Path) -> dict[str, Any]:
         predictor = Predictor(folder, options)

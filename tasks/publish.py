@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +25,23 @@ from tasks.pyfunc import log_package
 log = logging.getLogger(__name__)
 
 
+def mlflow_key(text: str) -> str:
+    """``text`` with the characters MLflow refuses in metric/param/model names (e.g. ``+``) replaced."""
+    return re.sub(r"[^\w\-. :/]", "_", text)
+
+
 def log_candidate(run_id: str, cand: Evaluated, staging: Path) -> str:
     """Log ``cand`` as a pyfunc model in run ``run_id`` with its metrics; returns the model id."""
+    name = mlflow_key(cand.name)
     with mlflow.start_run(run_id=run_id):
-        info = log_package(cand.folder, cand.name, staging)
+        info = log_package(cand.folder, name, staging)
         mlflow.log_metrics({k: float(v) for k, v in cand.metrics.items()}, model_id=info.model_id)
-        mlflow.log_metrics({f"{cand.name}.{k}": float(v) for k, v in cand.metrics.items()})
+        mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in cand.metrics.items()})
         if cand.decision is not None:
             mlflow.log_dict({"passed": cand.decision.passed, "clauses": [r.__dict__ for r in cand.decision.results]},
-                            f"gate/{cand.name}.json")
+                            f"gate/{name}.json")
         for i, stage in enumerate(cand.stages):
-            prefix = f"{cand.name}.{i + 1}-{stage['stage']}"
+            prefix = f"{name}.{i + 1}-{stage['stage']}"
             mlflow.log_params({f"{prefix}.params": json.dumps(stage["params"])[:500]})
             mlflow.log_metrics({f"{prefix}.{k}": float(v) for k, v in stage["metrics"].items()})
     return info.model_id

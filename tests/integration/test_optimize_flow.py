@@ -36,6 +36,7 @@ def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec)
     assert tags["kiln.recipe"] == summary["registered"]["recipe"]
     assert tags["kiln.precision"] in {"fp32", "int8-dynamic"}
     assert len(tags["kiln.dataset_digest"]) == 16 and tags["kiln.git_commit"]
+    assert all(c["metrics"]["peak_memory_mb"] > 0 for c in summary["candidates"].values())
     assert json.loads(tags["kiln.metrics"])["accuracy"] == pytest.approx(
         summary["candidates"][tags["kiln.recipe"]]["metrics"]["accuracy"], abs=1e-6)
     assert all("ok" in r for r in json.loads(tags["kiln.gate_reasons"]))
@@ -121,7 +122,7 @@ def test_hybrid_recipe_prune_distill_quantize(settings, tiny_models, tiny_spec, 
     """
     recipe_file = tmp_path / "recipes.yaml"
     recipe_file.write_text(
-        "hybrid:\n  stages:\n"
+        "prune+distill+int8:\n  stages:\n"
         "    - {stage: prune_ffn, params: {fraction: 0.5, importance: activation}}\n"
         "    - {stage: distill, params: {teacher: source, max_steps: 6, batch_size: 16}}\n"
         "    - {stage: prune_vocab, params: {keep_single_chars: false}}\n"
@@ -131,8 +132,8 @@ def test_hybrid_recipe_prune_distill_quantize(settings, tiny_models, tiny_spec, 
     policy = tmp_path / "lenient.yaml"
     policy.write_text("clauses: ['size_mb <= 100']\nparity: {default: {top1_agreement: 0.0}}\n")
     _register(settings, tiny_models, "bert", tiny_spec)
-    summary = optimize(OptimizeParams(model="tiny", recipes=["onnx-fp32", "hybrid"], recipe_file=str(recipe_file),
-                                      policy=str(policy)))
-    hybrid = summary["candidates"]["hybrid"]
+    summary = optimize(OptimizeParams(model="tiny", recipes=["onnx-fp32", "prune+distill+int8"],
+                                      recipe_file=str(recipe_file), policy=str(policy)))
+    hybrid = summary["candidates"]["prune+distill+int8"]  # "+" is not allowed in MLflow names: sanitised
     assert hybrid["passed"] and hybrid["metrics"]["accuracy"] > 0
     assert hybrid["metrics"]["size_mb"] < summary["candidates"]["onnx-fp32"]["metrics"]["size_mb"] / 2
