@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from kiln.errors import DataCheckFailed, GateError
 from kiln.settings import Settings, load_settings
 from tasks import candidates as cands
-from tasks import datachecks, publish, recipes, registry
+from tasks import datachecks, publish, recipes, registry, review_report
 from tasks.benchmark import BenchConfig
 from tasks.cache import StageCache
 from tasks.data import DatasetSpec, Splits, load_splits
@@ -153,8 +153,10 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         passing = {c.name: c.metrics for c in evaluated if c.decision and c.decision.passed}
         summary = _summary(src, champion, evaluated, passing, policy)
         client.log_dict(run_id, summary, "summary.json")
-        client.log_artifact(run_id, str(pareto_png(summary, settings.home / "staging" / run_id / "pareto.png")))
+        plot = pareto_png(summary, settings.home / "staging" / run_id / "pareto.png")
+        client.log_artifact(run_id, str(plot))
 
+        _log_report(client, run_id, summary, str(ref), splits, plot)
         if not passing:
             client.set_terminated(run_id, "FAILED")
             raise GateError(f"no candidate passed the gate for {ref}; nothing registered. "
@@ -165,12 +167,21 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         version = register(settings, source, best, model_ids[best.name], run_id, tags)
         summary["registered"] = {"name": version.name, "version": version.version, "recipe": best.name}
         client.log_dict(run_id, summary, "summary.json")
+        _log_report(client, run_id, summary, str(ref), splits, plot)
         client.set_terminated(run_id, "FINISHED")
         return summary
     except Exception:
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, "FAILED")
         raise
+
+
+def _log_report(client, run_id: str, summary: dict[str, Any], model: str, splits: Splits, plot: Path) -> None:
+    """The reviewer's page (``report.html``), rewritten once the outcome is known."""
+    checks = mlflow.artifacts.load_dict(f"{client.get_run(run_id).info.artifact_uri}/datachecks.json")
+    path = review_report.write(plot.with_name(review_report.REPORT_FILE), summary=summary, model=model,
+                               run_id=run_id, datachecks=checks, pareto_png=plot)
+    client.log_artifact(run_id, str(path))
 
 
 def _champion(client, settings, source, frame, cache, options, bench, src) -> cands.Evaluated | None:

@@ -30,6 +30,9 @@ def _settings(config: Path | None) -> Settings:
     os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    # No phoning home: the machines Kiln runs on are often offline, and the failures are noise.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     return settings
 
 

@@ -364,4 +364,7 @@ def review_markdown(client: MlflowClient, name: str, challenger: ModelVersion) -
                           f"challenger v{challenger.version}")
     lines = [f"## Promote {name} v{challenger.version} ({tags.get('kiln.recipe', '?')}) to champion?", "",
              f"Gate: **{tags.get('kiln.gate', 'unknown')}**", ""] + [f"- {r}" for r in reasons] + ["", table]
+    if tags.get("kiln.run_id"):
+        report = f"{client.get_run(tags['kiln.run_id']).info.artifact_uri}/report.html"
+        lines += ["", f"Full review (candidates, gate clauses, Pareto plots, data checks): [report.html]({report})"]
     return "\n".join(lines)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -51,7 +52,11 @@ def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec)
     for metric in ("seconds", "size_mb", "params", "stage_accuracy"):
         assert f"int8-dynamic.2-int8_dynamic.{metric}" in run.data.metrics
     assert run.data.metrics["int8-dynamic.2-int8_dynamic.size_mb"] < run.data.metrics["int8-dynamic.1-export.size_mb"]
-    assert "pareto.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "pareto.png" in artifacts and "report.html" in artifacts
+    report = (Path(mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/report.html"))).read_text()
+    assert all(name in report for name in ("onnx-fp32", "int8-dynamic", "data:image/png;base64"))
+    assert "expect_column_values_to_not_be_in_set" in report and "as <code>@challenger</code>" in report
     logged = mlflow.get_logged_model(v2.source.removeprefix("models:/"))
     assert {m.key for m in logged.metrics} >= {"accuracy", "latency_p50_ms"}
 
