@@ -200,7 +200,7 @@ def show(
             by_version.setdefault(version, []).append(alias)
         for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
             tags = v.tags
-            typer.echo(f"v{v.version:<4} {','.join(sorted(by_version.get(v.version, []))) or '-':<22} "
+            typer.echo(f"v{v.version:<4} {','.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
                        f"{tags.get('kiln.recipe', '?'):<28} gate={tags.get('kiln.gate', '-')}")
     except KilnError as exc:
         _fail(exc)
