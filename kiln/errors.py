@@ -3,6 +3,13 @@
 Tracebacks are for bugs; anything raised from here is printed as one line by the CLI.
 """
 
+from typing import Any
+
+
+def validation_problems(exc: Any, root: str = "value") -> str:
+    """A pydantic ``ValidationError`` as one line: ``field.path: message; ...`` (``root`` for top-level)."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or root}: {e['msg']}" for e in exc.errors())
+
 
 class KilnError(Exception):
     """Base class: a problem with the user's input or environment, not a bug in Kiln."""

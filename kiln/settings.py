@@ -15,7 +15,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, validation_problems
 
 
 class Settings(BaseSettings):
@@ -86,5 +86,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         return Settings(**merged)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc)
         raise ConfigError(f"invalid settings ({problems}); fix the KILN_* variable or config file") from exc

@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, validation_problems
 from tasks.canary_stats import (  # re-exported: the judge's inputs live beside it for callers
     RankTest,
     UpstreamStats,
@@ -118,7 +118,7 @@ def load_spec(source: Path | str | dict[str, Any]) -> RolloutSpec:
     try:
         return RolloutSpec(**raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc, "spec")
         raise ConfigError(f"{where} is invalid: {problems}") from exc
 
 

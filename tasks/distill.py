@@ -122,8 +122,8 @@ def _check(student: PreTrainedModel, teacher: PreTrainedModel, cfg: DistillParam
         raise ConfigError("hidden_mse needs equal hidden sizes in teacher and student; set hidden_mse to 0")
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
-        mask: torch.Tensor | None) -> torch.Tensor:
+def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
+            mask: torch.Tensor | None) -> torch.Tensor:
     """T^2 * KL(teacher || student) per example (classifiers) or per real token (causal LMs)."""
     log_s = F.log_softmax(student.float() / temperature, dim=-1)
     log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
@@ -139,7 +139,7 @@ def _losses(student: PreTrainedModel, teacher: PreTrainedModel, batch: hf.Batch,
         t_out = hf.forward_logits(teacher, batch, output_hidden_states=hidden)
     s_out = hf.forward_logits(student, batch, output_hidden_states=hidden)
     mask = batch["attention_mask"].float() if causal else None
-    parts = {"kl": _kl(s_out.logits, t_out.logits, cfg.temperature, mask)}
+    parts = {"kl": soft_kl(s_out.logits, t_out.logits, cfg.temperature, mask)}
     labels = batch.get("labels")
     if cfg.alpha and labels is not None:
         logits = s_out.logits[:, :-1] if causal else s_out.logits
@@ -162,7 +162,7 @@ def _mean_kl(student: PreTrainedModel, teacher: PreTrainedModel, data: list[hf.B
     with torch.no_grad():
         for batch in data:
             s, t = (hf.forward_logits(m, batch).logits for m in (student, teacher))
-            values.append(_kl(s, t, temperature, batch["attention_mask"].float() if causal else None))
+            values.append(soft_kl(s, t, temperature, batch["attention_mask"].float() if causal else None))
     return float(torch.stack(values).mean())
 
 

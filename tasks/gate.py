@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, validation_problems
 from tasks.stages import TaskType
 
 COMMON_METRICS = {
@@ -137,7 +137,7 @@ def load_policy(path: Path | None, task: TaskType) -> Policy:
     try:
         policy = Policy(**raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc)
         raise ConfigError(f"policy file {path} is invalid: {problems}") from exc
     policy.check_metrics(task)
     return policy

@@ -8,7 +8,6 @@ the same way.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Callable, Sequence
@@ -21,6 +20,7 @@ import pandas as pd
 
 from kiln.errors import ArtifactError
 from tasks.engines import EngineOptions, load_engine, resolve_backend
+from tasks.engines.base import sha256_file
 from tasks.stages import Artifact, TaskType
 
 META_FILE = "kiln.json"
@@ -56,14 +56,6 @@ class PackageMeta:
 
     def write(self, folder: Path) -> None:
         (folder / META_FILE).write_text(json.dumps(self.__dict__, indent=2, sort_keys=True))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def package(artifact: Artifact, tokenizer_dir: Path, out_dir: Path, meta: PackageMeta) -> Path:

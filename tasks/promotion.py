@@ -37,7 +37,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from kiln.errors import ConfigError, KilnError
+from kiln.errors import ConfigError, KilnError, validation_problems
 from kiln.settings import load_settings
 from tasks import audit, registry
 from tasks.audit import AuditEvent, AuditLog
@@ -110,7 +110,7 @@ def load_approval_policy(home: Path | None = None, path: Path | None = None) -> 
     try:
         return ApprovalPolicy(**values)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc)
         raise ConfigError(f"invalid approval policy ({problems}); fix KILN_APPROVERS/KILN_FOUR_EYES or the file") \
             from exc
 

@@ -22,7 +22,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.utils import parametrize
@@ -31,6 +30,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from tasks import hf_model as hf
+from tasks.distill import soft_kl
 from tasks.stages import Artifact, StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -153,21 +153,12 @@ def snap(model: PreTrainedModel) -> None:
         module.weight.copy_(WeightFakeQuant(axis)(module.weight))
 
 
-def _kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """T^2 * KL(teacher || student) per example (classifiers) or per real token (causal LMs)."""
-    log_s = F.log_softmax(student.float() / temperature, dim=-1)
-    log_t = F.log_softmax(teacher.float() / temperature, dim=-1)
-    per_row = (log_t.exp() * (log_t - log_s)).sum(-1)
-    mean = per_row.mean() if mask is None else (per_row * mask).sum() / mask.sum().clamp(min=1)
-    return mean * temperature**2
-
-
 def _loss(student: PreTrainedModel, teacher: PreTrainedModel, batch: hf.Batch, cfg: QatParams,
           causal: bool) -> torch.Tensor:
     with torch.no_grad():
         target = hf.forward_logits(teacher, batch).logits
     out = student(**batch, **({"use_cache": False} if causal else {}))
-    loss = cfg.kl_weight * _kl(out.logits, target, cfg.temperature,
+    loss = cfg.kl_weight * soft_kl(out.logits, target, cfg.temperature,
                                batch["attention_mask"].float() if causal else None)
     if cfg.task_weight and out.loss is not None:
         loss = loss + cfg.task_weight * out.loss
@@ -178,7 +169,7 @@ def _mean_kl(student: PreTrainedModel, teacher: PreTrainedModel, data: list[hf.B
     """Mean KL (T=1) of the fake-quantized student to the float teacher; eval mode, ranges frozen."""
     student.eval()
     with torch.no_grad():
-        values = [_kl(hf.forward_logits(student, b).logits, hf.forward_logits(teacher, b).logits, 1.0,
+        values = [soft_kl(hf.forward_logits(student, b).logits, hf.forward_logits(teacher, b).logits, 1.0,
                       b["attention_mask"].float() if causal else None) for b in data]
     return float(torch.stack(values).mean())
 

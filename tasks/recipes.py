@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, Field, ValidationError
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, validation_problems
 from tasks.cache import StageCache, code_version, make_key
 from tasks.stages import Artifact, Stage, StageContext, StageResult
 
@@ -112,7 +112,7 @@ def _parse_params(recipe: str, index: int, spec: StageSpec) -> BaseModel:
     try:
         return model(**spec.params)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'params'}: {e['msg']}" for e in exc.errors())
+        problems = validation_problems(exc, "params")
         raise ConfigError(f"recipe {recipe!r}, stage {index + 1} ({spec.stage}): {problems}") from exc
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -33,3 +35,12 @@ class Engine(Protocol):
     def describe(self) -> dict[str, str]:
         """Backend, providers and options, for tags."""
         ...
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (engines and weights can be gigabytes)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

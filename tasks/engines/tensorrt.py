@@ -29,7 +29,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kiln.errors import ArtifactError, ConfigError, ExportError
-from tasks.engines.base import EngineOptions
+from tasks.engines.base import EngineOptions, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +247,6 @@ def graph_precision(onnx_path: Path) -> str:
     if any(init.data_type == half for init in graph.initializer) or half in casts:
         return "fp16"
     return "fp32"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_engine(onnx_path: Path, out_dir: Path, config: TensorRTBuildConfig | None = None) -> Path:
