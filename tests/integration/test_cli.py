@@ -101,7 +101,8 @@ def test_optimize_from_the_cli_prints_the_table(registered, settings):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "registered tiny v2" in result.stdout and "p50 b1 ms" in result.stdout
     shown = runner.invoke(app, ["show", "tiny"]).output.splitlines()
-    assert shown[0].split()[:2] == ["v1", "champion"] and shown[1].split()[:3] == ["v2", "challenger", "int8-dynamic"]
+    assert shown[0].split()[:2] == ["v1", "champion"] and shown[1].split()[:2] == ["v2", "challenger"]
+    assert shown[1].split()[2] in {"onnx-fp32", "int8-dynamic"}  # the faster one wins; which depends on the machine
 
 
 @pytest.mark.parametrize("command", ["optimize", "register", "demo", "bench", "recipes", "serve-flows", "show",

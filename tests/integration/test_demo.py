@@ -15,7 +15,7 @@ def test_demo_leaves_a_champion_and_a_challenger(settings):
     summary = demo(DemoParams(train_steps=4, limit=600, eval_limit=48))
     client = registry.connect(settings)
     aliases = registry.aliases_of(client, "sentiment")
-    assert aliases["champion"] == "1" and aliases["challenger"] == summary["registered"]["version"] == "2"
+    assert aliases["champion"] == "1" and aliases["challenger"] == str(summary["registered"]["version"]) == "2"
     champion = client.get_model_version("sentiment", "1")
     assert champion.tags["kiln.recipe"] == "source" and '"limit":600' in champion.tags["kiln.dataset"]
     # The champion is the fine-tuned PyTorch model, served through the same pyfunc as the engines.
