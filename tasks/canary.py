@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from kiln.errors import ConfigError, validation_problems
+from kiln.yamlfile import parse_yaml
 from tasks.canary_stats import (  # re-exported: the judge's inputs live beside it for callers
     RankTest,
     UpstreamStats,
@@ -107,12 +107,7 @@ def load_spec(source: Path | str | dict[str, Any]) -> RolloutSpec:
             raise ConfigError(f"{where} does not exist; pass an existing YAML file")
         source = source.read_text()
     if isinstance(source, str):
-        try:
-            raw = yaml.safe_load(source)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            line = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{where} is not valid YAML{line}; fix its syntax") from exc
+        raw = parse_yaml(source, where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping with 'steps' (and optionally 'metrics', 'failure_limit', ...)")
     try:

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from kiln.errors import ConfigError, validation_problems
+from kiln.yamlfile import parse_yaml
 from tasks.stages import TaskType
 
 COMMON_METRICS = {
@@ -126,12 +126,7 @@ def load_policy(path: Path | None, task: TaskType) -> Policy:
     path = path or PRESETS / f"policy-{task}.yaml"
     if not Path(path).is_file():
         raise ConfigError(f"policy file {path} does not exist; pass an existing YAML file to --policy")
-    try:
-        raw: Any = yaml.safe_load(Path(path).read_text())
-    except yaml.YAMLError as exc:
-        where = getattr(exc, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where else ""
-        raise ConfigError(f"policy file {path} is not valid YAML{line}; fix its syntax") from exc
+    raw: Any = parse_yaml(Path(path).read_text(), f"policy file {path}")
     if not isinstance(raw, dict):
         raise ConfigError(f"policy file {path} must be a mapping with 'clauses', 'objective', 'parity'")
     try:
