@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kiln.errors import ConfigError, validation_problems
@@ -32,6 +32,35 @@ class Settings(BaseSettings):
     threads: int = Field(2, ge=1, le=256, description="Intra-op threads for engines and benchmarks.")
     seed: int = Field(0, description="Seed for splits, sampling and training.")
     bench_seconds: float = Field(3.0, gt=0, description="Seconds of timed runs per model and batch size.")
+
+    # ---- the local stack (`kiln up`): every service binds to `host` ----
+    host: str = Field("127.0.0.1", description="Address the local stack's services bind to (loopback by default).")
+    prefect_port: int = Field(4200, ge=1, le=65535, description="Prefect server port (`kiln up`).")
+    mlflow_port: int = Field(5000, ge=1, le=65535, description="MLflow tracking server port (`kiln up`).")
+    webhook_port: int = Field(8765, ge=1, le=65535, description="Webhook receiver port (`kiln up`).")
+    server_port: int = Field(8000, ge=1, le=65535, description="Model server port (OIP v2).")
+    gateway_port: int = Field(8080, ge=1, le=65535, description="Canary gateway port.")
+    gateway_token: SecretStr | None = Field(None, description="Bearer token of the gateway's admin API.")
+    prefect_api_url: str | None = Field(None, description="Prefect API to run deployments on; default: PREFECT_API_URL.")
+
+    # ---- configured stores: PostgreSQL and S3 ----
+    database_url: str | None = Field(None, description=(
+        "PostgreSQL URL (postgresql://user:pass@host:5432/db) for MLflow and Prefect in `kiln up`; default SQLite."))
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint for artifacts (SeaweedFS, MinIO); None = AWS.")
+    s3_bucket: str | None = Field(None, description="Bucket for MLflow artifacts and engines; set to use S3.")
+    s3_region: str = Field("us-east-1", description="S3 region name.")
+
+    # ---- triggers: git pushes and registry events ----
+    webhook_secret: SecretStr | None = Field(None, description="GitHub webhook secret (X-Hub-Signature-256 HMAC).")
+    gitlab_token: SecretStr | None = Field(None, description="GitLab webhook secret token (X-Gitlab-Token).")
+    mlflow_webhook_secret: SecretStr | None = Field(None, description="Secret of MLflow registry webhooks.")
+    webhook_repository: str | None = Field(None, description="Only pushes to this repository (owner/name) retrain.")
+    webhook_branch: str = Field("main", description="Only pushes to this branch retrain.")
+    webhook_max_body: int = Field(1_048_576, ge=1024, description="Largest webhook body accepted, bytes.")
+    repo: str | None = Field(None, description="Git repository (path or URL) holding the training config.")
+    watch_models: list[str] = Field(default_factory=list, description="Registered models whose new versions "
+                                    "start the optimize flow.")
+    poll_interval_s: float = Field(10.0, gt=0, description="Registry polling interval when webhooks are off.")
 
     @field_validator("home")
     @classmethod

@@ -1,0 +1,65 @@
+"""Start Kiln's Prefect deployments from outside a flow: webhooks, registry events, `kiln trigger`.
+
+Every trigger goes through :class:`DeploymentStarter` so that all of them name deployments the same
+way (``<flow>/<deployment>``, e.g. ``retrain/kiln-retrain``), pass an idempotency key (a webhook
+delivery id, a model version) so that a redelivered event never starts a second run, and tag the run
+with what started it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# The deployments `kiln serve-flows` / `kiln up` serve, by what they do.
+OPTIMIZE = "optimize/kiln-optimize"
+PROMOTE = "promote/kiln-promote"
+ROLLOUT = "rollout/kiln-rollout"
+RETRAIN = "retrain/kiln-retrain"
+
+
+@dataclass(frozen=True)
+class Started:
+    """A flow run that a trigger created (or found, when its idempotency key was already used)."""
+
+    flow_run_id: str
+    name: str
+    deployment: str
+
+
+class DeploymentStarter:
+    """Creates flow runs of served deployments through the Prefect API (``PREFECT_API_URL`` or ``api_url``).
+
+    ``timeout=0`` in :func:`arun_deployment` means "create the run and return": the served deployment's
+    runner picks it up; the trigger never waits for training to finish.
+    """
+
+    def __init__(self, api_url: str | None = None) -> None:
+        self.api_url = api_url
+
+    async def start(self, deployment: str, parameters: dict[str, Any], *, idempotency_key: str | None = None,
+                    tags: list[str] | None = None) -> Started:
+        from prefect.client.orchestration import get_client
+        from prefect.deployments.flow_runs import arun_deployment
+
+        from contextlib import nullcontext
+
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        scope = temporary_settings({PREFECT_API_URL: self.api_url}) if self.api_url else nullcontext()
+        with scope:
+            async with get_client() as client:
+                run = await arun_deployment(deployment, client=client, parameters=parameters, timeout=0,
+                                            idempotency_key=idempotency_key, tags=tags or [], as_subflow=False)
+        log.info("started %s: flow run %s (%s)", deployment, run.name, run.id)
+        return Started(str(run.id), run.name, deployment)
+
+    def start_sync(self, deployment: str, parameters: dict[str, Any], *, idempotency_key: str | None = None,
+                   tags: list[str] | None = None) -> Started:
+        """:meth:`start` for callers without an event loop (CLI, pollers)."""
+        import asyncio
+
+        return asyncio.run(self.start(deployment, parameters, idempotency_key=idempotency_key, tags=tags))
