@@ -42,11 +42,10 @@ class DeploymentStarter:
 
     async def start(self, deployment: str, parameters: dict[str, Any], *, idempotency_key: str | None = None,
                     tags: list[str] | None = None) -> Started:
-        from prefect.client.orchestration import get_client
-        from prefect.deployments.flow_runs import arun_deployment
-
         from contextlib import nullcontext
 
+        from prefect.client.orchestration import get_client
+        from prefect.deployments.flow_runs import arun_deployment
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         scope = temporary_settings({PREFECT_API_URL: self.api_url}) if self.api_url else nullcontext()
