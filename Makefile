@@ -20,6 +20,7 @@ demo: $(STAMP)  ## fine-tune, register, optimize, gate: the whole path on embedd
 	$(BIN)/kiln demo
 
 test: $(STAMP)  ## the test suite (starts and stops whatever servers the tests need)
+	infra/ci/services.sh  # PostgreSQL binaries from Debian packages when missing; the tests start their own
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

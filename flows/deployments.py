@@ -7,6 +7,8 @@ from prefect import serve
 from flows.demo import demo
 from flows.optimize import optimize
 from flows.promote import promote
+from flows.retrain import retrain
+from flows.rollout import rollout
 
 
 def deployments() -> list:
@@ -17,6 +19,12 @@ def deployments() -> list:
         demo.to_deployment(name="kiln-demo", tags=["kiln"], description="Fine-tune MiniLM, register, optimize."),
         promote.to_deployment(name="kiln-promote", tags=["kiln"],
                               description="Review @challenger, wait for an approval, promote it."),
+        rollout.to_deployment(name="kiln-rollout", tags=["kiln"],
+                              description="Canary @challenger against @champion through the gateway; promote "
+                                          "or roll back."),
+        retrain.to_deployment(name="kiln-retrain", tags=["kiln"],
+                              description="A pushed commit's training config, fine-tuned and registered, then "
+                                          "optimized."),
     ]
 
 

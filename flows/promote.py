@@ -23,6 +23,7 @@ from prefect.cache_policies import NONE
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from kiln.settings import Settings, load_settings
@@ -95,6 +96,8 @@ def wait_on_form(settings: Settings, name: str, version: str, markdown: str, tim
                  poll_s: float) -> Decision:
     """Pause the flow run with :class:`ApprovalInput`; invalid answers (unknown approver) ask again."""
     client = registry.connect(settings)
+    if flow_run.id:  # lets a kiln.approval tag (registry webhook or poller) resume this paused run
+        client.set_model_version_tag(name, version, "kiln.promote_flow_run", flow_run.id)
     policy = promotion.load_approval_policy(settings.home)
     deadline = time.monotonic() + timeout_s
     note = ""

@@ -27,11 +27,13 @@ import logging
 import os
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -44,10 +46,11 @@ from infra.gateway_stats import (
     PredictionLog,
     Routing,
     Splitter,
+    TrafficWindow,
     Window,
     choose,
 )
-from infra.oip import labels_of
+from infra.oip import InferError, TextRequest, labels_of, parse_infer
 from infra.server import VERSION_HEADER
 from infra.upstream import Answer, Failure, UpstreamClient
 
@@ -57,7 +60,7 @@ TOKEN_ENV = "KILN_GATEWAY_TOKEN"
 _HOP_BY_HOP = {"host", "connection", "keep-alive", "content-length", "transfer-encoding", "te", "trailer",
                "upgrade", "proxy-authorization", "proxy-authenticate", "authorization", "accept-encoding"}
 _PASS_BACK = {"content-type", VERSION_HEADER.lower()}
-_MAX_PARSE_BYTES = 1 << 20  # label bookkeeping parses answers up to 1 MB; raw LM logits can be far larger
+_MAX_PARSE_BYTES = 1 << 20  # bookkeeping parses bodies up to 1 MB; raw LM logits can be far larger
 
 
 @dataclass
@@ -99,6 +102,10 @@ class Gateway:
         self.timeout_s, self.max_connections, self.max_shadow_inflight = timeout_s, max_connections, \
             max_shadow_inflight
         self._shadow_tasks: set[asyncio.Task] = set()
+        # Feedback often arrives before the mirrored answer (the client has the champion's at once): keep the
+        # truth for request ids still being mirrored, and score the shadow answer when it lands.
+        self._mirroring: set[str] = set()
+        self._late_truth: OrderedDict[str, list[str]] = OrderedDict()
         self.client: UpstreamClient | None = None
         self._publish_routing()
 
@@ -137,10 +144,15 @@ class Gateway:
         labels = self._labels(role, answer) if is_infer else None
         if labels is not None:
             self.predictions.add(request_id, "live", role, self.upstreams[role].label, labels)
-        if is_infer and role == CHAMPION and answer.status == 200 and routing.shadow > 0:
-            self._mirror(routing, path, headers, body, request_id, labels)
+        mirrored = (is_infer and role == CHAMPION and answer.status == 200 and routing.shadow > 0
+                    and self._mirror(routing, path, headers, body, request_id, labels))
         passed = {k: v for k, v in answer.headers.items() if k.lower() in _PASS_BACK}
-        return Response(answer.content, status_code=answer.status, headers=passed | extra)
+        # Inputs are recorded after the answer has gone out, so parsing them never delays the client; a
+        # request the upstream refused as the client's mistake (4xx) is not traffic the model saw.
+        windows = [self.window.live[role]] + ([self.window.shadow] if mirrored else [])
+        record = BackgroundTask(_record_inputs, body, windows) if is_infer and not 400 <= answer.status < 500 \
+            else None
+        return Response(answer.content, status_code=answer.status, headers=passed | extra, background=record)
 
     async def _send(self, role: str, method: str, path: str, headers: dict[str, str], body: bytes
                     ) -> Answer | Failure:
@@ -176,16 +188,20 @@ class Gateway:
     # ---- shadow traffic ------------------------------------------------------------------------------------
 
     def _mirror(self, routing: Routing, path: str, headers: dict[str, str], body: bytes, request_id: str,
-                champion_labels: list[str] | None) -> None:
+                champion_labels: list[str] | None) -> bool:
+        """Mirror the request to the challenger when the shadow share says so; True when it was sent."""
         if not self.shadow_splitter.take(routing.shadow):
-            return
+            return False
         if len(self._shadow_tasks) >= self.max_shadow_inflight:  # shadowing must never slow live traffic
             self.window.shadow.dropped += 1
             self.metrics.shadow_dropped.inc()
-            return
+            return False
         task = asyncio.create_task(self._shadow(path, headers, body, request_id, champion_labels))
         self._shadow_tasks.add(task)
+        self._mirroring.add(request_id)
         task.add_done_callback(self._shadow_tasks.discard)
+        task.add_done_callback(lambda _: self._mirroring.discard(request_id))
+        return True
 
     async def _shadow(self, path: str, headers: dict[str, str], body: bytes, request_id: str,
                       champion_labels: list[str] | None) -> None:
@@ -205,6 +221,8 @@ class Gateway:
         if isinstance(answer, Answer) and code == 200 and len(answer.content) <= _MAX_PARSE_BYTES:
             with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
                 labels = labels_of(json.loads(answer.content))
+        for label in labels or []:  # the challenger's predicted classes, for the class drift check
+            window.labels[label] += 1
         if labels is None or champion_labels is None or len(labels) != len(champion_labels):
             return
         agreed = sum(a == b for a, b in zip(labels, champion_labels, strict=True))
@@ -212,7 +230,11 @@ class Gateway:
         window.agreed += agreed
         self.metrics.shadow_rows.labels(upstream.label, "agree").inc(agreed)
         self.metrics.shadow_rows.labels(upstream.label, "disagree").inc(len(labels) - agreed)
-        self.predictions.add(request_id, "shadow", CHALLENGER, upstream.label, labels)
+        truth = self._late_truth.pop(request_id, None)
+        if truth is not None and len(truth) == len(labels):
+            self._score("shadow", CHALLENGER, upstream.label, labels, truth)
+        else:
+            self.predictions.add(request_id, "shadow", CHALLENGER, upstream.label, labels)
 
     # ---- feedback ------------------------------------------------------------------------------------------
 
@@ -235,16 +257,23 @@ class Gateway:
         if rows != {len(truth)}:
             return _error(f"request {request_id} predicted {sorted(rows)} rows; the feedback has {len(truth)}", 400)
         self.predictions.pop(request_id)  # scored once: a repeated post would count the same answer twice
-        scored = {}
-        for source, (role, version, predicted) in entry.items():
-            correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
-            window = self.window.shadow if source == "shadow" else self.window.live[role]
-            window.feedback += len(truth)
-            window.correct += correct
-            self.metrics.feedback.labels(role, version, source, "correct").inc(correct)
-            self.metrics.feedback.labels(role, version, source, "incorrect").inc(len(truth) - correct)
-            scored[f"{role}/{source}"] = correct / len(truth)
+        scored = {f"{role}/{source}": self._score(source, role, version, predicted, truth)
+                  for source, (role, version, predicted) in entry.items()}
+        if request_id in self._mirroring and "shadow" not in entry:
+            self._late_truth[request_id] = truth
+            while len(self._late_truth) > self.max_shadow_inflight * 4:
+                self._late_truth.popitem(last=False)
+            scored["challenger/shadow"] = None  # scored when the mirrored answer arrives
         return JSONResponse({"request_id": request_id, "scored": scored})
+
+    def _score(self, source: str, role: str, version: str, predicted: list[str], truth: list[str]) -> float:
+        correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
+        window = self.window.shadow if source == "shadow" else self.window.live[role]
+        window.feedback += len(truth)
+        window.correct += correct
+        self.metrics.feedback.labels(role, version, source, "correct").inc(correct)
+        self.metrics.feedback.labels(role, version, source, "incorrect").inc(len(truth) - correct)
+        return correct / len(truth)
 
     # ---- admin ---------------------------------------------------------------------------------------------
 
@@ -274,6 +303,22 @@ class Gateway:
     def _publish_routing(self) -> None:
         self.metrics.weight.set(self.routing.weight)
         self.metrics.shadow_fraction.set(self.routing.shadow)
+
+
+async def _record_inputs(body: bytes, windows: list[TrafficWindow]) -> None:
+    """Note the text rows' lengths in ``windows``; a body that is not a v2 text request is simply skipped.
+
+    Async so that Starlette runs it on the event loop (the windows take no locks), after the response.
+    """
+    if len(body) > _MAX_PARSE_BYTES:
+        return
+    try:
+        payload = parse_infer(json.loads(body)).payload
+    except (ValueError, InferError, RecursionError):  # bad JSON or bytes, a malformed request, absurd nesting
+        return
+    if isinstance(payload, TextRequest):
+        for window in windows:
+            window.record_inputs(payload.texts)
 
 
 def _check_weight(value: Any) -> float:

@@ -106,10 +106,16 @@ class TrafficWindow:
     compared: int = 0
     agreed: int = 0
     dropped: int = 0
+    input_rows: int = 0
     latency_ms: deque = field(init=False)
+    input_chars: deque = field(init=False)
+    input_words: deque = field(init=False)
 
     def __post_init__(self) -> None:
         self.latency_ms = deque(maxlen=self.max_samples)  # the most recent, for rank tests and percentiles
+        # Input features of the most recent text rows, for drift checks; lengths only: texts stay private.
+        self.input_chars = deque(maxlen=self.max_samples)
+        self.input_words = deque(maxlen=self.max_samples)
 
     def record(self, code: int, seconds: float) -> None:
         self.requests += 1
@@ -119,6 +125,12 @@ class TrafficWindow:
         else:  # a failure's latency (often a timeout) says nothing about the model's speed
             self.latency_ms.append(seconds * 1000)
 
+    def record_inputs(self, texts: list[str]) -> None:
+        """Note each text row's length in characters and in whitespace-separated words."""
+        self.input_rows += len(texts)
+        self.input_chars.extend(len(t) for t in texts)
+        self.input_words.extend(len(t.split()) for t in texts)
+
     def to_dict(self, samples: bool) -> dict[str, Any]:
         out = {"requests": self.requests, "errors": self.errors, "codes": dict(self.codes),
                "error_rate": self.errors / self.requests if self.requests else None,
@@ -126,9 +138,10 @@ class TrafficWindow:
                "accuracy": self.correct / self.feedback if self.feedback else None,
                "compared": self.compared, "agreed": self.agreed,
                "agreement": self.agreed / self.compared if self.compared else None, "dropped": self.dropped,
-               "samples": len(self.latency_ms)} | percentiles(self.latency_ms)
+               "samples": len(self.latency_ms), "input_rows": self.input_rows} | percentiles(self.latency_ms)
         if samples:
             out["latency_ms"] = [round(x, 3) for x in self.latency_ms]
+            out["input_chars"], out["input_words"] = list(self.input_chars), list(self.input_words)
         return out
 
 

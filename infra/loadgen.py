@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -84,6 +85,8 @@ class LoadPlan:
         feedback: post each answer's true label to ``/feedback``.
         sticky_users: when set, each request carries ``X-Kiln-Sticky: user-<i mod n>``.
         timeout_s: per-request timeout.
+        rate_per_s: when set, requests start at this steady rate (open loop) instead of back to back.
+        stop: when set, no request starts after it is set (a rollout's traffic that ends with the rollout).
     """
 
     url: str
@@ -97,6 +100,8 @@ class LoadPlan:
     feedback: bool = False
     sticky_users: int | None = None
     timeout_s: float = 30.0
+    rate_per_s: float | None = None
+    stop: threading.Event | None = None
 
     def check(self) -> None:
         self.url = check_loopback(self.url)
@@ -110,6 +115,8 @@ class LoadPlan:
             raise ValueError("concurrency must be 1-512 and batch 1-1024")
         if self.feedback and (self.labels is None or len(self.labels) != len(self.texts)):
             raise ValueError("feedback needs one label per text")
+        if self.rate_per_s is not None and not 0 < self.rate_per_s <= 100_000:
+            raise ValueError("rate_per_s must be in (0, 100000]")
 
 
 class _Run:
@@ -122,16 +129,24 @@ class _Run:
         self.transport: Counter = Counter()
         self.next_index = 0
         self.deadline = 0.0
+        self.started = 0.0
 
     def _claim(self) -> int | None:
         # Single event loop: claiming an index is atomic without a lock.
-        if self.next_index >= self.plan.requests or time.monotonic() >= self.deadline:
+        stopped = self.plan.stop is not None and self.plan.stop.is_set()
+        if stopped or self.next_index >= self.plan.requests or time.monotonic() >= self.deadline:
             return None
         self.next_index += 1
         return self.next_index - 1
 
     async def worker(self, client: UpstreamClient) -> None:
         while (i := self._claim()) is not None:
+            if self.plan.rate_per_s:
+                due = self.started + i / self.plan.rate_per_s
+                if (wait := due - time.monotonic()) > 0:
+                    await asyncio.sleep(wait)
+                if self.plan.stop is not None and self.plan.stop.is_set():
+                    return
             await self.one(client, i)
 
     async def one(self, client: UpstreamClient, i: int) -> None:
@@ -182,7 +197,7 @@ async def run_load(plan: LoadPlan) -> LoadSummary:
     plan.check()
     run = _Run(plan)
     started = time.monotonic()
-    run.deadline = started + plan.seconds
+    run.started, run.deadline = started, started + plan.seconds
     async with UpstreamClient(max_connections=plan.concurrency, timeout_s=plan.timeout_s) as client:
         await asyncio.gather(*(run.worker(client) for _ in range(plan.concurrency)))
     return run.finish(time.monotonic() - started)

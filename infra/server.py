@@ -33,6 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from infra.batching import Batcher
+from infra.faults import Faults, FaultyPredictor
 from infra.oip import InferError, InferRequest, TensorRequest, parse_infer, select_outputs, tensor
 
 log = logging.getLogger(__name__)
@@ -325,6 +326,15 @@ def load_registered(refs: list[str], settings: Any, options: Any) -> list[Served
     return served
 
 
+def with_faults(models: list[ServedModel], faults: Faults) -> list[ServedModel]:
+    """Wrap every model's predictor in :class:`FaultyPredictor` when any fault is asked for."""
+    if not faults.any:
+        return models
+    for m in models:
+        log.warning("FAULT INJECTION on %s v%s: %s", m.name, m.version, faults.describe())
+    return [ServedModel(m.name, m.version, FaultyPredictor(m.predictor, faults), m.aliases) for m in models]
+
+
 def serving_threads(settings: Any) -> int:
     """Engine threads for serving: ``KILN_THREADS`` when set, else one less than the CPUs.
 
@@ -348,6 +358,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt"])
     parser.add_argument("--threads", type=int, help="engine intra-op threads (default: KILN_THREADS if set, else "
                         "one less than the CPUs)")
+    faults = parser.add_argument_group("fault injection (to see a canary analysis catch a broken model)")
+    faults.add_argument("--fault-errors", type=float, default=0.0, metavar="P", help="fail this share of engine calls")
+    faults.add_argument("--fault-latency-ms", type=float, default=0.0, metavar="MS", help="add this much latency")
+    faults.add_argument("--fault-wrong", type=float, default=0.0, metavar="P", help="answer a wrong label this often")
     args = parser.parse_args(argv)
     if bool(args.model) == bool(args.package):
         parser.error("give --model (one or more) or --package, not both")
@@ -370,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
         options = EngineOptions(backend=args.backend, threads=args.threads or serving_threads(settings))
         models = load_registered(args.model, settings, options) if args.model else \
             [ServedModel(args.name, "1", Predictor(args.package, options))]
-    except KilnError as exc:
+        models = with_faults(models, Faults(args.fault_errors, args.fault_latency_ms, args.fault_wrong))
+    except (KilnError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     app = create_app(models, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)

@@ -12,6 +12,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.errors import KilnError
+
 log = logging.getLogger(__name__)
 
 # The deployments `kiln serve-flows` / `kiln up` serve, by what they do.
@@ -19,6 +21,10 @@ OPTIMIZE = "optimize/kiln-optimize"
 PROMOTE = "promote/kiln-promote"
 ROLLOUT = "rollout/kiln-rollout"
 RETRAIN = "retrain/kiln-retrain"
+
+
+class TriggerError(KilnError):
+    """A deployment could not be started: no Prefect API configured or reachable, or the deployment is not served."""
 
 
 @dataclass(frozen=True)
@@ -42,17 +48,31 @@ class DeploymentStarter:
 
     async def start(self, deployment: str, parameters: dict[str, Any], *, idempotency_key: str | None = None,
                     tags: list[str] | None = None) -> Started:
+        """Create a flow run of ``deployment`` (``flow/deployment``); raises :class:`TriggerError` on failure."""
         from contextlib import nullcontext
 
+        import httpx
         from prefect.client.orchestration import get_client
         from prefect.deployments.flow_runs import arun_deployment
+        from prefect.exceptions import ObjectNotFound
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
         scope = temporary_settings({PREFECT_API_URL: self.api_url}) if self.api_url else nullcontext()
         with scope:
-            async with get_client() as client:
-                run = await arun_deployment(deployment, client=client, parameters=parameters, timeout=0,
-                                            idempotency_key=idempotency_key, tags=tags or [], as_subflow=False)
+            url = PREFECT_API_URL.value()
+            if not url:  # without one, Prefect would start a throw-away API in which nothing is deployed
+                raise TriggerError(f"cannot start {deployment}: no Prefect API configured; set PREFECT_API_URL (or "
+                                   "KILN_PREFECT_API_URL) to a Prefect server, e.g. the one `kiln up` starts")
+            try:
+                async with get_client() as client:
+                    run = await arun_deployment(deployment, client=client, parameters=parameters, timeout=0,
+                                                idempotency_key=idempotency_key, tags=tags or [], as_subflow=False)
+            except ObjectNotFound as exc:
+                raise TriggerError(f"deployment {deployment} does not exist on the Prefect API at {url}; serve it "
+                                   "with `kiln serve-flows` (or `kiln up`)") from exc
+            except httpx.TransportError as exc:
+                raise TriggerError(f"cannot reach the Prefect API at {url} ({exc.__class__.__name__}: {exc}); "
+                                   "start it with `kiln up`, or fix PREFECT_API_URL / KILN_PREFECT_API_URL") from exc
         log.info("started %s: flow run %s (%s)", deployment, run.name, run.id)
         return Started(str(run.id), run.name, deployment)
 

@@ -10,6 +10,9 @@ from typing import Annotated
 import typer
 
 from kiln.cli_promote import register_commands as register_promotion_commands
+from kiln.cli_rollout import register_commands as register_rollout_commands
+from kiln.cli_stack import register_commands as register_stack_commands
+from kiln.cli_trigger import register_commands as register_trigger_commands
 from kiln.errors import KilnError
 from kiln.logs import setup_logging
 from kiln.settings import Settings, load_settings
@@ -240,6 +243,9 @@ def export_triton(
 
 
 register_promotion_commands(app)
+register_rollout_commands(app)
+register_stack_commands(app)
+register_trigger_commands(app)
 
 
 def run() -> None:  # pragma: no cover - console entry

@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     server_port: int = Field(8000, ge=1, le=65535, description="Model server port (OIP v2).")
     gateway_port: int = Field(8080, ge=1, le=65535, description="Canary gateway port.")
     gateway_token: SecretStr | None = Field(None, description="Bearer token of the gateway's admin API.")
-    prefect_api_url: str | None = Field(None, description="Prefect API to run deployments on; default: PREFECT_API_URL.")
+    prefect_api_url: str | None = Field(None, description="Prefect API for deployments; default: PREFECT_API_URL.")
 
     # ---- configured stores: PostgreSQL and S3 ----
     database_url: str | None = Field(None, description=(

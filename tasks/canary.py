@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kiln.errors import ConfigError, validation_problems
 from kiln.yamlfile import parse_yaml
 from tasks.canary_stats import (  # re-exported: the judge's inputs live beside it for callers
+    CHALLENGER,
+    CHAMPION,
+    Check,
     RankTest,
     UpstreamStats,
     mann_whitney_u,
@@ -30,9 +33,10 @@ from tasks.canary_stats import (  # re-exported: the judge's inputs live beside 
     stats_from_state,
 )
 
-__all__ = ["Action", "LatencyTest", "MetricThresholds", "RankTest", "RolloutSpec", "Step", "StepVerdict",
+__all__ = ["CHALLENGER", "CHAMPION", "Action", "Check", "LatencyTest",
+           "MetricThresholds", "RankTest", "RolloutSpec", "Step", "StepVerdict",
            "UpstreamStats", "judge_step", "load_spec", "mann_whitney_u", "next_action", "stats_from_prometheus",
-           "stats_from_state"]
+           "stats_from_state", "with_checks"]
 
 Outcome = Literal["pass", "fail", "inconclusive"]
 MIN_RANK_SAMPLES = 20  # below this the normal approximation of U is poor
@@ -118,13 +122,6 @@ def load_spec(source: Path | str | dict[str, Any]) -> RolloutSpec:
 
 
 # ---- judging one interval --------------------------------------------------------------------------------
-
-
-@dataclass
-class Check:
-    name: str
-    status: Literal["ok", "failed", "inconclusive"]
-    reason: str
 
 
 @dataclass
@@ -249,6 +246,21 @@ def judge_step(spec: RolloutSpec, champion_stats: UpstreamStats | None, challeng
     else:
         outcome = "fail" if "failed" in statuses else "inconclusive" if "inconclusive" in statuses else "pass"
     return StepVerdict(outcome, [c.reason for c in checks], checks)
+
+
+def with_checks(verdict: StepVerdict, checks: list[Check]) -> StepVerdict:
+    """``verdict`` with more checks (e.g. drift) folded in by the same rules as :func:`judge_step`."""
+    if not checks:
+        return verdict
+    merged = [*verdict.checks, *checks]
+    statuses = {c.status for c in checks}
+    outcome: Outcome = verdict.outcome
+    if outcome != "inconclusive" or not verdict.checks or verdict.checks[0].status != "inconclusive":
+        if "failed" in statuses:
+            outcome = "fail"
+        elif "inconclusive" in statuses and outcome == "pass":
+            outcome = "inconclusive"
+    return StepVerdict(outcome, [c.reason for c in merged], merged)
 
 
 # ---- what happens next -----------------------------------------------------------------------------------

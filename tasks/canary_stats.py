@@ -17,6 +17,15 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 
 
 @dataclass
+class Check:
+    """One check of an analysis interval (a threshold, the rank test, a drift check) and why it came out so."""
+
+    name: str
+    status: Literal["ok", "failed", "inconclusive"]
+    reason: str
+
+
+@dataclass
 class UpstreamStats:
     """One upstream's traffic over an analysis window.
 

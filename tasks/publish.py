@@ -57,8 +57,13 @@ def register(client: MlflowClient, source: Source, cand: Evaluated, model_id: st
                  existing.version)
         version = existing
     else:
-        version = mlflow.register_model(f"models:/{model_id}", name)
+        # The candidate key goes on at creation, so a registry event about this version already says it is
+        # Kiln's own (and does not start another optimize run).
+        version = mlflow.register_model(f"models:/{model_id}", name, tags={"kiln.candidate_key": cand.key})
         registry.set_tags(client, version, tags_for(source, cand, run_id) | extra_tags)
+        # Read back what the store now holds, checked against the tags just written, before the alias moves:
+        # an upload that went wrong leaves a tagged version without an alias, never a corrupt challenger.
+        registry.fetch_package(client, client.get_model_version(name, version.version), home / "downloads")
     # The alias moves last: a crash before this line leaves a tagged version with no alias, never the reverse.
     client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
     if existing is None:

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from kiln.errors import ArtifactError, ConfigError, ModelNotFoundError
 from kiln.settings import Settings
-from tasks.predictor import PackageMeta, verify
 from tasks.pyfunc import PACKAGE_ARTIFACT
+from tasks.storage import verify_package
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +122,9 @@ def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Pat
         shutil.rmtree(root, ignore_errors=True)
         got.rename(root)
         shutil.rmtree(tmp, ignore_errors=True)
-    # Verify on every use, not just the first download: a cached copy can rot too.
-    verify(folder, PackageMeta.read(folder))
+    # Verify on every use, not just the first download: a cached copy can rot too. Against the version's
+    # tags as well: the registry's database, not the artifact store, says what the files must be.
+    verify_package(folder, version.tags)
     return folder
 
 

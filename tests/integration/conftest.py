@@ -13,6 +13,16 @@ def prefect_server():
         yield
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """A migrated, empty MLflow SQLite store, made once: creating one takes seconds, copying it none."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_registered_models()
+    return path
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
         if "/integration/" in str(item.fspath):

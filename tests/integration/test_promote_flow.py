@@ -36,16 +36,6 @@ def cli():
     return app
 
 
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory) -> Path:
-    """A migrated, empty MLflow SQLite store, made once: creating one takes seconds, copying it none."""
-    from mlflow.tracking import MlflowClient
-
-    path = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_registered_models()
-    return path
-
-
 @pytest.fixture
 def tiny(settings, monkeypatch, tmp_path, empty_store):
     """``tiny``: v1 @champion, v2 @challenger (gate passed, built by carol); alice and bob may approve."""

@@ -1,0 +1,271 @@
+"""Canary rollouts end to end on loopback: real model servers, the real gateway, the load generator,
+the judge, and a real MLflow SQLite registry whose aliases the rollout moves (or must not move).
+
+The engines behind the two model servers are tiny deterministic stand-ins (answers in microseconds), so
+what is measured is the rollout machinery; faults are injected with the model server's own
+:class:`infra.faults.FaultyPredictor`, exactly as ``python -m infra.server --fault-*`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pandas as pd
+import pytest
+import typer
+from pydantic import SecretStr
+from typer.testing import CliRunner
+
+from infra.background import serving
+from infra.faults import Faults, FaultyPredictor
+from infra.gateway import Gateway, Upstream
+from infra.gateway import create_app as gateway_app
+from infra.loadgen import LoadPlan, generate_load
+from infra.server import ServedModel
+from infra.server import create_app as server_app
+from kiln.cli_rollout import register_commands
+from kiln.errors import ConfigError
+from kiln.settings import Settings
+from tasks import audit, registry
+from tasks.rollout import RolloutError, RolloutParams, RolloutStore, run_rollout, send_command
+
+TOKEN = "rollout-test-token"
+LABELS = ["negative", "positive"]
+TEXTS = [f"message number {i} " + "word " * (i % 7) for i in range(200)]
+
+
+def truth(text: str) -> str:
+    return LABELS[len(text) % 2]
+
+
+TRUTH = [truth(t) for t in TEXTS]
+
+
+class _Oracle:
+    """A stand-in engine that always answers the true label at once."""
+
+    meta = SimpleNamespace(task="sequence-classification", labels=LABELS)
+
+    def predict(self, texts):
+        labels = [truth(t) for t in texts]
+        return pd.DataFrame({"label": labels, "score": [0.9] * len(texts),
+                             "scores": [[0.9, 0.1] if lab == LABELS[0] else [0.1, 0.9] for lab in labels]})
+
+
+@pytest.fixture
+def tiny(settings, tmp_path, empty_store):
+    """``tiny``: v1 @champion, v2 @challenger with a passed gate (registry only: the servers hold the engines)."""
+    shutil.copy(empty_store, settings.home / "mlflow.db")
+    client = registry.connect(settings)
+    client.create_registered_model("tiny")
+    for tags in ({"kiln.recipe": "source"}, {"kiln.recipe": "int8-dynamic", "kiln.gate": "passed"}):
+        client.create_model_version("tiny", (tmp_path / "model").as_uri(), tags=tags)
+    client.set_registered_model_alias("tiny", registry.CHAMPION, "1")
+    client.set_registered_model_alias("tiny", registry.CHALLENGER, "2")
+    return client
+
+
+@pytest.fixture
+def rollout_settings(settings) -> Settings:
+    return settings.model_copy(update={"gateway_token": SecretStr(TOKEN)})
+
+
+def _stack(challenger_faults: Faults | None = None, challenger_version: str = "2"):
+    """Champion and challenger model servers and the gateway, all on 127.0.0.1; yields the gateway."""
+    challenger = _Oracle() if challenger_faults is None else FaultyPredictor(_Oracle(), challenger_faults)
+    champion_app = server_app([ServedModel("tiny", "1", _Oracle())])
+    challenger_app = server_app([ServedModel("tiny", challenger_version, challenger)])
+
+    class Stack:
+        def __enter__(self):
+            self.champion = serving(champion_app)
+            self.challenger = serving(challenger_app)
+            c1, c2 = self.champion.__enter__(), self.challenger.__enter__()
+            self.gw = Gateway(Upstream(c1.url), Upstream(c2.url), TOKEN)
+            self.gateway = serving(gateway_app(self.gw))
+            self.url = self.gateway.__enter__().url
+            return self
+
+        def __exit__(self, *exc):
+            for ctx in (self.gateway, self.challenger, self.champion):
+                ctx.__exit__(None, None, None)
+
+    return Stack()
+
+
+class _Traffic:
+    """Steady, labelled traffic through the gateway in a thread, until stopped."""
+
+    def __init__(self, url: str, rate: float = 150.0) -> None:
+        self.stop = threading.Event()
+        self.plan = LoadPlan(url=url, model="tiny", texts=TEXTS, labels=TRUTH, requests=100_000, seconds=120,
+                             concurrency=4, feedback=True, rate_per_s=rate, stop=self.stop)
+        self.summary = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        self.summary = generate_load(self.plan)
+
+    def __enter__(self) -> _Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(30)
+
+
+def _spec(tmp_path: Path, steps: list[dict], **overrides) -> str:
+    metrics = {"max_error_rate": 0.02, "max_p95_ratio": 4.0, "max_p99_ratio": None,
+               "latency_test": {"alpha": 0.01, "tolerance": 1.0}, "max_accuracy_drop": 0.1, "min_feedback": 20}
+    spec = {"steps": steps, "metrics": metrics | overrides.pop("metrics", {}), "failure_limit": 1,
+            "min_samples": 30} | overrides
+    path = tmp_path / "rollout.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    return str(path)
+
+
+def _events(settings: Settings) -> list[str]:
+    return [e.event for e in audit.AuditLog.under(settings.home).read("tiny")]
+
+
+def test_healthy_challenger_is_promoted_through_every_step(tiny, rollout_settings, tmp_path):
+    spec = _spec(tmp_path, [{"weight": 0, "shadow": 1.0, "analysis_s": 1.5}, {"weight": 50, "analysis_s": 1.5},
+                            {"weight": 100, "analysis_s": 1.5}])
+    with _stack() as stack, _Traffic(stack.url) as traffic:
+        state = run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
+        gateway_weight = stack.gw.routing.weight
+    assert state.status == "promoted", state.message
+    assert [v.outcome for v in state.verdicts] == ["pass", "pass", "pass"], " | ".join(state.verdicts[0].reasons)
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "2", "previous": "1"}
+    assert gateway_weight == 100
+    assert traffic.summary.failed == 0 and traffic.summary.sent > 300
+    tags = tiny.get_model_version("tiny", "2").tags
+    assert tags["kiln.rollout.status"] == "promoted" and tags["kiln.promoted_by"]
+    assert "canary_promoted" in _events(rollout_settings)
+    run = tiny.get_run(state.run_id)
+    assert run.data.metrics["passed"] == 1.0 and run.data.metrics["challenger_requests"] >= 30
+    assert [m.step for m in tiny.get_metric_history(state.run_id, "weight")] == [0, 1, 2]
+    saved = RolloutStore(rollout_settings.home).load("tiny")
+    assert saved.status == "promoted" and len(saved.verdicts) == 3
+
+
+@pytest.mark.parametrize(("faults", "evidence"), [
+    (Faults(errors=0.5), "error rate"),
+    (Faults(latency_ms=40), "p95"),
+    (Faults(wrong=1.0), "accuracy"),
+], ids=["errors", "latency", "wrong-answers"])
+def test_faulty_challenger_is_rolled_back_within_interval_times_failure_limit(tiny, rollout_settings, tmp_path,
+                                                                               faults, evidence):
+    analysis_s, failure_limit = 1.5, 1
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": analysis_s}, {"weight": 100, "analysis_s": analysis_s}],
+                 failure_limit=failure_limit)
+    with _stack(faults) as stack, _Traffic(stack.url):
+        started = time.monotonic()
+        state = run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
+        elapsed = time.monotonic() - started
+        routing = stack.gw.routing
+    assert state.status == "rolled_back", state.message
+    assert [v.outcome for v in state.verdicts] == ["fail"] * (failure_limit + 1)
+    # Rolled back after the (failure_limit + 1)-th failed analysis: a few seconds of bookkeeping on top at most.
+    assert elapsed < (failure_limit + 1) * analysis_s + 6
+    assert routing.weight == 0 and routing.shadow == 0
+    assert evidence in " ".join(state.verdicts[-1].reasons)
+    aliases = registry.aliases_of(tiny, "tiny")
+    assert aliases == {"champion": "1"}  # champion untouched, the failed challenger no longer a candidate
+    tags = tiny.get_model_version("tiny", "2").tags
+    assert tags["kiln.rollout.status"] == "rolled_back" and evidence in tags["kiln.rollout.reason"]
+    assert "canary_rolled_back" in _events(rollout_settings)
+
+
+def test_too_little_traffic_is_inconclusive_then_pauses_and_abort_rolls_back(tiny, rollout_settings, tmp_path):
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.0}], min_samples=500, inconclusive_limit=1)
+    result = {}
+    with _stack() as stack, _Traffic(stack.url, rate=20):
+        runner = threading.Thread(target=lambda: result.update(state=run_rollout(
+            RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)))
+        runner.start()
+        _wait_for_tag(tiny, "kiln.rollout.status", "paused")
+        send_command(tiny, "tiny", "abort", actor="alice", reason="not enough traffic today")
+        runner.join(30)
+        weight = stack.gw.routing.weight
+    state = result["state"]
+    assert {v.outcome for v in state.verdicts} == {"inconclusive"}
+    assert state.status == "aborted" and "alice" in state.message and weight == 0
+    assert "samples" in " ".join(state.verdicts[0].reasons)
+    assert registry.aliases_of(tiny, "tiny")["champion"] == "1"
+    assert "rollout_abort" in _events(rollout_settings)
+
+
+def test_manual_gate_waits_for_resume_from_the_cli(tiny, rollout_settings, tmp_path, monkeypatch):
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.0}, {"weight": 100, "analysis_s": 1.0,
+                                                                 "manual_gate": True}])
+    app = typer.Typer()
+    register_commands(app)
+    result = {}
+    with _stack() as stack, _Traffic(stack.url):
+        runner = threading.Thread(target=lambda: result.update(state=run_rollout(
+            RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)))
+        runner.start()
+        _wait_for_tag(tiny, "kiln.rollout.status", "paused")
+        assert stack.gw.routing.weight == 50  # a pause holds the split
+        status = CliRunner().invoke(app, ["rollout", "status", "tiny"])
+        assert "PAUSED" in status.output and "manual gate" in status.output
+        resumed = CliRunner().invoke(app, ["rollout", "resume", "tiny", "--actor", "bob"])
+        assert resumed.exit_code == 0, resumed.output
+        runner.join(30)
+    assert result["state"].status == "promoted"
+    assert registry.aliases_of(tiny, "tiny")["champion"] == "2"
+
+
+def test_commands_without_a_running_rollout_are_refused(tiny):
+    with pytest.raises(RolloutError, match="no rollout of tiny v2 is running"):
+        send_command(tiny, "tiny", "pause", actor="alice")
+
+
+def test_bad_token_unreachable_gateway_and_bad_spec_change_nothing(tiny, rollout_settings, tmp_path):
+    good = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.0}])
+    with _stack() as stack:
+        wrong = rollout_settings.model_copy(update={"gateway_token": SecretStr("not-the-token")})
+        with pytest.raises(RolloutError, match="refused the admin token"):
+            run_rollout(RolloutParams(model="tiny", spec=good, gateway=stack.url), wrong)
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("steps:\n  - {weight: 150}\n")
+        with pytest.raises(ConfigError, match=r"steps\.0\.weight"):
+            run_rollout(RolloutParams(model="tiny", spec=str(bad), gateway=stack.url), rollout_settings)
+        assert stack.gw.routing.weight == 0
+    with pytest.raises(RolloutError, match="cannot reach the gateway"):
+        run_rollout(RolloutParams(model="tiny", spec=good, gateway="http://127.0.0.1:9"), rollout_settings)
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
+
+
+def test_gateway_serving_another_version_stops_the_rollout(tiny, rollout_settings, tmp_path):
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.0}])
+    with _stack(challenger_version="7") as stack, _Traffic(stack.url):
+        with pytest.raises(RolloutError, match="serves v7"):
+            run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
+        assert stack.gw.routing.weight == 0
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
+    assert tiny.get_model_version("tiny", "2").tags["kiln.rollout.status"] == "aborted"
+
+
+def _wait_for_tag(client, key: str, value: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get_model_version("tiny", "2").tags.get(key) == value:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{key} never became {value!r}")
+
+
+def test_served_versions_answer_through_the_gateway(tiny):
+    with _stack() as stack:
+        answer = httpx.post(f"{stack.url}/v2/models/tiny/infer", json={"inputs": [
+            {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]})
+    assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [truth("hello")]
