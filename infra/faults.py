@@ -19,6 +19,8 @@ import pandas as pd
 class InjectedFault(RuntimeError):
     """The error a faulty predictor raises; the server answers it with a 500 like any engine failure."""
 
+    quiet = True  # expected: logged in one line, without a traceback
+
 
 @dataclass(frozen=True)
 class Faults:

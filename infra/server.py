@@ -33,7 +33,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from infra.batching import Batcher
-from infra.faults import Faults, FaultyPredictor
+from infra.faults import Faults, FaultyPredictor, InjectedFault
 from infra.oip import InferError, InferRequest, TensorRequest, parse_infer, select_outputs, tensor
 
 log = logging.getLogger(__name__)
@@ -255,6 +255,9 @@ class ModelServer:
         except InferError as exc:
             status = exc.status
             return _error(str(exc), status)
+        except InjectedFault as exc:  # asked for: no traceback per request
+            log.debug("inference failed for %s: %s", name, exc)
+            return _error(f"inference failed: {exc}", 500)
         except Exception as exc:  # noqa: BLE001 - an engine failure is this request's 500, not the server's end
             log.exception("inference failed for %s", name)
             return _error(f"inference failed: {exc.__class__.__name__}: {str(exc)[:200]}", 500)

@@ -344,7 +344,8 @@ class RolloutDriver:
             for reason in verdict.reasons:
                 self._say(f"  {reason}")
             if action.kind == "rollback":
-                return self._rollback(action.reasons[0], by="kiln-canary")
+                failed = [c.reason for c in verdict.checks if c.status == "failed"]
+                return self._rollback("; ".join([action.reasons[0], *failed]), by="kiln-canary")
             if action.kind == "promote":
                 return self._promote(f"canary passed all {len(spec.steps)} steps", by=self.actor)
             if action.kind == "pause":

@@ -157,7 +157,7 @@ def test_healthy_challenger_is_promoted_through_every_step(tiny, rollout_setting
 
 
 @pytest.mark.parametrize(("faults", "evidence"), [
-    (Faults(errors=0.5), "error rate"),
+    (Faults(errors=0.5), "error_rate"),
     (Faults(latency_ms=40), "p95"),
     (Faults(wrong=1.0), "accuracy"),
 ], ids=["errors", "latency", "wrong-answers"])
