@@ -32,6 +32,7 @@ from tasks.canary_stats import (  # re-exported: the judge's inputs live beside 
     stats_from_prometheus,
     stats_from_state,
 )
+from tasks.drift import DriftChecks
 
 __all__ = ["CHALLENGER", "CHAMPION", "Action", "Check", "LatencyTest",
            "MetricThresholds", "RankTest", "RolloutSpec", "Step", "StepVerdict",
@@ -91,6 +92,9 @@ class RolloutSpec(_Strict):
     inconclusive_limit: int = Field(3, ge=0, description=(
         "Consecutive inconclusive analyses re-run before the rollout pauses for a person."))
     min_samples: int = Field(100, ge=1, description="Requests each upstream needs in an interval to be judged.")
+    drift: DriftChecks | None = Field(None, description=(
+        "Great Expectations drift checks on the interval's inputs and predicted classes; the reference is "
+        "drift.reference, else the test split of the dataset recorded on the champion."))
 
     @model_validator(mode="after")
     def _agreement_needs_shadow(self) -> RolloutSpec:

@@ -533,19 +533,32 @@ def run_rollout(params: RolloutParams, settings: Settings, *, drift: DriftJudge 
 
 
 def default_drift(spec: RolloutSpec, client: MlflowClient, model: str, settings: Settings) -> DriftJudge | None:
-    """Drift checks against the challenger's evaluation data, when the spec asks for them."""
-    cfg = getattr(spec, "drift", None)
+    """Drift checks for each analysis window, when the spec asks for them; the reference is profiled once."""
+    cfg = spec.drift
     if cfg is None:
         return None
     from tasks import drift
 
-    reference = drift.reference_for(cfg, client, model, settings)
+    reference = drift.load_reference(cfg.reference) if cfg.reference else _recorded_reference(client, model)
 
     def judge(window: dict[str, Any]) -> list[Check]:
-        inputs, labels, champion = drift.window_observations(window)
-        return drift.drift_checks(cfg, reference, inputs, labels, champion)
+        return drift.drift_checks(cfg, reference, *drift.observed_from_state(window))
 
     return judge
+
+
+def _recorded_reference(client: MlflowClient, model: str):  # noqa: ANN202 - tasks.drift is imported lazily
+    """The test split of the dataset recorded on the champion (what its quality was measured on)."""
+    from tasks import drift
+    from tasks.data import DatasetSpec, load_splits
+
+    champion = _aliases(client, model).get(registry.CHAMPION) or _aliases(client, model).get(registry.CHALLENGER)
+    raw = client.get_model_version(model, champion).tags.get("kiln.dataset") if champion else None
+    if not raw:
+        raise ConfigError(f"drift checks need a reference: {model} v{champion} records no dataset (kiln.dataset); "
+                          "set drift.reference in the rollout spec to a CSV/Parquet/JSONL file with a text column")
+    test = load_splits(DatasetSpec(**json.loads(raw))).test
+    return drift.reference_profile(test["text"].tolist(), test["label"].tolist() if "label" in test else None)
 
 
 def describe(state: RolloutState) -> list[str]:

@@ -135,9 +135,16 @@ def _events(settings: Settings) -> list[str]:
     return [e.event for e in audit.AuditLog.under(settings.home).read("tiny")]
 
 
+def _reference(tmp_path: Path, texts: list[str]) -> str:
+    path = tmp_path / "reference.csv"
+    pd.DataFrame({"text": texts, "label": [truth(t) for t in texts]}).to_csv(path, index=False)
+    return str(path)
+
+
 def test_healthy_challenger_is_promoted_through_every_step(tiny, rollout_settings, tmp_path):
     spec = _spec(tmp_path, [{"weight": 0, "shadow": 1.0, "analysis_s": 1.5}, {"weight": 50, "analysis_s": 1.5},
-                            {"weight": 100, "analysis_s": 1.5}])
+                            {"weight": 100, "analysis_s": 1.5}],
+                 drift={"reference": _reference(tmp_path, TEXTS), "min_rows": 50})
     with _stack() as stack, _Traffic(stack.url) as traffic:
         state = run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
         gateway_weight = stack.gw.routing.weight
@@ -154,6 +161,8 @@ def test_healthy_challenger_is_promoted_through_every_step(tiny, rollout_setting
     assert [m.step for m in tiny.get_metric_history(state.run_id, "weight")] == [0, 1, 2]
     saved = RolloutStore(rollout_settings.home).load("tiny")
     assert saved.status == "promoted" and len(saved.verdicts) == 3
+    drift = [r for r in saved.verdicts[1].reasons if r.startswith(("input_drift", "class_drift"))]
+    assert len(drift) == 2 and all(r.endswith(": ok") for r in drift), drift
 
 
 @pytest.mark.parametrize(("faults", "evidence"), [
@@ -182,6 +191,16 @@ def test_faulty_challenger_is_rolled_back_within_interval_times_failure_limit(ti
     tags = tiny.get_model_version("tiny", "2").tags
     assert tags["kiln.rollout.status"] == "rolled_back" and evidence in tags["kiln.rollout.reason"]
     assert "canary_rolled_back" in _events(rollout_settings)
+
+
+def test_input_drift_against_the_reference_rolls_back(tiny, rollout_settings, tmp_path):
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.5}], failure_limit=0,
+                 drift={"reference": _reference(tmp_path, ["ok", "no", "yes", "hm"] * 50), "max_class_kl": None})
+    with _stack() as stack, _Traffic(stack.url):
+        state = run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
+    assert state.status == "rolled_back"
+    assert "input_drift" in tiny.get_model_version("tiny", "2").tags["kiln.rollout.reason"]
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1"}
 
 
 def test_too_little_traffic_is_inconclusive_then_pauses_and_abort_rolls_back(tiny, rollout_settings, tmp_path):
