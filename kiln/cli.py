@@ -135,17 +135,25 @@ def demo(
     train_steps: Annotated[int, typer.Option(help="Fine-tuning steps (batch 32); ~0.4 s each on 2 cores.")] = 400,
     limit: Annotated[int | None, typer.Option(help="Use at most this many tweets (default: all 37k).")] = None,
     name: Annotated[str, typer.Option(help="Registered model name.")] = "sentiment",
+    canary: Annotated[bool, typer.Option(help="Finish with two canary rollouts on loopback: the challenger "
+                                         "promoted, a sabotaged copy rolled back.")] = True,
     config: ConfigOpt = None,
 ) -> None:
-    """The whole path on embedded defaults: fine-tune MiniLM on tweets, register @champion, optimize → @challenger."""
+    """The whole path on embedded defaults: fine-tune MiniLM on tweets, register @champion, optimize →
+    @challenger, then canary it through the gateway under replayed traffic until it is champion."""
     try:
         settings = _settings(config)
         from flows.demo import DemoParams
         from flows.demo import demo as demo_flow
         from tasks.report import print_optimize
 
-        summary = demo_flow(DemoParams(train_steps=train_steps, limit=limit, name=name))
+        summary = demo_flow(DemoParams(train_steps=train_steps, limit=limit, name=name, canary=canary))
         print_optimize(summary)
+        for label, result in summary.get("canary", {}).items():
+            steps = ", ".join(f"{w:g}% {outcome}" for _, w, outcome in result["analyses"])
+            typer.echo(f"{label.replace('_', ' ')}: v{result['version']} {result['status'].upper()} "
+                       f"({steps}; {result['requests']} requests, {result['failed_requests']} failed)\n"
+                       f"  {result['message']}")
         typer.echo(f"\nBrowse it: mlflow ui --backend-store-uri {settings.effective_tracking_uri}")
     except KilnError as exc:
         _fail(exc)

@@ -66,6 +66,7 @@ def up(config: ConfigOpt = None) -> None:
 
             states = local.up(progress, before_start=prepare)
         console.print(_table(states))
+        _registry_events(settings, console)
         env_file = local.root / "env.sh"
         env_file.write_text(stack.env_exports(settings))
         console.print(f"Logs: {local.root / 'logs'}\nPoint your shell at it (or `source {env_file}`):",
@@ -74,6 +75,21 @@ def up(config: ConfigOpt = None) -> None:
         console.print(stack.env_exports(settings).replace("\nexport ", " ").strip(), highlight=False, soft_wrap=True)
     except KilnError as exc:
         _fail(exc)
+
+
+def _registry_events(settings, console) -> None:  # noqa: ANN001 - Settings and rich Console, imported lazily
+    """Have the stack's MLflow server push registry events to the receiver, when a secret is configured."""
+    if settings.mlflow_webhook_secret is None:
+        console.print("registry events: polling every "
+                      f"{settings.poll_interval_s:g}s (set KILN_MLFLOW_WEBHOOK_SECRET to also receive MLflow webhooks)")
+        return
+    from infra.registry_events import register_mlflow_webhook
+
+    server = settings.model_copy(update={"tracking_uri": f"http://{settings.host}:{settings.mlflow_port}",
+                                         "registry_uri": None})
+    url = f"http://{settings.host}:{settings.webhook_port}/hooks/mlflow"
+    register_mlflow_webhook(server, url, settings.mlflow_webhook_secret.get_secret_value())
+    console.print(f"registry events: MLflow webhook → {url} (and the poller as a backstop)")
 
 
 def down(config: ConfigOpt = None) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import mlflow
 import pytest
 
@@ -11,14 +13,31 @@ from tasks import registry
 pytestmark = pytest.mark.demo
 
 
-def test_demo_leaves_a_champion_and_a_challenger(settings):
-    summary = demo(DemoParams(train_steps=4, limit=600, eval_limit=48))
+# Short canary steps; the broken copy (25 ms added per call) must fail on latency alone.
+CANARY = {"steps": [{"weight": 0, "shadow": 1.0, "analysis_s": 2}, {"weight": 100, "analysis_s": 2}],
+          "metrics": {"max_p95_ratio": 1.5, "max_p99_ratio": None, "latency_test": None, "max_error_rate": 0.01},
+          "failure_limit": 0, "min_samples": 30}
+
+
+def test_demo_promotes_the_challenger_through_a_canary_and_rolls_back_a_broken_one(settings, tmp_path):
+    spec = tmp_path / "canary.yaml"
+    spec.write_text(json.dumps(CANARY))
+    summary = demo(DemoParams(train_steps=4, limit=600, eval_limit=48, canary_spec=str(spec)))
     client = registry.connect(settings)
     aliases = registry.aliases_of(client, "sentiment")
-    assert aliases["champion"] == "1" and aliases["challenger"] == str(summary["registered"]["version"]) == "2"
-    champion = client.get_model_version("sentiment", "1")
+    challenger = str(summary["registered"]["version"])
+    assert challenger == "2"
+    canary = summary["canary"]
+    assert canary["rollout"]["status"] == "promoted", canary["rollout"]["message"]
+    assert canary["broken_rollout"]["status"] == "rolled_back"
+    assert "latency_p95" in canary["broken_rollout"]["message"]
+    assert canary["rollout"]["failed_requests"] == canary["broken_rollout"]["failed_requests"] == 0
+    # The promoted challenger is champion; the broken copy left it alone and lost its @challenger alias.
+    assert aliases == {"champion": "2", "previous": "1"}
+    assert client.get_model_version("sentiment", "3").tags["kiln.rollout.status"] == "rolled_back"
+    champion = client.get_model_version("sentiment", "1")  # the fine-tuned source
     assert champion.tags["kiln.recipe"] == "source" and '"limit":600' in champion.tags["kiln.dataset"]
-    # The champion is the fine-tuned PyTorch model, served through the same pyfunc as the engines.
-    out = mlflow.pyfunc.load_model("models:/sentiment@champion").predict(["I love this car"])
+    # The fine-tuned PyTorch model is served through the same pyfunc as the engines.
+    out = mlflow.pyfunc.load_model("models:/sentiment/1").predict(["I love this car"])
     assert out["label"][0] in {"negative", "neutral", "positive"}
     assert summary["candidates"]["int8-dynamic"]["metrics"]["size_mb"] < summary["source"]["size_mb"] / 2

@@ -288,3 +288,19 @@ def test_served_versions_answer_through_the_gateway(tiny):
         answer = httpx.post(f"{stack.url}/v2/models/tiny/infer", json={"inputs": [
             {"name": "text", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]})
     assert answer.status_code == 200 and answer.json()["outputs"][0]["data"] == [truth("hello")]
+
+
+def test_cli_rollout_name_starts_a_rollout_and_bad_input_exits_2(tiny, tmp_path, monkeypatch):
+    app = typer.Typer()
+    register_commands(app)
+    monkeypatch.delenv("KILN_GATEWAY_TOKEN", raising=False)
+    no_token = CliRunner().invoke(app, ["rollout", "tiny", "--gateway", "http://127.0.0.1:9"])
+    assert no_token.exit_code == 2 and "KILN_GATEWAY_TOKEN" in no_token.output
+    monkeypatch.setenv("KILN_GATEWAY_TOKEN", TOKEN)
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text("steps: []\n")
+    result = CliRunner().invoke(app, ["rollout", "tiny", "--spec", str(bad_spec)])
+    assert result.exit_code == 2 and "steps" in result.output
+    unreachable = CliRunner().invoke(app, ["rollout", "start", "tiny", "--gateway", "http://127.0.0.1:9"])
+    assert unreachable.exit_code == 2 and "cannot reach the gateway" in unreachable.output
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
