@@ -36,6 +36,7 @@ from kiln.errors import ConfigError, KilnError
 from kiln.settings import Settings
 
 from .starter import OPTIMIZE, Started
+from .webhook_body import Reject, read_body
 
 log = logging.getLogger(__name__)
 
@@ -224,10 +225,8 @@ def _quote(text: str) -> str:
 
 
 # ── the webhook ──────────────────────────────────────────────────────────────────────────────────────
-class WebhookRefused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+WebhookRefused = Reject  # the receiver's refusal: a status and a message
+
 
 
 def sign(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
@@ -304,7 +303,7 @@ def mlflow_webhook_route(settings: Settings, starter: Starter, *, events: Regist
         if settings.mlflow_webhook_secret is None:
             return JSONResponse({"error": "MLflow webhooks are off here: set KILN_MLFLOW_WEBHOOK_SECRET"}, 503)
         try:
-            body = await _read_bounded(request, settings.webhook_max_body)
+            body = await read_body(request, settings.webhook_max_body)
             delivery_id = verify(settings.mlflow_webhook_secret.get_secret_value(), request.headers, body)
         except WebhookRefused as exc:
             log.warning("refused MLflow webhook delivery: %s", exc)
@@ -349,18 +348,6 @@ def handle(events: RegistryEvents, event: str, data: dict[str, Any]) -> Outcome:
     if data.get("key") not in APPROVAL_KEYS:
         return Outcome("ignored", f"tag {data.get('key')!r} is not an approval")
     return events.resume_decided(name, str(version))
-
-
-async def _read_bounded(request: Any, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise WebhookRefused(413, f"body is larger than {limit} bytes (KILN_WEBHOOK_MAX_BODY)")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise WebhookRefused(413, f"body is larger than {limit} bytes (KILN_WEBHOOK_MAX_BODY)")
-    return bytes(body)
 
 
 def create_app(settings: Settings, starter: Starter, **kwargs: Any) -> Any:

@@ -44,6 +44,7 @@ from starlette.routing import Route
 
 from infra.registry_events import mlflow_webhook_route
 from infra.starter import RETRAIN, DeploymentStarter, Started
+from infra.webhook_body import Reject, read_body
 from kiln.errors import KilnError
 from kiln.settings import Settings, load_settings
 from tasks.retrain import RetrainParams
@@ -61,15 +62,6 @@ class Starter(Protocol):
 
     async def start(self, deployment: str, parameters: dict[str, Any], *, idempotency_key: str | None = None,
                     tags: list[str] | None = None) -> Started: ...
-
-
-class Reject(Exception):
-    """An answer other than "started": a status and a message for the sender and the operator's log."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass(frozen=True)
@@ -142,22 +134,6 @@ class DeliveryLog:
 
 
 # ── reading and checking a request ───────────────────────────────────────────────────────────────────
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, or 413 as soon as it is known to exceed ``limit`` (from Content-Length or while reading)."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise Reject(400, f"Content-Length {declared!r} is not a number")
-        if int(declared) > limit:
-            raise Reject(413, f"body of {declared} bytes exceeds the limit of {limit} (KILN_WEBHOOK_MAX_BODY)")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Reject(413, f"body exceeds the limit of {limit} bytes (KILN_WEBHOOK_MAX_BODY)")
-    return bytes(body)
-
-
 def _secret(value: SecretStr | None, variable: str) -> bytes:
     if value is None or not value.get_secret_value():
         raise Reject(503, f"this hook is not configured: set {variable} to the secret configured on the webhook")

@@ -17,7 +17,6 @@ from types import SimpleNamespace
 import httpx
 import mlflow
 import numpy as np
-import pandas as pd
 import pytest
 
 from infra.background import serving
@@ -34,6 +33,7 @@ from tasks.onboard import inspect_folder, register_folder
 from tasks.predictor import PackageMeta, package
 from tasks.pyfunc import log_package
 from tasks.stages import Artifact
+from tests.fakes import FastFake
 
 TOKEN = "s3cret-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -87,26 +87,10 @@ def gateway(model_servers):
         yield SimpleNamespace(url=server.url, gateway=gw)
 
 
-class _FastFake:
-    """A stand-in engine that answers at once, so split tests measure routing, not inference."""
-
-    meta = SimpleNamespace(task="sequence-classification", labels=["negative", "positive"])
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-
-    def predict(self, texts):
-        return pd.DataFrame({"label": [self.label] * len(texts), "score": [0.9] * len(texts),
-                             "scores": [[0.1, 0.9]] * len(texts)})
-
-    def run(self, ids, mask):
-        return np.zeros((ids.shape[0], 2), np.float32)
-
-
 @pytest.fixture(scope="module")
 def stub_servers():
-    with serving(server_app({"tiny": _FastFake("negative")})) as champion, \
-            serving(server_app({"tiny": _FastFake("positive")})) as challenger:
+    with serving(server_app({"tiny": FastFake("negative")})) as champion, \
+            serving(server_app({"tiny": FastFake("positive")})) as challenger:
         yield {"champion": champion, "challenger": challenger}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -25,6 +24,7 @@ from tasks.drift import (
     observed_from_state,
     reference_profile,
 )
+from tests.fakes import FastFake
 
 WORDS = ["good", "bad", "day", "traffic", "awful", "great", "the", "a", "is", "very", "lovely", "late"]
 CLASSES, SHARES = ["negative", "neutral", "positive"], [0.3, 0.3, 0.4]
@@ -137,22 +137,6 @@ def test_observed_from_state_merges_live_and_mirrored_challenger_traffic():
 # ---- the gateway records what it sees ---------------------------------------------------------------------------
 
 
-class _Fake:
-    """An engine that answers at once with one label."""
-
-    meta = SimpleNamespace(task="sequence-classification", labels=["negative", "positive"])
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-
-    def predict(self, texts):
-        return pd.DataFrame({"label": [self.label] * len(texts), "score": [0.9] * len(texts),
-                             "scores": [[0.1, 0.9]] * len(texts)})
-
-    def run(self, ids, mask):
-        return np.zeros((ids.shape[0], 2), np.float32)
-
-
 def _wait_for(client: httpx.Client, done, timeout_s: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while not done(window := client.get("/admin/state", params={"samples": 1},
@@ -165,8 +149,8 @@ def _wait_for(client: httpx.Client, done, timeout_s: float = 10.0) -> dict:
 def test_gateway_records_input_lengths_and_skips_malformed_bodies():
     texts = ["great day", "an awful lot of traffic today", ""]
     body = {"inputs": [{"name": "text", "shape": [3], "datatype": "BYTES", "data": texts}]}
-    with serving(server_app({"tiny": _Fake("negative")})) as champion, \
-            serving(server_app({"tiny": _Fake("positive")})) as challenger:
+    with serving(server_app({"tiny": FastFake("negative")})) as champion, \
+            serving(server_app({"tiny": FastFake("positive")})) as challenger:
         gateway = Gateway(Upstream(champion.url), Upstream(challenger.url), "t")
         with serving(create_app(gateway)) as server, httpx.Client(base_url=server.url) as c:
             assert c.post("/v2/models/tiny/infer", json=body).status_code == 200
