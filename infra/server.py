@@ -247,8 +247,9 @@ class ModelServer:
             rt = self.find(name, version)
             try:
                 body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InferError(f"the request body is not valid JSON ({exc})") from exc
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise InferError(f"the request body is not valid JSON ({exc.__class__.__name__}: "
+                                 f"{str(exc)[:120]})") from exc
             parsed = parse_infer(body)
             outputs = select_outputs(await rt.infer(parsed), parsed.outputs)
             status = 200
@@ -355,7 +356,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--package", type=Path, help="serve a Kiln package folder instead of a registered model")
     parser.add_argument("--name", default="model", help="model name for --package (default: model)")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--port", type=int, default=8000, help="default: the server_port setting's default")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="batching delay (default 0: greedy)")
     parser.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt"])
