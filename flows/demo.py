@@ -96,7 +96,9 @@ def demo(params: DemoParams) -> dict[str, Any]:
 @task(cache_policy=NONE)
 def canary(spec: DatasetSpec, params: DemoParams, settings: Settings) -> dict[str, Any]:
     """Replay the test split through the gateway while the challenger is canaried, then a broken copy."""
-    test = load_splits(spec).test
+    # Shuffled (seeded): the split keeps the file's order, and the tweets file is grouped by class, which a
+    # window of traffic would show as drift in the predicted classes.
+    test = load_splits(spec).test.sample(frac=1.0, random_state=settings.seed)
     if params.eval_limit:
         test = test.head(max(params.eval_limit, 200))
     rollout_spec = Path(params.canary_spec) if params.canary_spec else DEMO_SPEC

@@ -215,6 +215,8 @@ def _texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
     from tasks.data import DatasetSpec, load_splits
 
     test = load_splits(DatasetSpec(limit=args.limit)).test  # the evaluation split: texts the gate judged on
+    # Shuffled (seeded): the split keeps the file's order, and a file grouped by class would look like drift.
+    test = test.sample(frac=1.0, random_state=0)
     labels = test["label"].astype(str).tolist() if "label" in test.columns else None
     return test["text"].astype(str).tolist(), labels
 

@@ -99,9 +99,10 @@ class RolloutSpec(_Strict):
     @model_validator(mode="after")
     def _agreement_needs_shadow(self) -> RolloutSpec:
         if self.metrics.min_agreement is not None:
-            silent = [i for i, s in enumerate(self.steps) if s.shadow == 0]
+            silent = [i for i, s in enumerate(self.steps) if s.shadow == 0 and s.weight < 100]
             if silent:
-                raise ValueError(f"metrics.min_agreement needs shadow > 0 in every step; steps {silent} have none")
+                raise ValueError(f"metrics.min_agreement needs shadow > 0 in every step below weight 100; steps "
+                                 f"{silent} have none")
         return self
 
 
@@ -240,7 +241,9 @@ def judge_step(spec: RolloutSpec, champion_stats: UpstreamStats | None, challeng
     if m.latency_test is not None:
         checks.append(_rank_check(m.latency_test, champion_stats, challenger_stats))
     if m.min_agreement is not None:
-        checks.append(_agreement_check(m.min_agreement, spec.min_samples, challenger_stats))
+        checks.append(Check("agreement", "ok", "agreement: no champion traffic to mirror (weight 100%): not judged")
+                      if champion_stats is None else _agreement_check(m.min_agreement, spec.min_samples,
+                                                                      challenger_stats))
     if m.max_accuracy_drop is not None:
         checks.append(_accuracy_check(m.max_accuracy_drop, m.min_feedback, champion_stats, challenger_stats))
     statuses = {c.status for c in checks}

@@ -113,6 +113,7 @@ def canary_demo(settings: Settings, name: str, texts: list[str], labels: list[st
     client = registry.connect(settings)
     aliases = registry.aliases_of(client, name)
     out: dict[str, Any] = {}
+    engine = aliases.get(registry.CHALLENGER)  # the gated engine the broken copy reuses
     if aliases.get(registry.CHALLENGER) and aliases.get(registry.CHALLENGER) != aliases.get(registry.CHAMPION):
         echo(f"\n── canary 1: v{aliases[registry.CHALLENGER]} (from optimize) against champion "
              f"v{aliases.get(registry.CHAMPION)} ──")
@@ -121,8 +122,13 @@ def canary_demo(settings: Settings, name: str, texts: list[str], labels: list[st
     else:
         echo(f"\n(no new @challenger for {name}: aliases {aliases}; skipping the first canary)")
     champion = registry.aliases_of(client, name)[registry.CHAMPION]
-    broken = register_broken_copy(client, name, champion, settings.home)
-    echo(f"\n── canary 2: v{broken} = v{champion}'s engine on a sabotaged server ({DEMO_FAULTS.describe()}) ──")
+    engine = engine or champion
+    if client.get_model_version(name, engine).tags.get("kiln.gate") != "passed":
+        echo(f"(v{engine} has no passed gate to copy; skipping the broken canary)")
+        return out
+    broken = register_broken_copy(client, name, engine, settings.home)
+    echo(f"\n── canary 2: v{broken} = v{engine}'s engine on a sabotaged server ({DEMO_FAULTS.describe()}) against "
+         f"champion v{champion} ──")
     bad = run_canary(settings, name, texts, labels, spec=spec, faults=DEMO_FAULTS, rate_per_s=rate_per_s, echo=echo)
     out["broken_rollout"] = _summary(bad)
     return out

@@ -164,8 +164,14 @@ def test_spec_file_errors(tmp_path):
         load_spec(bad)
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_spec("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="min_agreement needs shadow > 0 in every step; steps \\[0\\]"):
+    with pytest.raises(ConfigError, match="min_agreement needs shadow > 0 in every step below weight 100; steps "
+                                          "\\[0\\]"):
         load_spec("steps: [{weight: 10}]\nmetrics: {min_agreement: 0.9}")
+    # At 100 % the champion gets nothing to mirror: such a step needs no shadow, and agreement is not judged.
+    spec = load_spec("steps: [{weight: 10, shadow: 0.5}, {weight: 100}]\nmetrics: {min_agreement: 0.9}\n"
+                     "min_samples: 50")
+    verdict = judge_step(spec, None, UpstreamStats(200, latency_ms=[1.0] * 200))
+    assert verdict.outcome == "pass" and "agreement: no champion traffic" in " ".join(verdict.reasons)
 
 
 def test_mann_whitney_textbook_example():
