@@ -101,29 +101,39 @@ def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
 
 
 def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Path:
-    """Download a version's Kiln package into ``dst`` and verify its checksums."""
+    """Download a version's Kiln package into ``dst`` and verify its checksums against ``kiln.json`` and the tags.
+
+    A cached copy that no longer verifies (rotted, or left by an earlier registry that reused this version
+    number) is downloaded again once; a fresh download that does not verify is an error.
+    """
     root = dst / f"{version.name}-v{version.version}"
     folder = root / "artifacts" / PACKAGE_ARTIFACT
-    if not (folder / "kiln.json").is_file():
-        tmp = dst / f".{root.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        uri = f"models:/{version.name}/{version.version}"
+    if (folder / "kiln.json").is_file():
         try:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
-        except (MlflowException, OSError) as exc:
-            raise ArtifactError(
-                f"artifacts of {version.name} v{version.version} are missing or unreadable ({exc.__class__.__name__}"
-                f": {str(exc).splitlines()[0][:160]}); re-register the model"
-            ) from exc
-        if not (got / "artifacts" / PACKAGE_ARTIFACT / "kiln.json").is_file():
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise ArtifactError(f"artifacts of {version.name} v{version.version} are missing or incomplete "
-                                f"(no Kiln package at {version.source}); re-register the model")
-        shutil.rmtree(root, ignore_errors=True)
-        got.rename(root)
+            verify_package(folder, version.tags)
+            return folder
+        except ArtifactError as exc:
+            log.warning("cached package of %s v%s does not verify (%s); downloading it again", version.name,
+                        version.version, str(exc)[:160])
+            shutil.rmtree(root, ignore_errors=True)
+    tmp = dst / f".{root.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    uri = f"models:/{version.name}/{version.version}"
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+    except (MlflowException, OSError) as exc:
+        raise ArtifactError(
+            f"artifacts of {version.name} v{version.version} are missing or unreadable ({exc.__class__.__name__}"
+            f": {str(exc).splitlines()[0][:160]}); re-register the model"
+        ) from exc
+    if not (got / "artifacts" / PACKAGE_ARTIFACT / "kiln.json").is_file():
         shutil.rmtree(tmp, ignore_errors=True)
-    # Verify on every use, not just the first download: a cached copy can rot too. Against the version's
-    # tags as well: the registry's database, not the artifact store, says what the files must be.
+        raise ArtifactError(f"artifacts of {version.name} v{version.version} are missing or incomplete "
+                            f"(no Kiln package at {version.source}); re-register the model")
+    shutil.rmtree(root, ignore_errors=True)
+    got.rename(root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The registry's database, not the artifact store, says what the files must be.
     verify_package(folder, version.tags)
     return folder
 

@@ -110,3 +110,13 @@ def test_optimize_from_the_cli_prints_the_table(registered, settings):
 def test_every_command_explains_itself(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and len(result.output) > 200
+
+
+def test_a_rotten_cached_copy_is_downloaded_again(registered, settings, tmp_path):
+    client = registry.connect(settings)
+    version = registry.resolve(client, registry.ModelRef.parse("tiny@champion"))
+    folder = registry.fetch_package(client, version, tmp_path)
+    weights = next(folder.glob("*.safetensors"))
+    weights.write_bytes(b"rotten")  # the cache, not the store
+    again = registry.fetch_package(client, version, tmp_path)
+    assert again == folder and weights.stat().st_size > 100
