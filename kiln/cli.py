@@ -212,7 +212,8 @@ def show(
         for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
             tags = v.tags
             typer.echo(f"v{v.version:<4} {','.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
-                       f"{tags.get('kiln.recipe', '?'):<28} gate={tags.get('kiln.gate', '-')}")
+                       f"{tags.get('kiln.recipe', '?'):<28} gate={tags.get('kiln.gate', '-')}"
+                       + (f"  rollout={tags['kiln.rollout.status']}" if 'kiln.rollout.status' in tags else ""))
     except KilnError as exc:
         _fail(exc)
 
