@@ -18,6 +18,7 @@ import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
+from kiln.errors import GateError
 from tasks import audit, registry
 from tasks.candidates import Evaluated, Source, git_commit
 from tasks.pyfunc import log_package
@@ -53,6 +54,13 @@ def register(client: MlflowClient, source: Source, cand: Evaluated, model_id: st
     name = source.version.name
     existing = registry.find_version(client, name, "kiln.candidate_key", cand.key)
     if existing is not None:
+        outcome = existing.tags.get("kiln.rollout.status")
+        if outcome in ("rolled_back", "aborted"):
+            # The same candidate already failed live traffic: re-running optimize must not nominate it again.
+            why = existing.tags.get("kiln.rollout.reason", "no reason recorded")[:200]
+            raise GateError(f"candidate {cand.name} is {name} v{existing.version}, whose canary was "
+                            f"{outcome.replace('_', ' ')} ({why}); not making it "
+                            "@challenger again. Change the recipe, data or source model to build a new candidate")
         log.info("candidate %s already registered as %s v%s; not registering again", cand.name, name,
                  existing.version)
         version = existing

@@ -73,6 +73,12 @@ def test_rerun_skips_finished_work_and_never_duplicates_a_version(settings, tiny
     optimize(OptimizeParams(model="tiny"))
     assert registry_state(client, "tiny") == before
     assert len(client.search_model_versions("name='tiny'")) == 2
+    # A candidate whose canary rolled it back is not nominated again by a re-run.
+    client.set_model_version_tag("tiny", "2", "kiln.rollout.status", "rolled_back")
+    client.delete_registered_model_alias("tiny", "challenger")
+    with pytest.raises(GateError, match="canary was rolled back"):
+        optimize(OptimizeParams(model="tiny"))
+    assert registry.aliases_of(client, "tiny") == {"champion": "1"}
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
