@@ -41,3 +41,45 @@ def pareto_png(summary: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def rollout_png(verdicts: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """A rollout at a glance: per analysis, the challenger's traffic weight, error rate, p95 latency ratio to
+    the champion, agreement and accuracy; each analysis marked green (pass), red (fail) or grey (inconclusive)."""
+    from matplotlib.ticker import MaxNLocator
+
+    # (figure key, title, dotted reference line, y range or None for automatic)
+    panels = [("weight", "weight %", None, (-5, 105)), ("challenger_error_rate", "error rate", None, None),
+              ("p95_ratio", "p95 / champion p95", 1.0, None), ("agreement", "agreement", None, (0, 1.02)),
+              ("challenger_accuracy", "accuracy (challenger ●, champion ○)", None, (0, 1.02))]
+    colours = {"pass": "#2a9d3f", "fail": "#d62728", "inconclusive": "#888888"}
+    x = [v["analysis"] + 1 for v in verdicts]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.2))
+    for ax, (key, label, ref, ylim) in zip(axes, panels, strict=True):
+        values = [v["weight"] if key == "weight" else v["figures"].get(key) for v in verdicts]
+        shown = [(i, y, v["outcome"]) for i, y, v in zip(x, values, verdicts, strict=True) if y is not None]
+        if shown:
+            ax.plot([i for i, _, _ in shown], [y for _, y, _ in shown], color="#444444", alpha=0.4, zorder=2)
+            ax.scatter([i for i, _, _ in shown], [y for _, y, _ in shown], zorder=3,
+                       color=[colours.get(o, "#888888") for _, _, o in shown])
+        if key == "challenger_accuracy":
+            champ = [(i, v["figures"].get("champion_accuracy")) for i, v in zip(x, verdicts, strict=True)]
+            champ = [(i, y) for i, y in champ if y is not None]
+            if champ:
+                ax.scatter(*zip(*champ, strict=True), facecolors="none", edgecolors="#444444", zorder=3)
+        if ref is not None:
+            ax.axhline(ref, color="#444444", linestyle=":", alpha=0.6)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        elif key == "challenger_error_rate":
+            ax.set_ylim(0, max([0.05, *(y * 1.2 for _, y, _ in shown)]))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("analysis")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -109,6 +109,7 @@ class RolloutState(BaseModel):
     message: str = ""
     actor: str = ""
     run_id: str | None = None
+    plot: str | None = None
     started_at: str = Field(default_factory=audit.now_iso)
     updated_at: str = Field(default_factory=audit.now_iso)
     verdicts: list[Verdict] = Field(default_factory=list)
@@ -302,7 +303,28 @@ class RolloutDriver:
         except MlflowException as exc:  # the rollout's safety does not depend on its report
             log.warning("could not open an MLflow run for the rollout: %s", exc)
 
+    def _plot(self) -> None:
+        """``<home>/rollouts/<model>-v<challenger>.png``: every analysis at a glance (logged to the run too)."""
+        if not self.state.verdicts:
+            return
+        from tasks.plots import rollout_png
+
+        s = self.state
+        path = self.store.folder / (self.store.path(s.model).stem + f"-v{s.challenger}.png")
+        try:
+            rollout_png([v.model_dump() for v in s.verdicts], f"Rollout of {s.model} v{s.challenger} vs champion "
+                        f"v{s.champion}: {s.status.replace('_', ' ')}", path)
+        except Exception as exc:  # noqa: BLE001 - a report must never change how a rollout ended
+            log.warning("could not draw the rollout plot: %s", exc)
+            return
+        s.plot = str(path)
+        self.store.save(s)
+        if s.run_id is not None:
+            with contextlib.suppress(MlflowException, OSError):
+                self.client.log_artifact(s.run_id, str(path))
+
     def _close_run(self) -> None:
+        self._plot()
         if self.state.run_id is None:
             return
         with contextlib.suppress(MlflowException):
@@ -570,5 +592,7 @@ def describe(state: RolloutState) -> list[str]:
     for v in state.verdicts:
         out.append(f"  #{v.analysis + 1} step {v.step + 1} ({v.weight:g}%): {v.outcome} → {v.action}")
         out.extend(f"      {r}" for r in v.reasons)
+    if state.plot:
+        out.append(f"  plot: {state.plot}")
     return out
 

@@ -161,6 +161,8 @@ def test_healthy_challenger_is_promoted_through_every_step(tiny, rollout_setting
     assert [m.step for m in tiny.get_metric_history(state.run_id, "weight")] == [0, 1, 2]
     saved = RolloutStore(rollout_settings.home).load("tiny")
     assert saved.status == "promoted" and len(saved.verdicts) == 3
+    assert Path(saved.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [a.path for a in tiny.list_artifacts(state.run_id) if a.path.endswith(".png")] == [Path(saved.plot).name]
     drift = [r for r in saved.verdicts[1].reasons if r.startswith(("input_drift", "class_drift"))]
     assert len(drift) == 2 and all(r.endswith(": ok") for r in drift), drift
 
