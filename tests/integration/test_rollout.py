@@ -9,6 +9,7 @@ what is measured is the rollout machinery; faults are injected with the model se
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import threading
 import time
@@ -37,7 +38,9 @@ from tasks.rollout import RolloutError, RolloutParams, RolloutStore, run_rollout
 
 TOKEN = "rollout-test-token"
 LABELS = ["negative", "positive"]
-TEXTS = [f"message number {i} " + "word " * (i % 7) for i in range(200)]
+# Shuffled: each analysis window sees a contiguous run of the replay, and the texts' lengths grow with i, so
+# an ordered replay would be (correctly) judged as input drift against the whole set.
+TEXTS = random.Random(0).sample([f"message number {i} " + "word " * (i % 7) for i in range(200)], 200)
 
 
 def truth(text: str) -> str:
