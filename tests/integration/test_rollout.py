@@ -147,7 +147,8 @@ def _reference(tmp_path: Path, texts: list[str]) -> str:
 def test_healthy_challenger_is_promoted_through_every_step(tiny, rollout_settings, tmp_path):
     spec = _spec(tmp_path, [{"weight": 0, "shadow": 1.0, "analysis_s": 1.5}, {"weight": 50, "analysis_s": 1.5},
                             {"weight": 100, "analysis_s": 1.5}],
-                 drift={"reference": _reference(tmp_path, TEXTS), "min_rows": 50})
+                 # Lenient: ~120 rows of a handful of distinct lengths give KL up to ~0.25 by chance alone.
+                 drift={"reference": _reference(tmp_path, TEXTS), "min_rows": 50, "max_input_kl": 0.6})
     with _stack() as stack, _Traffic(stack.url) as traffic:
         state = run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
         gateway_weight = stack.gw.routing.weight
