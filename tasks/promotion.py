@@ -240,7 +240,7 @@ def promote(client: MlflowClient, name: str, *, approver: str, reason: str, home
     changed since they were read (e.g. a new challenger arrived while an approver was looking at the old one).
     """
     home = home or load_settings().home
-    before = _aliases(client, name)
+    before = registry.existing_aliases(client, name)
     target = before.get(registry.CHALLENGER)
     if target is None:
         raise PromotionError(f"{name!r} has no @challenger to promote (aliases: {_fmt(before)}); "
@@ -284,7 +284,7 @@ def rollback(client: MlflowClient, name: str, *, actor: str, reason: str, home: 
     left alone. Both versions are tagged and logged.
     """
     home = home or load_settings().home
-    before = _aliases(client, name)
+    before = registry.existing_aliases(client, name)
     target = before.get(registry.PREVIOUS)
     if target is None:
         raise PromotionError(f"{name!r} has no @previous to roll back to (aliases: {_fmt(before)})")
@@ -303,12 +303,6 @@ def rollback(client: MlflowClient, name: str, *, actor: str, reason: str, home: 
     audit.record(client, book, AuditEvent(name, target, audit.RESTORED, actor, reason, at, {"replaced": bad}),
                  tags | {"kiln.restored_at": at})
     return client.get_model_version(name, target)
-
-
-def _aliases(client: MlflowClient, name: str) -> dict[str, str]:
-    if not registry.model_exists(client, name):
-        registry.resolve(client, registry.ModelRef(name))  # raises ModelNotFoundError listing what exists
-    return registry.aliases_of(client, name)
 
 
 def _same(client: MlflowClient, name: str, expected: dict[str, str], *, after: bool = False) -> None:

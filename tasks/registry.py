@@ -100,6 +100,13 @@ def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
     return {alias: str(v) for alias, v in (client.get_registered_model(name).aliases or {}).items()}
 
 
+def existing_aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """``name``'s aliases; raises :class:`ModelNotFoundError` (listing what exists) when there is no such model."""
+    if not model_exists(client, name):
+        resolve(client, ModelRef(name))
+    return aliases_of(client, name)
+
+
 def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Path:
     """Download a version's Kiln package into ``dst`` and verify its checksums against ``kiln.json`` and the tags.
 

@@ -183,7 +183,7 @@ def send_command(client: MlflowClient, model: str, command: Command, *, actor: s
 
     The command is a tag on the challenger version; the driver acts on it within ``poll_s`` seconds.
     """
-    aliases = _aliases(client, model)
+    aliases = registry.existing_aliases(client, model)
     version = aliases.get(registry.CHALLENGER)
     if version is None:
         raise RolloutError(f"{model!r} has no @challenger, so no rollout can be running (aliases: {aliases})")
@@ -194,12 +194,6 @@ def send_command(client: MlflowClient, model: str, command: Command, *, actor: s
     payload = {"command": command, "by": actor, "reason": reason, "id": uuid.uuid4().hex, "at": audit.now_iso()}
     client.set_model_version_tag(model, version, COMMAND_TAG, json.dumps(payload))
     return version
-
-
-def _aliases(client: MlflowClient, model: str) -> dict[str, str]:
-    if not registry.model_exists(client, model):
-        registry.resolve(client, registry.ModelRef(model))  # raises ModelNotFoundError listing what exists
-    return registry.aliases_of(client, model)
 
 
 def _take_command(client: MlflowClient, model: str, version: str) -> dict[str, str] | None:
@@ -232,9 +226,10 @@ class RolloutDriver:
                  echo: Callable[[str], None] | None = None) -> None:
         self.settings, self.client, self.gateway, self.spec = settings, client, gateway, spec
         self.poll_s, self.drift, self.actor = poll_s, drift, actor
+        self._last_command: dict[str, str] = {"by": actor, "reason": ""}  # the command that ended a wait
         self.echo = echo or log.info
         self.store = RolloutStore(settings.home)
-        aliases = _aliases(client, model)
+        aliases = registry.existing_aliases(client, model)
         challenger = aliases.get(registry.CHALLENGER)
         if challenger is None:
             raise RolloutError(f"{model!r} has no @challenger to roll out (aliases: {aliases}); run "
@@ -443,7 +438,7 @@ class RolloutDriver:
             command.get("reason", "")))
 
     def _finish(self, outcome: str) -> None:
-        command = getattr(self, "_last_command", {"by": self.actor, "reason": ""})
+        command = self._last_command
         reason = command.get("reason") or "no reason given"
         if outcome == "promote":
             return self._promote(f"promoted by hand during the canary: {reason}", by=command["by"])
@@ -574,7 +569,8 @@ def _recorded_reference(client: MlflowClient, model: str):  # noqa: ANN202 - tas
     from tasks import drift
     from tasks.data import DatasetSpec, load_splits
 
-    champion = _aliases(client, model).get(registry.CHAMPION) or _aliases(client, model).get(registry.CHALLENGER)
+    aliases = registry.existing_aliases(client, model)
+    champion = aliases.get(registry.CHAMPION) or aliases.get(registry.CHALLENGER)
     raw = client.get_model_version(model, champion).tags.get("kiln.dataset") if champion else None
     if not raw:
         raise ConfigError(f"drift checks need a reference: {model} v{champion} records no dataset (kiln.dataset); "
