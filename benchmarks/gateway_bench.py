@@ -26,7 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from infra.loadgen import LoadPlan, LoadSummary, generate_load  # noqa: E402
+from kiln.infra.loadgen import LoadPlan, LoadSummary, generate_load  # noqa: E402
 
 FALLBACK_TEXTS = [
     "the service was quick and the staff were friendly", "my order arrived late and the box was damaged",
@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def texts_for_bench() -> list[str]:
     """The evaluation split's texts when the demo data is installed, else a few fixed sentences."""
     try:
-        from tasks.data import DatasetSpec, load_splits
+        from kiln.tasks.data.datasets import DatasetSpec, load_splits
 
         return load_splits(DatasetSpec(limit=2000)).test["text"].astype(str).tolist()
     except Exception:  # noqa: BLE001 - any data problem: the benchmark still runs on fixed sentences
@@ -61,11 +61,11 @@ def texts_for_bench() -> list[str]:
 
 def tiny_package(workdir: Path, texts: list[str]) -> Path:
     """A tiny BERT classifier exported to ONNX and packaged, as the optimize flow would."""
-    from tasks.export import export_onnx
-    from tasks.hf_model import load_model
-    from tasks.predictor import PackageMeta, package
-    from tasks.stages import Artifact
-    from tasks.tiny import save_tiny
+    from kiln.tasks.core.stages import Artifact
+    from kiln.tasks.models.export import export_onnx
+    from kiln.tasks.models.hf import load_model
+    from kiln.tasks.models.predictor import PackageMeta, package
+    from tests.tiny import save_tiny
 
     labels = ("negative", "neutral", "positive")
     hf = save_tiny("bert", texts * 4, workdir / "hf", labels=labels)
@@ -76,7 +76,7 @@ def tiny_package(workdir: Path, texts: list[str]) -> Path:
 
 def registered_package(ref: str, workdir: Path) -> Path:
     from kiln.settings import load_settings
-    from tasks import registry
+    from kiln.tasks.registry import client as registry
 
     settings = load_settings()
     client = registry.connect(settings)
@@ -118,8 +118,8 @@ def measure(url: str, name: str, texts: list[str], concurrency: int, args: argpa
 
 def in_process(folder: Path, texts: list[str], threads: int, seconds: float) -> dict[int, float]:
     """Rows per second of the package predicting in this process, one text and 32 texts per call."""
-    from tasks.engines import EngineOptions
-    from tasks.predictor import Predictor
+    from kiln.tasks.engines import EngineOptions
+    from kiln.tasks.models.predictor import Predictor
 
     predictor = Predictor(folder, EngineOptions(threads=threads))
     rates = {}
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> None:
         server_url, gateway_url = f"http://127.0.0.1:{server_port}", f"http://127.0.0.1:{gateway_port}"
         procs = []
         try:
-            procs.append(start(["infra.server", "--package", str(folder), "--name", "bench", "--port",
+            procs.append(start(["kiln.infra.server", "--package", str(folder), "--name", "bench", "--port",
                                 str(server_port), "--threads", str(args.threads)], server_url + "/v2/health/ready"))
-            procs.append(start(["infra.gateway", "--champion", server_url, "--challenger", server_url, "--port",
+            procs.append(start(["kiln.infra.gateway", "--champion", server_url, "--challenger", server_url, "--port",
                                 str(gateway_port)], gateway_url + "/health", {"KILN_GATEWAY_TOKEN": TOKEN}))
             direct, via = {}, {}
             for c in levels:  # interleaved, so drift in the machine's load touches both sides alike

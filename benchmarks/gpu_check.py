@@ -79,9 +79,9 @@ def build(args: argparse.Namespace, work: Path) -> dict[str, Runner]:
     import onnxruntime as ort
     from transformers import AutoModelForSequenceClassification
 
-    from tasks.engines import EngineOptions, OnnxRuntimeEngine, load_engine
-    from tasks.engines.tensorrt import TensorRTBuildConfig, build_engine
-    from tasks.export import export_onnx
+    from kiln.tasks.engines import EngineOptions, OnnxRuntimeEngine, load_engine
+    from kiln.tasks.engines.tensorrt import TensorRTBuildConfig, build_engine
+    from kiln.tasks.models.export import export_onnx
 
     model = AutoModelForSequenceClassification.from_pretrained(args.model_dir)
     fp32 = export_onnx(model, work / "fp32" / "model.onnx")
@@ -102,7 +102,7 @@ def build(args: argparse.Namespace, work: Path) -> dict[str, Runner]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from kiln.errors import KilnError
-    from tasks.engines.tensorrt import runtime_info
+    from kiln.tasks.engines.tensorrt import runtime_info
 
     try:
         info = runtime_info()

@@ -17,17 +17,21 @@ from pydantic import BaseModel, Field
 
 from kiln.errors import DataCheckFailed, GateError
 from kiln.settings import Settings, load_settings
-from tasks import candidates as cands
-from tasks import datachecks, publish, recipes, registry, review_report
-from tasks.benchmark import BenchConfig
-from tasks.cache import StageCache
-from tasks.data import DatasetSpec, Splits, load_splits
-from tasks.engines import EngineOptions, engine_versions, resolve_backend
-from tasks.evaluate import assess_artifact
-from tasks.gate import Policy, load_policy, pareto_front, rank
-from tasks.plots import pareto_png
-from tasks.predictor import PackageMeta
-from tasks.stages import Artifact
+from kiln.tasks.compress import recipes
+from kiln.tasks.core.cache import StageCache
+from kiln.tasks.core.stages import Artifact
+from kiln.tasks.data import checks as datachecks
+from kiln.tasks.data.datasets import DatasetSpec, Splits, load_splits
+from kiln.tasks.engines import EngineOptions, engine_versions, resolve_backend
+from kiln.tasks.evaluate.benchmark import BenchConfig
+from kiln.tasks.evaluate.gate import Policy, load_policy, pareto_front, rank
+from kiln.tasks.evaluate.quality import assess_artifact
+from kiln.tasks.models.predictor import PackageMeta
+from kiln.tasks.optimize import candidates as cands
+from kiln.tasks.optimize import publish
+from kiln.tasks.registry import client as registry
+from kiln.tasks.reports import review as review_report
+from kiln.tasks.reports.plots import pareto_png
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,9 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from kiln.settings import Settings, load_settings
-from tasks import audit, promotion, registry
+from kiln.tasks.lifecycle import promotion
+from kiln.tasks.registry import audit
+from kiln.tasks.registry import client as registry
 
 log = logging.getLogger(__name__)
 

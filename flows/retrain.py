@@ -11,12 +11,12 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from flows.optimize import OptimizeParams, optimize
 from kiln.errors import ConfigError
+from kiln.flows.optimize import OptimizeParams, optimize
 from kiln.settings import Settings, load_settings
-from tasks import registry
-from tasks import retrain as steps
-from tasks.retrain import RetrainParams, RetrainPlan
+from kiln.tasks.lifecycle import retrain as steps
+from kiln.tasks.lifecycle.retrain import RetrainParams, RetrainPlan
+from kiln.tasks.registry import client as registry
 
 __all__ = ["RetrainParams", "retrain", "run_retrain"]
 

@@ -2,7 +2,7 @@
 
     gateway weight/shadow per step ─► analysis interval ─► judge ─► forward | pause | roll back ─► … ─► promote
 
-The logic is :mod:`tasks.rollout`; this wrapper gives it a Prefect run (typed form in the UI, logs,
+The logic is :mod:`kiln.tasks.rollout`; this wrapper gives it a Prefect run (typed form in the UI, logs,
 a markdown artifact with every verdict). Pause, resume, promote and abort with ``kiln rollout ...``
 from any machine that reaches the registry.
 """
@@ -15,7 +15,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from kiln.settings import load_settings
-from tasks.rollout import RolloutParams, RolloutState, describe, run_rollout
+from kiln.tasks.rollout.driver import RolloutParams, RolloutState, describe, run_rollout
 
 
 def _markdown(state: RolloutState) -> str:

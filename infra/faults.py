@@ -1,7 +1,7 @@
 """Deliberate faults for a served model: errors, added latency, wrong answers.
 
 A canary analysis is only trustworthy if it has been seen to catch a bad challenger. The model server
-can wrap a version's predictor in :class:`FaultyPredictor` (``python -m infra.server --fault-errors 0.2``)
+can wrap a version's predictor in :class:`FaultyPredictor` (``python -m kiln.infra.server --fault-errors 0.2``)
 so the demo and the tests roll a visibly broken challenger through the same gateway and judge as a good
 one. Faults are opt-in per served version and logged loudly at start.
 """

@@ -1,6 +1,6 @@
 """The serving gateway: one address in front of the champion and challenger model servers.
 
-    KILN_GATEWAY_TOKEN=... python -m infra.gateway --champion http://127.0.0.1:8001 \
+    KILN_GATEWAY_TOKEN=... python -m kiln.infra.gateway --champion http://127.0.0.1:8001 \
         --challenger http://127.0.0.1:8002 --port 8080
 
 Open Inference Protocol v2 requests (``/v2/...``) are forwarded unchanged to one upstream, chosen by
@@ -39,7 +39,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from infra.gateway_stats import (
+from kiln.infra.gateway_stats import (
     CHALLENGER,
     CHAMPION,
     GatewayMetrics,
@@ -50,9 +50,9 @@ from infra.gateway_stats import (
     Window,
     choose,
 )
-from infra.oip import InferError, TextRequest, labels_of, parse_infer
-from infra.server import VERSION_HEADER
-from infra.upstream import Answer, Failure, UpstreamClient
+from kiln.infra.oip import InferError, TextRequest, labels_of, parse_infer
+from kiln.infra.server import VERSION_HEADER
+from kiln.infra.upstream import Answer, Failure, UpstreamClient
 
 log = logging.getLogger(__name__)
 UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "X-Kiln-Upstream", "X-Kiln-Request-Id", "X-Kiln-Sticky"

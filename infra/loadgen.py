@@ -1,6 +1,6 @@
 """A bounded, loopback-only load generator: replay texts through the gateway, optionally send feedback.
 
-    python -m infra.loadgen --url http://127.0.0.1:8080 --model sentiment --requests 2000 --concurrency 8 \
+    python -m kiln.infra.loadgen --url http://127.0.0.1:8080 --model sentiment --requests 2000 --concurrency 8 \
         --seconds 60 --feedback
 
 Bounded twice (a request count and a wall-clock limit) and refused for anything but a loopback
@@ -26,8 +26,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from infra.oip import text_request
-from infra.upstream import Failure, UpstreamClient
+from kiln.infra.oip import text_request
+from kiln.infra.upstream import Failure, UpstreamClient
 
 MAX_REQUESTS = 1_000_000
 UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "x-kiln-upstream", "x-kiln-request-id", "X-Kiln-Sticky"
@@ -212,7 +212,7 @@ def _texts(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
     if args.texts:
         lines = Path(args.texts).read_text(encoding="utf-8").splitlines()
         return [line.strip() for line in lines if line.strip()], None
-    from tasks.data import DatasetSpec, load_splits
+    from kiln.tasks.data.datasets import DatasetSpec, load_splits
 
     test = load_splits(DatasetSpec(limit=args.limit)).test  # the evaluation split: texts the gate judged on
     # Shuffled (seeded): the split keeps the file's order, and a file grouped by class would look like drift.

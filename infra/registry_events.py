@@ -5,7 +5,7 @@ Two ways to hear the registry, one meaning for both (:class:`RegistryEvents`):
 - **webhooks** (MLflow 3.3+ server, SQL store): MLflow POSTs ``model_version.created`` and
   ``model_version_tag.set`` to ``/hooks/mlflow``, signed ``X-MLflow-Signature: v1,<base64 HMAC-SHA256 of
   "{delivery_id}.{timestamp}.{body}">`` (see ``mlflow/webhooks/delivery.py``);
-- **polling** (:class:`RegistryPoller`, ``python -m infra.registry_events``): the embedded SQLite store sends
+- **polling** (:class:`RegistryPoller`, ``python -m kiln.infra.registry_events``): the embedded SQLite store sends
   no webhooks, and MLflow drops a delivery after its retries, so polling is also the backstop.
 
 Both start optimize with the idempotency key ``mlflow:{name}:{version}:optimize``: whichever comes second
@@ -194,7 +194,7 @@ class RegistryEvents:
         """The version a paused run reviews: the one linked to it by tag, else the model's current challenger."""
         from mlflow.exceptions import MlflowException
 
-        from tasks.registry import CHALLENGER
+        from kiln.tasks.registry.client import CHALLENGER
 
         linked = self.client.search_model_versions(
             f"name = '{_quote(run.model)}' and tags.`{PROMOTE_RUN_TAG}` = '{run.flow_run_id}'")
@@ -369,7 +369,7 @@ def register_mlflow_webhook(settings: Settings, url: str, secret: str) -> Any:
     uri = settings.registry_uri or settings.effective_tracking_uri
     if not uri.startswith(("http://", "https://")):
         raise ConfigError(f"MLflow webhooks need an MLflow server (KILN_TRACKING_URI=http://...), not {uri}; "
-                          "without one Kiln polls the registry (python -m infra.registry_events)")
+                          "without one Kiln polls the registry (python -m kiln.infra.registry_events)")
     client = MlflowClient(settings.effective_tracking_uri, settings.registry_uri)
     existing, token = None, None
     while existing is None:
@@ -472,13 +472,13 @@ class RegistryPoller:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m infra.registry_events [--once]``: poll the registry (for stores that send no webhooks)."""
+    """``python -m kiln.infra.registry_events [--once]``: poll the registry (for stores that send no webhooks)."""
     from kiln.logs import setup_logging
     from kiln.settings import load_settings
 
     from .starter import DeploymentStarter
 
-    parser = argparse.ArgumentParser(prog="python -m infra.registry_events", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kiln.infra.registry_events", description=main.__doc__)
     parser.add_argument("--once", action="store_true", help="poll once, print what happened, exit")
     args = parser.parse_args(argv)
     setup_logging()

@@ -1,7 +1,7 @@
 """The model server: registered versions behind the Open Inference Protocol v2 REST API, with batching.
 
-    python -m infra.server --model sentiment@champion --port 8001
-    python -m infra.server --package ./pkg --name tiny --port 8001      # a Kiln package folder, no registry
+    python -m kiln.infra.server --model sentiment@champion --port 8001
+    python -m kiln.infra.server --package ./pkg --name tiny --port 8001      # a Kiln package folder, no registry
 
 Each model version runs on its own engine thread behind a dynamic batcher (:mod:`infra.batching`):
 concurrent requests are merged into one engine call. Texts go in as a ``BYTES`` tensor named ``text``
@@ -32,9 +32,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from infra.batching import Batcher
-from infra.faults import Faults, FaultyPredictor, InjectedFault
-from infra.oip import InferError, InferRequest, TensorRequest, parse_infer, select_outputs, tensor
+from kiln.infra.batching import Batcher
+from kiln.infra.faults import Faults, FaultyPredictor, InjectedFault
+from kiln.infra.oip import InferError, InferRequest, TensorRequest, parse_infer, select_outputs, tensor
 
 log = logging.getLogger(__name__)
 VERSION_HEADER = "X-Kiln-Model-Version"
@@ -315,8 +315,8 @@ def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_s
 
 def load_registered(refs: list[str], settings: Any, options: Any) -> list[ServedModel]:
     """Resolve ``NAME@ALIAS`` / ``NAME/VERSION`` refs in the registry and open their engines."""
-    from tasks import registry
-    from tasks.predictor import Predictor
+    from kiln.tasks.models.predictor import Predictor
+    from kiln.tasks.registry import client as registry
 
     client = registry.connect(settings)
     served = []
@@ -378,8 +378,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from kiln.errors import KilnError
     from kiln.settings import load_settings
-    from tasks.engines import EngineOptions
-    from tasks.predictor import Predictor
+    from kiln.tasks.engines import EngineOptions
+    from kiln.tasks.models.predictor import Predictor
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)

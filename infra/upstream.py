@@ -41,7 +41,7 @@ class UpstreamClient:
     def __init__(self, *, max_connections: int = 256, timeout_s: float = 30.0, keepalive_s: float = 5.0) -> None:
         self.max_connections = max_connections
         self.timeout_s = timeout_s
-        # Shorter than the servers' keep-alive (30 s in infra.server), so the client closes idle
+        # Shorter than the servers' keep-alive (30 s in kiln.infra.server), so the client closes idle
         # connections first and never sends on one the server is closing.
         self.keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None

@@ -1,9 +1,9 @@
 """Git push webhooks in, retrain flow runs out: the receiver Prefect's open-source server does not have.
 
-    python -m infra.webhooks --host 127.0.0.1 --port 8765      (settings: KILN_WEBHOOK_SECRET, ...)
+    python -m kiln.infra.webhooks --host 127.0.0.1 --port 8765      (settings: KILN_WEBHOOK_SECRET, ...)
 
 ``POST /hooks/github`` (``X-Hub-Signature-256`` HMAC of the raw body), ``POST /hooks/gitlab``
-(``X-Gitlab-Token``), ``POST /hooks/mlflow`` (registry events, :mod:`infra.registry_events`) and
+(``X-Gitlab-Token``), ``POST /hooks/mlflow`` (registry events, :mod:`kiln.infra.registry_events`) and
 ``GET /health``. A push is checked in this order, and the first failure answers, always as JSON
 ``{"error": "..."}``:
 
@@ -42,14 +42,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from infra.registry_events import mlflow_webhook_route
-from infra.starter import RETRAIN, DeploymentStarter, Started
-from infra.webhook_body import Reject, read_body
 from kiln.errors import KilnError
+from kiln.infra.registry_events import mlflow_webhook_route
+from kiln.infra.starter import RETRAIN, DeploymentStarter, Started
+from kiln.infra.webhook_body import Reject, read_body
 from kiln.settings import Settings, load_settings
-from tasks.retrain import RetrainParams
+from kiln.tasks.lifecycle.retrain import RetrainParams
 
-log = logging.getLogger("infra.webhooks")  # not __name__: under `python -m` that is __main__, outside Kiln's loggers
+# not __name__: under `python -m` that is __main__, outside Kiln's loggers
+log = logging.getLogger("kiln.infra.webhooks")
 
 _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1, or SHA-256 object format
 
@@ -57,7 +58,7 @@ _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1, or SHA-256 object form
 class Starter(Protocol):
     """What the push routes need from :class:`infra.starter.DeploymentStarter` (tests pass a recorder).
 
-    The registry route (``infra.registry_events``) calls its ``start_sync`` from a worker thread.
+    The registry route (``kiln.infra.registry_events``) calls its ``start_sync`` from a worker thread.
     """
 
     async def start(self, deployment: str, parameters: dict[str, Any], *, idempotency_key: str | None = None,

@@ -1,5 +1,5 @@
 """``python -m kiln`` is the ``kiln`` command."""
 
-from kiln.cli import app
+from kiln.cli.app import app
 
 app()

@@ -55,7 +55,7 @@ def setup_logging(level: str | None = None) -> None:
         warnings.filterwarnings("ignore", message=f".*{text}")
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
-    for name in ("kiln", "tasks", "flows", "infra"):
+    for name in ("kiln",):
         logging.getLogger(name).setLevel(level)
     for noisy in ("mlflow", "alembic", "urllib3", "great_expectations", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

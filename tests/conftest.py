@@ -18,14 +18,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_spec():
-    from tasks.data import DatasetSpec
+    from kiln.tasks.data.datasets import DatasetSpec
 
     return DatasetSpec(limit=400, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_splits(tiny_spec):
-    from tasks.data import load_splits
+    from kiln.tasks.data.datasets import load_splits
 
     return load_splits(tiny_spec)
 
@@ -33,7 +33,7 @@ def tiny_splits(tiny_spec):
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, tiny_splits) -> dict[str, Path]:
     """Tiny BERT classifier, GPT-2 and Llama causal LMs as Hugging Face folders (seconds to build)."""
-    from tasks.tiny import save_tiny
+    from tests.tiny import save_tiny
 
     root = tmp_path_factory.mktemp("tiny-models")
     texts = tiny_splits.train["text"].tolist()

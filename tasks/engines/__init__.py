@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.engines.base import Engine, EngineOptions
-from tasks.engines.onnxruntime import OnnxRuntimeEngine
+from kiln.tasks.engines.base import Engine, EngineOptions
+from kiln.tasks.engines.onnxruntime import OnnxRuntimeEngine
 
 __all__ = ["Engine", "EngineOptions", "OnnxRuntimeEngine", "engine_versions", "load_engine", "resolve_backend"]
 
@@ -48,7 +48,7 @@ def load_engine(path: Path, options: EngineOptions | None = None) -> Engine:
     if backend == "onnxruntime":
         return OnnxRuntimeEngine(path, options)
     if backend == "tensorrt":
-        from tasks.engines.tensorrt import TensorRTEngine  # optional extra
+        from kiln.tasks.engines.tensorrt import TensorRTEngine  # optional extra
 
         return TensorRTEngine(path, options)
     raise ValueError(f"unknown engine backend {backend!r}")

@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from kiln.errors import ArtifactError
-from tasks.engines.base import EngineOptions
+from kiln.tasks.engines.base import EngineOptions
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -29,7 +29,7 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from kiln.errors import ArtifactError, ConfigError, ExportError
-from tasks.engines.base import EngineOptions, sha256_file
+from kiln.tasks.engines.base import EngineOptions, sha256_file
 
 log = logging.getLogger(__name__)
 

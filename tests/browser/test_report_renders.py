@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks import review_report
-from tasks.plots import pareto_png
+from kiln.tasks.reports import review as review_report
+from kiln.tasks.reports.plots import pareto_png
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed")]

@@ -20,16 +20,16 @@ if not hasattr(trt, "Builder") or not torch.cuda.is_available():
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification  # noqa: E402
 
 from kiln.errors import ConfigError  # noqa: E402
-from tasks.engines import EngineOptions, OnnxRuntimeEngine, load_engine  # noqa: E402
-from tasks.engines.tensorrt import (  # noqa: E402
+from kiln.tasks.engines import EngineOptions, OnnxRuntimeEngine, load_engine  # noqa: E402
+from kiln.tasks.engines.tensorrt import (  # noqa: E402
     TensorRTBuildConfig,
     build_engine,
     check_plan_compatible,
     read_metadata,
     runtime_info,
 )
-from tasks.export import export_onnx  # noqa: E402
-from tasks.tiny import save_tiny  # noqa: E402
+from kiln.tasks.models.export import export_onnx  # noqa: E402
+from tests.tiny import save_tiny  # noqa: E402
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "what a good film", "rain again today"] * 3
 SEQ = 16

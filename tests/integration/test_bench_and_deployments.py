@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from tasks import registry
-from tasks.benchrun import run_bench
-from tasks.onboard import register_folder
+from kiln.tasks.optimize.compare import run_bench
+from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.onboard import register_folder
 
 
 def test_bench_compares_torch_with_each_candidate_in_one_run(settings, tiny_models, tiny_spec):
@@ -27,7 +27,7 @@ def test_bench_compares_torch_with_each_candidate_in_one_run(settings, tiny_mode
 
 
 def test_deployments_have_typed_forms_with_descriptions():
-    from flows.deployments import deployments
+    from kiln.deployments import deployments
 
     by_name = {d.name: d for d in deployments()}
     schema = by_name["kiln-optimize"]._parameter_openapi_schema.model_dump()

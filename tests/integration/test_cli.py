@@ -10,9 +10,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from kiln.cli import app
-from tasks import registry
-from tasks.onboard import register_folder
+from kiln.cli.app import app
+from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.onboard import register_folder
 from tests.integration.helpers import registry_state
 
 runner = CliRunner()

@@ -7,8 +7,8 @@ import json
 import mlflow
 import pytest
 
-from flows.demo import DemoParams, demo
-from tasks import registry
+from kiln.demo.flow import DemoParams, demo
+from kiln.tasks.registry import client as registry
 
 pytestmark = pytest.mark.demo
 

@@ -11,12 +11,13 @@ import pytest
 from onnx import numpy_helper
 from typer.testing import CliRunner
 
-from flows.optimize import OptimizeParams, optimize
-from kiln.cli import app
-from tasks import recipes, registry
-from tasks.onboard import register_folder
-from tasks.stages import Artifact, StageResult
-from tasks.triton import onnx_io, parse_config_pbtxt
+from kiln.cli.app import app
+from kiln.flows.optimize import OptimizeParams, optimize
+from kiln.tasks.compress import recipes
+from kiln.tasks.core.stages import Artifact, StageResult
+from kiln.tasks.engines.triton import onnx_io, parse_config_pbtxt
+from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.onboard import register_folder
 
 
 def break_engine(artifact, params, ctx):
@@ -65,11 +66,11 @@ def test_triton_repository_for_a_registered_version(settings, tiny_models, tiny_
 
 def test_tensorrt_backend_packages_a_plan_beside_the_onnx_graph(settings, tiny_models, tiny_spec, monkeypatch):
     """`--backend tensorrt` builds a plan into each package; the build itself is a stand-in here."""
-    import tasks.engines.tensorrt as trt_mod
-    from tasks.cache import StageCache
-    from tasks.candidates import package_candidate, resolve_source, stage_context_factory
-    from tasks.data import load_splits
-    from tasks.predictor import PackageMeta
+    import kiln.tasks.engines.tensorrt as trt_mod
+    from kiln.tasks.core.cache import StageCache
+    from kiln.tasks.data.datasets import load_splits
+    from kiln.tasks.models.predictor import PackageMeta
+    from kiln.tasks.optimize.candidates import package_candidate, resolve_source, stage_context_factory
 
     def fake_build(onnx_path: Path, out_dir: Path, config) -> Path:
         plan = out_dir / "model.plan"
@@ -90,8 +91,8 @@ def test_tensorrt_backend_packages_a_plan_beside_the_onnx_graph(settings, tiny_m
     assert meta.engine["backend"] == "tensorrt"
     assert {"model.onnx", "model.plan"} <= set(meta.sha256)
     from kiln.errors import KilnError
-    from tasks.engines import EngineOptions
-    from tasks.predictor import Predictor
+    from kiln.tasks.engines import EngineOptions
+    from kiln.tasks.models.predictor import Predictor
 
     with pytest.raises(KilnError, match="TensorRT|tensorrt"):
         Predictor(folder, EngineOptions(backend="tensorrt"))  # no CUDA/TensorRT here: refused clearly

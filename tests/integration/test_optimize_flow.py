@@ -8,11 +8,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from flows.optimize import OptimizeParams, optimize
 from kiln.errors import DataCheckFailed, GateError
-from tasks import registry
-from tasks.data import DatasetSpec
-from tasks.onboard import register_folder
+from kiln.flows.optimize import OptimizeParams, optimize
+from kiln.tasks.data.datasets import DatasetSpec
+from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.onboard import register_folder
 from tests.integration.helpers import registry_state
 
 

@@ -20,9 +20,11 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from flows.promote import PromoteParams, promote
-from kiln.cli_promote import register_commands
-from tasks import audit, promotion, registry
+from kiln.cli.promote import register_commands
+from kiln.flows.promote import PromoteParams, promote
+from kiln.tasks.lifecycle import promotion
+from kiln.tasks.registry import audit
+from kiln.tasks.registry import client as registry
 from tests.integration.helpers import registry_state
 
 runner = CliRunner()
@@ -201,7 +203,8 @@ RACER = """
 import sys, time
 from pathlib import Path
 from kiln.settings import load_settings
-from tasks import promotion, registry
+from kiln.tasks.lifecycle import promotion
+from kiln.tasks.registry import client as registry
 settings = load_settings()
 client = registry.connect(settings)
 registry.aliases_of(client, "tiny")

@@ -23,10 +23,10 @@ from prefect import flow
 from prefect.flow_runs import pause_flow_run
 from prefect.runtime import flow_run
 
-from flows.promote import ApprovalInput, PromoteParams
-from infra.background import serving
-from infra.registry_events import PROMOTE_RUN_TAG, RegistryPoller, create_app, main, register_mlflow_webhook
-from infra.starter import DeploymentStarter
+from kiln.flows.promote import ApprovalInput, PromoteParams
+from kiln.infra.background import serving
+from kiln.infra.registry_events import PROMOTE_RUN_TAG, RegistryPoller, create_app, main, register_mlflow_webhook
+from kiln.infra.starter import DeploymentStarter
 from kiln.settings import Settings, load_settings
 
 SECRET = "integration-secret"
@@ -97,7 +97,7 @@ def mlflow_server(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def optimize_deployment() -> str:
     """The optimize deployment in the session's Prefect test server (created, never executed here)."""
-    from flows.optimize import optimize
+    from kiln.flows.optimize import optimize
 
     return str(optimize.to_deployment(name="kiln-optimize").apply())
 

@@ -18,15 +18,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flows.retrain import RetrainParams, retrain
-from infra.background import serving
-from infra.starter import DeploymentStarter
-from infra.webhooks import create_app
 from kiln.errors import ConfigError
+from kiln.flows.retrain import RetrainParams, retrain
+from kiln.infra.background import serving
+from kiln.infra.starter import DeploymentStarter
+from kiln.infra.webhooks import create_app
 from kiln.settings import load_settings
-from tasks import registry
-from tasks.data import DatasetSpec
-from tasks.onboard import register_folder
+from kiln.tasks.data.datasets import DatasetSpec
+from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.onboard import register_folder
 
 SECRET = "push-secret"
 WORDS = {"positive": ["great", "lovely", "happy", "wonderful"], "negative": ["awful", "sad", "terrible", "bad"],
@@ -251,7 +251,7 @@ def test_kiln_trigger_retrain_for_ci(base, local_repo, deployment, monkeypatch):
     import typer
     from typer.testing import CliRunner
 
-    from kiln.cli_trigger import register_commands
+    from kiln.cli.trigger import register_commands
 
     app = typer.Typer()
     app.callback()(lambda: None)
@@ -288,7 +288,7 @@ def test_kiln_trigger_retrain_for_ci(base, local_repo, deployment, monkeypatch):
 def test_examples_are_valid():
     import yaml
 
-    from tasks.retrain import load_config
+    from kiln.tasks.lifecycle.retrain import load_config
 
     examples = Path(__file__).resolve().parents[2] / "examples"
     config = load_config(examples / "kiln-train.yaml", "examples/kiln-train.yaml")

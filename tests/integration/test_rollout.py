@@ -3,7 +3,7 @@ the judge, and a real MLflow SQLite registry whose aliases the rollout moves (or
 
 The engines behind the two model servers are tiny deterministic stand-ins (answers in microseconds), so
 what is measured is the rollout machinery; faults are injected with the model server's own
-:class:`infra.faults.FaultyPredictor`, exactly as ``python -m infra.server --fault-*`` does.
+:class:`infra.faults.FaultyPredictor`, exactly as ``python -m kiln.infra.server --fault-*`` does.
 """
 
 from __future__ import annotations
@@ -23,18 +23,19 @@ import typer
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from infra.background import serving
-from infra.faults import Faults, FaultyPredictor
-from infra.gateway import Gateway, Upstream
-from infra.gateway import create_app as gateway_app
-from infra.loadgen import LoadPlan, generate_load
-from infra.server import ServedModel
-from infra.server import create_app as server_app
-from kiln.cli_rollout import register_commands
+from kiln.cli.rollout import register_commands
 from kiln.errors import ConfigError
+from kiln.infra.background import serving
+from kiln.infra.faults import Faults, FaultyPredictor
+from kiln.infra.gateway import Gateway, Upstream
+from kiln.infra.gateway import create_app as gateway_app
+from kiln.infra.loadgen import LoadPlan, generate_load
+from kiln.infra.server import ServedModel
+from kiln.infra.server import create_app as server_app
 from kiln.settings import Settings
-from tasks import audit, registry
-from tasks.rollout import RolloutError, RolloutParams, RolloutStore, run_rollout, send_command
+from kiln.tasks.registry import audit
+from kiln.tasks.registry import client as registry
+from kiln.tasks.rollout.driver import RolloutError, RolloutParams, RolloutStore, run_rollout, send_command
 
 TOKEN = "rollout-test-token"
 LABELS = ["negative", "positive"]

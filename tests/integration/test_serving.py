@@ -19,20 +19,20 @@ import mlflow
 import numpy as np
 import pytest
 
-from infra.background import serving
-from infra.gateway import Gateway, Upstream
-from infra.gateway import create_app as gateway_app
-from infra.loadgen import LoadPlan, check_loopback, generate_load
-from infra.server import create_app as server_app
-from infra.server import load_registered
+from kiln.infra.background import serving
+from kiln.infra.gateway import Gateway, Upstream
+from kiln.infra.gateway import create_app as gateway_app
+from kiln.infra.loadgen import LoadPlan, check_loopback, generate_load
+from kiln.infra.server import create_app as server_app
+from kiln.infra.server import load_registered
 from kiln.settings import Settings
-from tasks import registry
-from tasks.canary import RolloutSpec, judge_step, stats_from_state
-from tasks.engines import EngineOptions
-from tasks.onboard import inspect_folder, register_folder
-from tasks.predictor import PackageMeta, package
-from tasks.pyfunc import log_package
-from tasks.stages import Artifact
+from kiln.tasks.core.stages import Artifact
+from kiln.tasks.engines import EngineOptions
+from kiln.tasks.models.predictor import PackageMeta, package
+from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.onboard import inspect_folder, register_folder
+from kiln.tasks.registry.pyfunc import log_package
+from kiln.tasks.rollout.judge import RolloutSpec, judge_step, stats_from_state
 from tests.fakes import FastFake
 
 TOKEN = "s3cret-admin-token"
@@ -41,8 +41,8 @@ TEXT = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": [
 
 
 def _register_onnx_challenger(client, settings: Settings, hf_folder: Path, labels: list[str]) -> None:
-    from tasks.export import export_onnx
-    from tasks.hf_model import load_model
+    from kiln.tasks.models.export import export_onnx
+    from kiln.tasks.models.hf import load_model
 
     with tempfile.TemporaryDirectory() as tmp:
         onnx = export_onnx(load_model(hf_folder, "sequence-classification"), Path(tmp) / "model.onnx")

@@ -13,8 +13,8 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from infra.stack import Service, Stack, StackError, database_urls, http_ok
 from kiln.errors import ConfigError
+from kiln.infra.stack import Service, Stack, StackError, database_urls, http_ok
 from tests.stores import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -15,13 +15,14 @@ from types import SimpleNamespace
 import mlflow
 import pytest
 
-from flows.optimize import OptimizeParams, optimize
-from infra import stack
 from kiln.errors import ArtifactError
+from kiln.flows.optimize import OptimizeParams, optimize
+from kiln.infra import stack
 from kiln.settings import load_settings
-from tasks import registry, storage
-from tasks.onboard import register_folder
-from tasks.predictor import PackageMeta
+from kiln.tasks.models.predictor import PackageMeta
+from kiln.tasks.registry import client as registry
+from kiln.tasks.registry import storage
+from kiln.tasks.registry.onboard import register_folder
 from tests.stores import free_port
 
 

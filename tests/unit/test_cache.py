@@ -1,6 +1,6 @@
 import pytest
 
-from tasks.cache import StageCache, code_version, make_key
+from kiln.tasks.core.cache import StageCache, code_version, make_key
 
 
 def test_result_is_persisted_and_reused(tmp_path):
@@ -41,7 +41,8 @@ def test_keys_change_with_any_input():
 
 
 def test_code_version_tracks_the_module_source():
-    from tasks import quantize, recipes
+    from kiln.tasks.compress import recipes
+    from kiln.tasks.compress.quantization import dynamic as quantize
 
     assert code_version(quantize.int8_dynamic) != code_version(recipes.export_stage)
     assert code_version(quantize.int8_dynamic).startswith("0.")

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from infra.gateway_stats import GatewayMetrics, Routing, Splitter, choose, sticky_bucket
 from kiln.errors import ConfigError
-from tasks.canary import (
+from kiln.infra.gateway_stats import GatewayMetrics, Routing, Splitter, choose, sticky_bucket
+from kiln.tasks.rollout.judge import (
     RolloutSpec,
     StepVerdict,
     UpstreamStats,
@@ -20,7 +20,7 @@ from tasks.canary import (
     stats_from_prometheus,
     stats_from_state,
 )
-from tasks.canary_stats import histogram_quantile, rank_average
+from kiln.tasks.rollout.stats import histogram_quantile, rank_average
 
 SPEC = """
 steps:

@@ -2,7 +2,7 @@ import pandas as pd
 import pytest
 
 from kiln.errors import DataError
-from tasks.data import DatasetSpec, load_splits
+from kiln.tasks.data.datasets import DatasetSpec, load_splits
 
 
 def _write(tmp_path, frame: pd.DataFrame, name: str = "d.csv"):

@@ -2,8 +2,8 @@ import pandas as pd
 import pytest
 
 from kiln.errors import DataCheckFailed
-from tasks.data import Splits
-from tasks.datachecks import DataCheckConfig, check_splits
+from kiln.tasks.data.checks import DataCheckConfig, check_splits
+from kiln.tasks.data.datasets import Splits
 
 
 def _with_test(splits: Splits, test: pd.DataFrame) -> Splits:

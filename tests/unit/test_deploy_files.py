@@ -237,8 +237,8 @@ def test_job_variables_fit_the_work_pool_type(prefect_yaml: dict, pool: str) -> 
 def test_prefect_yaml_entrypoints_load_the_flows_the_triggers_start(prefect_yaml: dict, monkeypatch) -> None:
     from prefect.flows import load_flow_from_entrypoint
 
-    from flows.deployments import deployments as served
-    from infra import starter
+    from kiln.deployments import deployments as served
+    from kiln.infra import starter
 
     monkeypatch.chdir(ROOT)  # prefect deploy runs from the repository root
     pairs = set()
@@ -254,8 +254,8 @@ def test_prefect_yaml_entrypoints_load_the_flows_the_triggers_start(prefect_yaml
 
 
 def test_the_compose_worker_serves_every_deployment_the_triggers_start(compose: dict) -> None:
-    from flows.deployments import deployments as served
-    from infra import starter
+    from kiln.deployments import deployments as served
+    from kiln.infra import starter
 
     assert compose_argv("worker", compose["services"]["worker"]) == ["kiln", "serve-flows"]
     triggered = {v for k, v in vars(starter).items() if k.isupper() and isinstance(v, str) and "/" in v}
@@ -383,7 +383,7 @@ def test_ports_are_the_settings_defaults(compose: dict, prefect_yaml: dict) -> N
     for owner, c in containers():
         argv = container_argv(c)
         module = argv[2] if argv[:2] == ["python", "-m"] else None
-        setting = {"infra.server": "server_port", "infra.gateway": "gateway_port"}.get(module)
+        setting = {"kiln.infra.server": "server_port", "kiln.infra.gateway": "gateway_port"}.get(module)
         if setting:
             port = default_port(setting)
             assert option(argv, "--port") == str(port) and [p["containerPort"] for p in c["ports"]] == [port], owner
@@ -394,10 +394,10 @@ def test_ports_are_the_settings_defaults(compose: dict, prefect_yaml: dict) -> N
 
 
 def kiln_apps(monkeypatch, tmp_path: Path, argv: list[str], env: dict[str, str]):
-    """The ASGI app that ``python -m infra.X ARGS`` would serve, built by the module's own CLI code."""
+    """The ASGI app that ``python -m kiln.infra.X ARGS`` would serve, built by the module's own CLI code."""
     module = argv[2]
-    if module == "infra.server":  # main() would load models from the registry: parse, then build with a stub
-        from infra.server import create_app, parse_args
+    if module == "kiln.infra.server":  # main() would load models from the registry: parse, then build with a stub
+        from kiln.infra.server import create_app, parse_args
 
         parse_args(argv[3:])
         return create_app({"model": object()})
@@ -429,7 +429,7 @@ def test_health_checks_and_probes_hit_real_routes(compose: dict, monkeypatch, tm
     checked = []
     for name, service in compose["services"].items():
         argv = compose_argv(name, service)
-        if argv[:2] != ["python", "-m"] or not argv[2].startswith("infra."):
+        if argv[:2] != ["python", "-m"] or not argv[2].startswith("kiln.infra."):
             continue
         health = list(urls(service.get("healthcheck", {}).get("test", [])))
         if not health:
@@ -453,14 +453,14 @@ def test_health_checks_and_probes_hit_real_routes(compose: dict, monkeypatch, tm
 def test_entrypoints_exist(compose: dict, prefect_yaml: dict) -> None:
     import typer
 
-    from kiln.cli import app
+    from kiln.cli.app import app
 
     kiln_commands = set(typer.main.get_command(app).commands)
     pools = {d["work_pool"]["name"] for d in prefect_yaml["deployments"]}
     argvs = [compose_argv(n, s) for n, s in compose["services"].items()] + [container_argv(c) for _, c in containers()]
     seen = set()
     for argv in argvs:
-        if argv[:2] == ["python", "-m"] and argv[2].startswith("infra."):
+        if argv[:2] == ["python", "-m"] and argv[2].startswith("kiln.infra."):
             assert callable(getattr(importlib.import_module(argv[2]), "main", None)), argv
             seen.add(argv[2])
         elif argv[:1] == ["kiln"]:
@@ -469,7 +469,8 @@ def test_entrypoints_exist(compose: dict, prefect_yaml: dict) -> None:
         elif argv[:3] == ["prefect", "worker", "start"]:
             pool, kind = option(argv, "--pool"), option(argv, "--type")
             assert pool in pools and WORK_POOL_WORKERS[pool].split(":")[1].lower() == f"{kind}worker", argv
-    assert {"infra.server", "infra.gateway", "infra.webhooks", "infra.registry_events", "kiln serve-flows"} <= seen
+    assert {"kiln.infra.server", "kiln.infra.gateway", "kiln.infra.webhooks", "kiln.infra.registry_events",
+            "kiln serve-flows"} <= seen
 
 
 def test_mlflow_answers_the_host_names_its_clients_use(compose: dict) -> None:

@@ -11,12 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from kiln.errors import ConfigError
-from tasks import distill as distill_module
-from tasks import hf_model as hf
-from tasks.distill import distill
-from tasks.prune import prune_layers
-from tasks.stages import Artifact, StageContext, StageResult
-from tasks.tiny import save_tiny
+from kiln.tasks.compress import distill as distill_module
+from kiln.tasks.compress.distill import distill
+from kiln.tasks.compress.prune.stages import prune_layers
+from kiln.tasks.core.stages import Artifact, StageContext, StageResult
+from kiln.tasks.models import hf
+from tests.tiny import save_tiny
 
 LABELS = ("negative", "neutral", "positive")
 MOODS = {"happy": "positive", "glad": "positive", "sad": "negative", "angry": "negative", "calm": "neutral"}

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from pydantic import ValidationError
 
-from infra.background import serving
-from infra.gateway import Gateway, Upstream, create_app
-from infra.server import create_app as server_app
 from kiln.errors import DataError
-from tasks.drift import (
+from kiln.infra.background import serving
+from kiln.infra.gateway import Gateway, Upstream, create_app
+from kiln.infra.server import create_app as server_app
+from kiln.tasks.rollout.drift import (
     DriftChecks,
     DriftReference,
     InputLengths,

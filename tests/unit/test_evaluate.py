@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from tasks.evaluate import Outputs, classification_metrics, lm_metrics, parity
+from kiln.tasks.evaluate.quality import Outputs, classification_metrics, lm_metrics, parity
 
 
 def _cls_outputs(pred: list[int], k: int = 3) -> Outputs:

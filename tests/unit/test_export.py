@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from kiln.errors import ExportError
-from tasks.export import _explain, export_onnx
+from kiln.tasks.models.export import _explain, export_onnx
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from infra.faults import Faults, FaultyPredictor, InjectedFault
-from infra.server import ServedModel, with_faults
-from tasks.canary import Check, StepVerdict, with_checks
+from kiln.infra.faults import Faults, FaultyPredictor, InjectedFault
+from kiln.infra.server import ServedModel, with_faults
+from kiln.tasks.rollout.judge import Check, StepVerdict, with_checks
 
 
 class _Always:

@@ -1,7 +1,7 @@
 import pytest
 
 from kiln.errors import ConfigError
-from tasks.gate import Clause, Policy, judge, load_policy, pareto_front, rank
+from kiln.tasks.evaluate.gate import Clause, Policy, judge, load_policy, pareto_front, rank
 
 
 def test_clause_parsing():

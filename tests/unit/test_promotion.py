@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from kiln.errors import ConfigError, KilnError
-from tasks import audit
-from tasks.audit import AuditEvent, AuditLog
-from tasks.promotion import ApprovalPolicy, ApprovalRefused, load_approval_policy, metrics_table
+from kiln.tasks.lifecycle.promotion import ApprovalPolicy, ApprovalRefused, load_approval_policy, metrics_table
+from kiln.tasks.registry import audit
+from kiln.tasks.registry.audit import AuditEvent, AuditLog
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoModelForSequenceClassification, LlamaForCausalLM
 
 from kiln.errors import ConfigError
-from tasks import hf_model as hf
-from tasks import prune
-from tasks import prune_structured as surgery
-from tasks.export import export_onnx
-from tasks.stages import Artifact, StageContext, StageResult
-from tasks.tiny import save_tiny
+from kiln.tasks.compress.prune import stages as prune
+from kiln.tasks.compress.prune import surgery
+from kiln.tasks.core.stages import Artifact, StageContext, StageResult
+from kiln.tasks.models import hf
+from kiln.tasks.models.export import export_onnx
+from tests.tiny import save_tiny
 
 LABELS = ("negative", "neutral", "positive")
 TEXTS = [f"the {a} {b} felt {c} {d}" for a, b, c, d in itertools.product(

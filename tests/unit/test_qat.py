@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError
-from tasks import hf_model as hf
-from tasks import quantize_static as qs
-from tasks.export import export_onnx
-from tasks.qat import WeightFakeQuant, qat, quantizable
-from tasks.quantize_static import int8_static
-from tasks.stages import Artifact, StageContext
-from tasks.tiny import save_tiny
+from kiln.tasks.compress.quantization import static as qs
+from kiln.tasks.compress.quantization.qat import WeightFakeQuant, qat, quantizable
+from kiln.tasks.compress.quantization.static import int8_static
+from kiln.tasks.core.stages import Artifact, StageContext
+from kiln.tasks.models import hf
+from kiln.tasks.models.export import export_onnx
+from tests.tiny import save_tiny
 
 LABELS = ("negative", "neutral", "positive")
 MOODS = {"happy": "positive", "glad": "positive", "sad": "negative", "angry": "negative", "calm": "neutral"}

@@ -14,13 +14,13 @@ import torch
 from onnx import numpy_helper
 
 from kiln.errors import ConfigError
-from tasks import hf_model as hf
-from tasks import quantize_static as qs
-from tasks.export import export_onnx
-from tasks.quantize import fp16, weight_only
-from tasks.quantize_static import int8_static
-from tasks.stages import Artifact, StageContext
-from tasks.tiny import save_tiny
+from kiln.tasks.compress.quantization import static as qs
+from kiln.tasks.compress.quantization.dynamic import fp16, weight_only
+from kiln.tasks.compress.quantization.static import int8_static
+from kiln.tasks.core.stages import Artifact, StageContext
+from kiln.tasks.models import hf
+from kiln.tasks.models.export import export_onnx
+from tests.tiny import save_tiny
 
 LABELS = ("negative", "neutral", "positive")
 MOODS = {"happy": "positive", "glad": "positive", "sad": "negative", "angry": "negative", "calm": "neutral"}

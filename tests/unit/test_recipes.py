@@ -2,7 +2,7 @@ import pytest
 from transformers import AutoConfig
 
 from kiln.errors import ConfigError
-from tasks.recipes import Recipe, library, resolve_recipes
+from kiln.tasks.compress.recipes import Recipe, library, resolve_recipes
 
 
 def _recipe(*stages):

@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from starlette.testclient import TestClient
 
-from infra.registry_events import (
+from kiln.infra.registry_events import (
     OPTIMIZE_RUN_TAG,
     PROMOTE_RUN_TAG,
     Deliveries,
@@ -25,7 +25,7 @@ from infra.registry_events import (
     create_app,
     sign,
 )
-from infra.starter import OPTIMIZE, Started
+from kiln.infra.starter import OPTIMIZE, Started
 from kiln.settings import Settings
 
 SECRET = "s3cret"

@@ -2,7 +2,7 @@ import pytest
 
 from kiln.errors import ConfigError
 from kiln.settings import load_settings
-from tasks.registry import ModelRef
+from kiln.tasks.registry.client import ModelRef
 
 
 def test_defaults_live_under_one_project_folder(tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ import pytest
 
 from kiln.errors import ArtifactError, ConfigError
 from kiln.settings import Settings
-from tasks import storage
-from tasks.predictor import PackageMeta, record_checksums
+from kiln.tasks.models.predictor import PackageMeta, record_checksums
+from kiln.tasks.registry import storage
 
 moto = pytest.importorskip("moto", reason="moto is missing: pip install -e '.[test]'")
 

@@ -18,10 +18,10 @@ import pytest
 from onnx import TensorProto, helper
 from pydantic import ValidationError
 
-import tasks.engines.tensorrt as trt_backend
+import kiln.tasks.engines.tensorrt as trt_backend
 from kiln.errors import ArtifactError, ConfigError, ExportError
-from tasks.engines import EngineOptions, load_engine
-from tasks.engines.tensorrt import (
+from kiln.tasks.engines import EngineOptions, load_engine
+from kiln.tasks.engines.tensorrt import (
     INSTALL_HINT,
     METADATA_FORMAT,
     TensorRTBuildConfig,

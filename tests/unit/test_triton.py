@@ -12,10 +12,10 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from kiln.errors import ArtifactError, ConfigError
-from tasks.engines.tensorrt import METADATA_FORMAT
-from tasks.export import export_onnx
-from tasks.tiny import save_tiny
-from tasks.triton import TRITON_TYPES, parse_config_pbtxt, write_triton_repository
+from kiln.tasks.engines.tensorrt import METADATA_FORMAT
+from kiln.tasks.engines.triton import TRITON_TYPES, parse_config_pbtxt, write_triton_repository
+from kiln.tasks.models.export import export_onnx
+from tests.tiny import save_tiny
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "what a good film", "rain again today"] * 3
 ONNX_TRITON = {onnx.TensorProto.INT64: "TYPE_INT64", onnx.TensorProto.FLOAT: "TYPE_FP32",

@@ -3,9 +3,9 @@ import torch
 from transformers import AutoTokenizer
 
 from kiln.errors import ConfigError
-from tasks.hf_model import load_model
-from tasks.stages import Artifact, StageContext
-from tasks.vocab import prune_vocab
+from kiln.tasks.compress.prune.vocab import prune_vocab
+from kiln.tasks.core.stages import Artifact, StageContext
+from kiln.tasks.models.hf import load_model
 
 
 def _ctx(tmp_path, splits, folder, task="sequence-classification"):

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from starlette.requests import Request
 
-from infra.background import serving
-from infra.starter import RETRAIN, Started, TriggerError
-from infra.webhooks import DeliveryLog, Reject, create_app, read_body
+from kiln.infra.background import serving
+from kiln.infra.starter import RETRAIN, Started, TriggerError
+from kiln.infra.webhooks import DeliveryLog, Reject, create_app, read_body
 from kiln.settings import load_settings
 
 SECRET, TOKEN = "hook-secret", "gitlab-token"

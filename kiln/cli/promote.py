@@ -1,0 +1,130 @@
+"""``kiln promote | approve | reject | rollback | history``: the commands that move a model between aliases.
+
+Registered on the main app by :func:`register_commands`, so ``kiln/cli.py`` stays one table of contents.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from kiln.errors import KilnError
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings YAML (default: ./kiln.yaml).")]
+NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
+ReasonOpt = Annotated[str, typer.Option(help="Why; recorded on the version and in the audit log.")]
+
+
+def _user() -> str:
+    from kiln.tasks.registry.audit import current_user  # lazy: keeps mlflow out of the CLI's start-up path
+
+    return current_user()
+
+
+def _decide(name: str, version: str, decision: str, approver: str | None, reason: str, config: Path | None) -> None:
+    from kiln.cli.app import _fail, _settings
+
+    try:
+        settings = _settings(config)
+        from kiln.tasks.lifecycle import promotion
+        from kiln.tasks.registry import client as registry
+
+        mv = promotion.decide(registry.connect(settings), name, version, decision=decision,
+                              approver=approver or _user(), reason=reason, home=settings.home)
+        typer.echo(f"{name} v{mv.version}: {decision} by {mv.tags['kiln.approver']}")
+    except KilnError as exc:
+        _fail(exc)
+
+
+def approve(
+    name: NameArg,
+    version: Annotated[str, typer.Argument(help="Version to approve (normally the @challenger).")],
+    reason: ReasonOpt,
+    approver: Annotated[str | None, typer.Option(help="Who approves (default: $KILN_USER or login).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Approve a gated challenger (a waiting `kiln promote` then promotes it). Approvers: KILN_APPROVERS."""
+    _decide(name, version, "approved", approver, reason, config)
+
+
+def reject(
+    name: NameArg,
+    version: Annotated[str, typer.Argument(help="Version to reject.")],
+    reason: ReasonOpt,
+    approver: Annotated[str | None, typer.Option(help="Who rejects (default: $KILN_USER or login).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Reject a challenger: it is tagged rejected and never promoted."""
+    _decide(name, version, "rejected", approver, reason, config)
+
+
+def promote(
+    name: NameArg,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a decision.")] = 3600,
+    poll: Annotated[float, typer.Option(help="Seconds between looks at the registry.")] = 5,
+    config: ConfigOpt = None,
+) -> None:
+    """Show @challenger against @champion, wait for `kiln approve`/`kiln reject`, promote on approval.
+
+    Exit status: 0 when promoted, 3 when rejected or no decision came in time, 2 on bad input.
+    """
+    from kiln.cli.app import _fail, _settings
+
+    try:
+        _settings(config)
+        from kiln.flows.promote import PromoteParams
+        from kiln.flows.promote import promote as promote_flow
+
+        result = promote_flow(PromoteParams(model=name, timeout_s=timeout, poll_interval_s=poll))
+        if result["outcome"] != "approved":
+            typer.echo(f"{name} v{result['version']} not promoted: {result['outcome']} ({result['reason']})")
+            raise typer.Exit(3)
+        typer.echo(f"promoted {name} v{result['champion']} to @champion (approved by {result['approver']})")
+    except KilnError as exc:
+        _fail(exc)
+
+
+def rollback(
+    name: NameArg,
+    reason: ReasonOpt,
+    actor: Annotated[str | None, typer.Option(help="Who rolls back (default: $KILN_USER or login).")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Make @previous the @champion again, in one step; the demoted version is tagged rolled back."""
+    from kiln.cli.app import _fail, _settings
+
+    try:
+        settings = _settings(config)
+        from kiln.tasks.lifecycle import promotion
+        from kiln.tasks.registry import client as registry
+
+        mv = promotion.rollback(registry.connect(settings), name, actor=actor or _user(), reason=reason,
+                                home=settings.home)
+        typer.echo(f"rolled back {name}: @champion is v{mv.version} again")
+    except KilnError as exc:
+        _fail(exc)
+
+
+def history(name: NameArg, config: ConfigOpt = None) -> None:
+    """The timeline of a model: registrations, gates, approvals, refusals, promotions, rollbacks."""
+    from kiln.cli.app import _fail, _settings
+
+    try:
+        settings = _settings(config)
+        from kiln.tasks.registry import audit
+        from kiln.tasks.registry import client as registry
+
+        client = registry.connect(settings)
+        if not registry.model_exists(client, name):
+            registry.resolve(client, registry.ModelRef(name))  # raises, listing the models that exist
+        typer.echo(audit.format_table(audit.history(client, name, audit.AuditLog.under(settings.home))))
+    except KilnError as exc:
+        _fail(exc)
+
+
+def register_commands(app: typer.Typer) -> None:
+    """Add ``promote``, ``approve``, ``reject``, ``rollback`` and ``history`` to ``app``."""
+    for command in (promote, approve, reject, rollback, history):
+        app.command()(command)

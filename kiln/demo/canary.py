@@ -1,0 +1,143 @@
+"""The demo's last act: two canary rollouts on loopback, one that promotes and one that rolls back.
+
+    model servers (champion, challenger) ─► gateway ─► load generator replaying the test split (+ feedback)
+    rollout 1: the optimize run's @challenger ─► every step passes ─► promoted to @champion
+    rollout 2: the same engine registered again, served with injected faults ─► rolled back, champion untouched
+
+Everything runs in this process on 127.0.0.1 (servers in threads, as in the tests); in production the
+servers and the gateway are long-running processes (``python -m kiln.infra.server`` / ``kiln.infra.gateway``) and
+only the rollout runs as a flow.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from pydantic import SecretStr
+
+from kiln.infra.background import serving
+from kiln.infra.faults import Faults
+from kiln.infra.gateway import Gateway, Upstream
+from kiln.infra.gateway import create_app as gateway_app
+from kiln.infra.loadgen import LoadPlan, LoadSummary, generate_load
+from kiln.infra.server import create_app as server_app
+from kiln.infra.server import load_registered, with_faults
+from kiln.settings import Settings
+from kiln.tasks.engines import EngineOptions
+from kiln.tasks.presets import PRESETS
+from kiln.tasks.registry import audit
+from kiln.tasks.registry import client as registry
+from kiln.tasks.rollout.driver import RolloutParams, RolloutState, run_rollout
+
+log = logging.getLogger(__name__)
+DEMO_SPEC = PRESETS / "rollout-demo.yaml"
+# What the sabotaged server does: a bad deploy that answers a third of rows wrongly and slowly.
+DEMO_FAULTS = Faults(wrong=0.3, latency_ms=25.0, seed=1)
+_COPIED_TAGS = ("kiln.candidate_key", "kiln.recipe", "kiln.precision", "kiln.task", "kiln.parent_version",
+                "kiln.dataset", "kiln.gate", "kiln.gate_reasons", "kiln.metrics", "kiln.sha256", "kiln.stages")
+
+
+@dataclass
+class CanaryResult:
+    state: RolloutState
+    traffic: LoadSummary | None
+
+
+@contextmanager
+def canary_stack(settings: Settings, name: str, faults: Faults | None = None) -> Iterator[tuple[str, str]]:
+    """Serve ``name@champion`` and ``name@challenger`` behind a gateway; yields (gateway URL, admin token)."""
+    options = EngineOptions(threads=1)  # two servers and a load generator share the machine
+    champion = load_registered([f"{name}@champion"], settings, options)
+    challenger = load_registered([f"{name}@challenger"], settings, options)
+    if faults is not None:
+        challenger = with_faults(challenger, faults)
+    token = secrets.token_urlsafe(24)
+    with ExitStack() as stack:
+        c1 = stack.enter_context(serving(server_app(champion)))
+        c2 = stack.enter_context(serving(server_app(challenger)))
+        gateway = Gateway(Upstream(c1.url), Upstream(c2.url), token)
+        gw = stack.enter_context(serving(gateway_app(gateway)))
+        log.info("canary stack: champion %s, challenger %s, gateway %s", c1.url, c2.url, gw.url)
+        yield gw.url, token
+
+
+def run_canary(settings: Settings, name: str, texts: list[str], labels: list[str], *, spec: Path = DEMO_SPEC,
+               faults: Faults | None = None, rate_per_s: float = 40.0,
+               echo: Callable[[str], None] | None = None) -> CanaryResult:
+    """One rollout of ``name@challenger`` under generated, labelled traffic; returns how it ended."""
+    with canary_stack(settings, name, faults) as (url, token):
+        stop = threading.Event()
+        plan = LoadPlan(url=url, model=name, texts=texts, labels=labels, requests=200_000, seconds=3600,
+                        concurrency=4, feedback=True, rate_per_s=rate_per_s, stop=stop)
+        box: dict[str, LoadSummary] = {}
+        traffic = threading.Thread(target=lambda: box.update(summary=generate_load(plan)), daemon=True,
+                                   name="demo-traffic")
+        traffic.start()
+        try:
+            run_settings = settings.model_copy(update={"gateway_token": SecretStr(token)})
+            state = run_rollout(RolloutParams(model=name, spec=str(spec), gateway=url, poll_s=0.5,
+                                              actor="kiln-demo"), run_settings, echo=echo)
+        finally:
+            stop.set()
+            traffic.join(60)
+    return CanaryResult(state, box.get("summary"))
+
+
+def register_broken_copy(client: MlflowClient, name: str, of_version: str, home: Path) -> str:
+    """Register ``of_version``'s engine again as the new @challenger, labelled as the demo's sabotaged deploy."""
+    source = client.get_model_version(name, of_version)
+    tags = {k: v for k, v in source.tags.items() if k in _COPIED_TAGS} | {
+        "kiln.demo_faults": DEMO_FAULTS.describe(), "kiln.candidate_key": f"demo-broken-{of_version}"}
+    existing = registry.find_version(client, name, "kiln.candidate_key", tags["kiln.candidate_key"])
+    if existing is not None and existing.tags.get("kiln.rollout.status") not in (None, "running", "paused"):
+        # Already played out in an earlier demo run: register a fresh copy so this run has a challenger too.
+        tags["kiln.candidate_key"] += f"-{audit.now_iso()}"
+        existing = None
+    version = existing or client.create_model_version(name, source.source, run_id=source.run_id, tags=tags)
+    client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
+    audit.AuditLog.under(home).append(audit.AuditEvent(
+        name, str(version.version), audit.REGISTERED, "kiln-demo",
+        f"copy of v{of_version} for the broken-canary demo; served with injected faults ({DEMO_FAULTS.describe()})"))
+    return str(version.version)
+
+
+def canary_demo(settings: Settings, name: str, texts: list[str], labels: list[str], *, spec: Path = DEMO_SPEC,
+                rate_per_s: float = 40.0, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Both rollouts; returns their end states (and skips the first when there is nothing to roll out)."""
+    client = registry.connect(settings)
+    aliases = registry.aliases_of(client, name)
+    out: dict[str, Any] = {}
+    engine = aliases.get(registry.CHALLENGER)  # the gated engine the broken copy reuses
+    if aliases.get(registry.CHALLENGER) and aliases.get(registry.CHALLENGER) != aliases.get(registry.CHAMPION):
+        echo(f"\n── canary 1: v{aliases[registry.CHALLENGER]} (from optimize) against champion "
+             f"v{aliases.get(registry.CHAMPION)} ──")
+        good = run_canary(settings, name, texts, labels, spec=spec, rate_per_s=rate_per_s, echo=echo)
+        out["rollout"] = _summary(good)
+    else:
+        echo(f"\n(no new @challenger for {name}: aliases {aliases}; skipping the first canary)")
+    champion = registry.aliases_of(client, name)[registry.CHAMPION]
+    engine = engine or champion
+    if client.get_model_version(name, engine).tags.get("kiln.gate") != "passed":
+        echo(f"(v{engine} has no passed gate to copy; skipping the broken canary)")
+        return out
+    broken = register_broken_copy(client, name, engine, settings.home)
+    echo(f"\n── canary 2: v{broken} = v{engine}'s engine on a sabotaged server ({DEMO_FAULTS.describe()}) against "
+         f"champion v{champion} ──")
+    bad = run_canary(settings, name, texts, labels, spec=spec, faults=DEMO_FAULTS, rate_per_s=rate_per_s, echo=echo)
+    out["broken_rollout"] = _summary(bad)
+    return out
+
+
+def _summary(result: CanaryResult) -> dict[str, Any]:
+    s, t = result.state, result.traffic
+    return {"version": s.challenger, "champion_before": s.champion, "status": s.status, "message": s.message,
+            "analyses": [(v.step + 1, v.weight, v.outcome) for v in s.verdicts], "run_id": s.run_id,
+            "requests": t.sent if t else 0, "failed_requests": t.failed if t else 0}

@@ -1,0 +1,300 @@
+"""Recipes: an ordered list of stages with parameters, as data, and the runner that builds them.
+
+A recipe turns the source model into one candidate, e.g. ``int8-dynamic`` = export → int8_dynamic.
+Named recipes live in ``presets/recipes.yaml``; a user's YAML file with the same shape works too. The
+runner caches every stage (see :mod:`tasks.cache`), so a re-run skips what is done.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, Field, ValidationError
+
+from kiln.errors import ConfigError, validation_problems
+from kiln.tasks.core.cache import StageCache, code_version, make_key
+from kiln.tasks.core.stages import Artifact, Stage, StageContext, StageResult
+from kiln.tasks.presets import PRESETS as _PRESET_DIR
+
+log = logging.getLogger(__name__)
+
+PRESETS = _PRESET_DIR / "recipes.yaml"
+
+# Stage name -> "module:function". Imported lazily: a recipe only pays for the stages it uses.
+STAGES: dict[str, str] = {
+    "export": "kiln.tasks.compress.recipes:export_stage",
+    "int8_dynamic": "kiln.tasks.compress.quantization.dynamic:int8_dynamic",
+    "prune_heads": "kiln.tasks.compress.prune.stages:prune_heads",
+    "prune_ffn": "kiln.tasks.compress.prune.stages:prune_ffn",
+    "prune_layers": "kiln.tasks.compress.prune.stages:prune_layers",
+    "prune_unstructured": "kiln.tasks.compress.prune.stages:prune_unstructured",
+    "distill": "kiln.tasks.compress.distill:distill",
+    "prune_vocab": "kiln.tasks.compress.prune.vocab:prune_vocab",
+    "int8_static": "kiln.tasks.compress.quantization.static:int8_static",
+    "fp16": "kiln.tasks.compress.quantization.dynamic:fp16",
+    "weight_only": "kiln.tasks.compress.quantization.dynamic:weight_only",
+    "qat": "kiln.tasks.compress.quantization.qat:qat",
+}
+# Asked for often, deliberately not offered: the reason is the error message.
+UNSUPPORTED = {
+    "bf16": "bf16 is not supported: ONNX Runtime 1.32 has no bfloat16 kernels for Add, MatMul or "
+            "LayerNormalization, and opset-17 Sin/Cos (Llama's rotary embedding) reject bfloat16; use 'fp16' for "
+            "GPU engines, or 'int8_static' / 'weight_only' for CPU",
+}
+
+
+# Stage name -> the pydantic model of its parameters ("module:Class"), checked before any work starts.
+PARAMS: dict[str, str] = {
+    "export": "kiln.tasks.models.export:ExportConfig",
+    "int8_dynamic": "kiln.tasks.compress.quantization.dynamic:DynamicInt8Params",
+    "prune_heads": "kiln.tasks.compress.prune.stages:HeadPruneParams",
+    "prune_ffn": "kiln.tasks.compress.prune.stages:FFNPruneParams",
+    "prune_layers": "kiln.tasks.compress.prune.stages:LayerPruneParams",
+    "prune_unstructured": "kiln.tasks.compress.prune.stages:UnstructuredParams",
+    "distill": "kiln.tasks.compress.distill:DistillParams",
+    "prune_vocab": "kiln.tasks.compress.prune.vocab:VocabPruneParams",
+    "int8_static": "kiln.tasks.compress.quantization.static:StaticInt8Params",
+    "fp16": "kiln.tasks.compress.quantization.dynamic:HalfParams",
+    "weight_only": "kiln.tasks.compress.quantization.dynamic:WeightOnlyParams",
+    "qat": "kiln.tasks.compress.quantization.qat:QatParams",
+}
+
+
+class StageSpec(BaseModel):
+    """One step of a recipe."""
+
+    stage: str = Field(..., description=f"Stage name, one of: {', '.join(sorted(STAGES))}.")
+    params: dict[str, Any] = Field(default_factory=dict, description="The stage's parameters.")
+
+
+class Recipe(BaseModel):
+    """A named, ordered list of stages that turns the source model into one candidate."""
+
+    name: str
+    description: str = ""
+    stages: list[StageSpec] = Field(..., min_length=1)
+
+    def validate_stages(self) -> None:
+        for spec in self.stages:
+            if spec.stage in UNSUPPORTED:
+                raise ConfigError(f"recipe {self.name!r}: {UNSUPPORTED[spec.stage]}")
+        unknown = [s.stage for s in self.stages if s.stage not in STAGES]
+        if unknown:
+            raise ConfigError(f"recipe {self.name!r} uses unknown stage(s) {unknown}; known: {sorted(STAGES)}")
+        if not any(s.stage == "export" for s in self.stages):
+            raise ConfigError(f"recipe {self.name!r} never exports: add an 'export' stage")
+        for i, spec in enumerate(self.stages):
+            if spec.stage in PARAMS:
+                _parse_params(self.name, i, spec)
+
+    def check_against(self, model_config: Any) -> None:
+        """Refuse parameters the model cannot satisfy (more layers than it has, too many heads, …).
+
+        Follows the model's shape through the stages, so ``distill`` to 3 layers then ``prune_layers``
+        of 3 is caught too.
+        """
+        shape = _Shape.of(model_config)
+        for i, spec in enumerate(self.stages):
+            where = f"recipe {self.name!r}, stage {i + 1} ({spec.stage})"
+            if spec.stage in PARAMS:
+                shape.apply(spec.stage, _parse_params(self.name, i, spec), where)
+
+
+def _parse_params(recipe: str, index: int, spec: StageSpec) -> BaseModel:
+    module, cls = PARAMS[spec.stage].split(":")
+    model = getattr(importlib.import_module(module), cls)
+    try:
+        return model(**spec.params)
+    except ValidationError as exc:
+        problems = validation_problems(exc, "params")
+        raise ConfigError(f"recipe {recipe!r}, stage {index + 1} ({spec.stage}): {problems}") from exc
+
+
+@dataclass
+class _Shape:
+    """Layer and head counts of the model as a recipe's stages change it."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+
+    @classmethod
+    def of(cls, config: Any) -> _Shape:
+        layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 0)
+        return cls(layers, heads, getattr(config, "num_key_value_heads", None) or heads)
+
+    def apply(self, stage: str, p: Any, where: str) -> None:
+        if stage == "distill" and p.layers is not None:
+            if max(p.layers) >= self.layers:
+                raise ConfigError(f"{where}: layers {p.layers} — the teacher has only {self.layers} layers "
+                                  f"(indices 0..{self.layers - 1})")
+            self.layers = len(p.layers)
+        elif stage == "prune_layers":
+            drop = p.layers if p.layers is not None else list(range(p.remove))
+            if len(drop) >= self.layers or any(i >= self.layers for i in drop):
+                raise ConfigError(f"{where}: cannot remove {drop if p.layers else p.remove} of {self.layers} layers")
+            self.layers -= len(drop)
+        elif stage == "prune_heads":
+            units = self.kv_heads if p.gqa == "groups" else self.heads
+            if p.remove_per_layer >= units:
+                raise ConfigError(f"{where}: remove_per_layer={p.remove_per_layer} but layers have {units} "
+                                  f"{'KV groups' if p.gqa == 'groups' else 'heads'}")
+            if p.gqa == "queries" and self.kv_heads != self.heads and p.remove_per_layer % self.kv_heads:
+                raise ConfigError(f"{where}: remove_per_layer={p.remove_per_layer} does not divide evenly over "
+                                  f"{self.kv_heads} KV groups; use a multiple of {self.kv_heads} or gqa: groups")
+            removed_groups = p.remove_per_layer if p.gqa == "groups" else 0
+            per_group = self.heads // max(self.kv_heads, 1)
+            self.heads -= p.remove_per_layer * (per_group if p.gqa == "groups" else 1)
+            self.kv_heads -= removed_groups
+
+
+def library(path: Path = PRESETS) -> dict[str, Recipe]:
+    """Named recipes from a YAML file (default: the shipped presets)."""
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read recipe file {path}: {exc}") from exc
+    try:
+        return {name: Recipe(name=name, **body) for name, body in raw.items()}
+    except (ValidationError, TypeError) as exc:
+        raise ConfigError(f"recipe file {path} is invalid: {exc}") from exc
+
+
+def resolve_recipes(names: list[str], extra: Path | None = None) -> list[Recipe]:
+    """Recipes by name from the presets (and an optional user file); unknown names are an error."""
+    known = library() | (library(extra) if extra else {})
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ConfigError(f"unknown recipe(s) {missing}; known: {sorted(known)} (see `kiln recipes`)")
+    if not names:
+        raise ConfigError("no recipes given; pass at least one, e.g. --recipes onnx-fp32,int8-dynamic")
+    recipes = [known[n] for n in names]
+    for recipe in recipes:
+        recipe.validate_stages()
+    return recipes
+
+
+def recipes_for(names: list[str], extra: Path | None, model_dir: Path) -> list[Recipe]:
+    """Named recipes, each checked against the model in ``model_dir`` before any work starts."""
+    from transformers import AutoConfig
+
+    chosen = resolve_recipes(names, extra)
+    model_config = AutoConfig.from_pretrained(str(model_dir))
+    for recipe in chosen:
+        recipe.check_against(model_config)
+    return chosen
+
+
+def stage_function(name: str) -> Stage:
+    module, func = STAGES[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def export_stage(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
+    """Hugging Face folder → ONNX graph (fp32), checked after export."""
+    from kiln.tasks.models.export import ExportConfig, export_onnx
+    from kiln.tasks.models.hf import load_model
+
+    if artifact.kind != "hf":
+        raise ConfigError("export needs a Hugging Face model; it must come before quantization stages")
+    model = load_model(artifact.path, ctx.task)
+    path = export_onnx(model, ctx.workdir / "model.onnx", ExportConfig(**params))
+    return StageResult(Artifact("onnx", path), precision="fp32")
+
+
+def artifact_stats(artifact: Artifact) -> dict[str, float]:
+    """Size on disk (MB) and parameter count of a stage's output, read from the files, not a loaded model."""
+    if artifact.kind == "onnx":
+        import onnx
+
+        graph = onnx.load(str(artifact.path), load_external_data=False).graph
+        files = [artifact.path, *artifact.path.parent.glob(artifact.path.name + ".data")]
+        params = sum(int(np.prod(t.dims)) for t in graph.initializer)
+    else:
+        from safetensors import safe_open
+
+        files = sorted(artifact.path.glob("*.safetensors"))
+        params = 0
+        for path in files:
+            with safe_open(str(path), "np") as handle:
+                params += sum(int(np.prod(handle.get_slice(k).get_shape())) for k in handle.keys())
+    return {"size_mb": sum(f.stat().st_size for f in files) / 1e6, "params": float(params)}
+
+
+@dataclass
+class StageRecord:
+    """What one stage did, for logging: parameters, duration, cache hit, metrics."""
+
+    stage: str
+    params: dict[str, Any]
+    seconds: float
+    cached: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BuiltCandidate:
+    recipe: Recipe
+    artifact: Artifact
+    precision: str
+    key: str
+    records: list[StageRecord]
+    tokenizer_dir: Path
+
+
+def build(recipe: Recipe, source: Artifact, source_key: str, make_ctx: Any, cache: StageCache,
+          assess: Callable[[Artifact, StageContext], dict[str, float]] | None = None) -> BuiltCandidate:
+    """Run ``recipe``'s stages from ``source``, each cached under a key chained from the previous one.
+
+    Args:
+        make_ctx: ``workdir -> StageContext`` (the runner owns work folders).
+        assess: optional quality check of each stage's output (cached with it), e.g.
+            :func:`tasks.evaluate.assess_artifact`.
+    """
+    artifact, precision, key, records = source, "fp32", source_key, []
+    # The tokenizer travels with the model: a stage may rewrite it (prune_vocab), and every later stage,
+    # the quality check and the package must then use the new one.
+    tokenizer_dir = make_ctx(source.path).tokenizer_dir
+    for spec in recipe.stages:
+        fn = stage_function(spec.stage)
+        key = make_key(key, spec.stage, spec.params, code_version(fn))
+        started = time.perf_counter()
+
+        def run(workdir: Path, fn: Stage = fn, spec: StageSpec = spec, artifact: Artifact = artifact,
+                tokenizer_dir: Path = tokenizer_dir) -> dict:
+            ctx = make_ctx(workdir)
+            ctx.tokenizer_dir = tokenizer_dir
+            started = time.perf_counter()
+            result = fn(artifact, spec.params, ctx)
+            metrics = {"seconds": time.perf_counter() - started} | artifact_stats(result.artifact) | result.metrics
+            if assess is not None:
+                ctx.tokenizer_dir = _tokenizer_of(result.artifact, tokenizer_dir)
+                metrics |= assess(result.artifact, ctx)
+            return {"kind": result.artifact.kind, "path": str(result.artifact.path.relative_to(workdir)),
+                    "precision": result.precision, "metrics": metrics}
+
+        result, cached = cache.run(key, run)
+        artifact = Artifact(result["kind"], cache.folder(key) / result["path"])
+        tokenizer_dir = _tokenizer_of(artifact, tokenizer_dir)
+        precision = result["precision"] or precision
+        records.append(StageRecord(spec.stage, spec.params, time.perf_counter() - started, cached, result["metrics"]))
+        log.info("recipe %s: stage %s %s in %.1fs", recipe.name, spec.stage, "cached" if cached else "done",
+                 records[-1].seconds)
+    return BuiltCandidate(recipe, artifact, precision, key, records, tokenizer_dir)
+
+
+def _tokenizer_of(artifact: Artifact, current: Path) -> Path:
+    """The tokenizer that goes with ``artifact``: its own when the stage wrote one, else ``current``."""
+    folder = artifact.path
+    if artifact.kind == "hf" and ((folder / "tokenizer.json").is_file() or (folder / "vocab.txt").is_file()):
+        return folder
+    return current

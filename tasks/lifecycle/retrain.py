@@ -1,0 +1,356 @@
+"""Retraining at a git commit: check out exactly that SHA, read its training config, fine-tune, register.
+
+    commit ─► checkout (temp clone) ─► kiln-train.yaml ─► data (copied, digested) ─► fine-tune ─► register
+
+A version is identified by what asked for it: the commit, the sha256 of the config file, the sha256 of
+the data file and the base model reference (``sentiment@champion``). A re-run with the same four finds
+the version it registered before instead of training again, even after the alias moved (``kiln.git_sha``
++ ``kiln.config_digest`` + ``kiln.data_digest`` + ``kiln.base_model`` tags); ``kiln.base_version`` records
+which version the reference named when it was trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kiln.errors import ConfigError, DataError, validation_problems
+from kiln.tasks.data.checks import DataCheckConfig
+from kiln.yamlfile import parse_yaml
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.tracking import MlflowClient
+
+    from kiln.settings import Settings
+    from kiln.tasks.data.datasets import DatasetSpec, Splits
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "kiln-train.yaml"
+# Tags that together identify a retrained version; a re-run matching all of them registers nothing.
+IDENTITY_TAGS = ("kiln.git_sha", "kiln.config_digest", "kiln.data_digest", "kiln.base_model")
+_SHA = re.compile(r"[0-9a-fA-F]{7,64}")
+
+
+class RetrainParams(BaseModel):
+    """Which commit to retrain at (the Prefect UI draws this as a form)."""
+
+    sha: str = Field(..., description="Commit to train at: a full or abbreviated (7+ hex digits) commit SHA.")
+    repo: str | None = Field(None, description="Git repository, path or URL; default: KILN_REPO.")
+    branch: str | None = Field(None, description="Branch the commit was pushed to (recorded, not checked out).")
+    config_path: str = Field(CONFIG_FILE, description="Training config inside the repository.")
+    model: str | None = Field(None, description="Base model (NAME@ALIAS or NAME/VERSION), overriding the config's.")
+    chain_optimize: bool = Field(True, description="Optimize the new version afterwards (the optimize flow).")
+    triggered_by: str = Field("manual", description="What started this run, e.g. webhook:github:<delivery> or cli.")
+
+    @field_validator("sha")
+    @classmethod
+    def _hex(cls, value: str) -> str:
+        value = value.strip()
+        if not _SHA.fullmatch(value):  # also keeps option-like strings away from the git command line
+            raise ValueError(f"{value!r} is not a commit SHA; pass 7 to 64 hex digits, e.g. $GITHUB_SHA")
+        return value.lower()
+
+    @field_validator("config_path")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError(f"config_path {value!r} must be a path inside the repository, e.g. kiln-train.yaml")
+        return value
+
+
+class _Checks(DataCheckConfig):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TrainConfig(BaseModel):
+    """``kiln-train.yaml``: what to fine-tune, on which data, with which budget; read at the pushed commit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="Registered model the new version is created in.")
+    model: str | None = Field(None, description="Base model to fine-tune (NAME@ALIAS or NAME/VERSION); "
+                                                "default: NAME@champion.")
+    data: str = Field(..., description="Labelled data (.csv/.parquet/.jsonl): a path in the repository or absolute.")
+    text_column: str = Field("text", description="Column holding the input text.")
+    label_column: str = Field("label", description="Column holding the class label.")
+    limit: int | None = Field(None, gt=0, description="Keep at most this many rows (seeded sample).")
+    validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of rows for checkpoint selection.")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of rows held out for the optimize gate.")
+    steps: int = Field(200, ge=1, description="Optimiser steps.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
+    max_length: int = Field(64, ge=8, le=4096, description="Longest sequence, in tokens (also the serving length).")
+    seed: int | None = Field(None, description="Seed for split and training; default: KILN_SEED.")
+    data_checks: _Checks | None = Field(default_factory=_Checks, description="Data suite thresholds; null skips it.")
+    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Recipes the chained optimize builds.")
+    eval_limit: int | None = Field(None, gt=0, description="Judge the optimize candidates on this many test rows.")
+
+    def base_ref(self, override: str | None) -> str:
+        return override or self.model or f"{self.name}@champion"
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """A commit checked out in a temporary folder."""
+
+    path: Path
+    sha: str  # full SHA
+    repo: str
+
+
+@dataclass(frozen=True)
+class RetrainPlan:
+    """Everything read from the commit, resolved before any training: the recipe of one version."""
+
+    name: str
+    base: str  # the base model reference, as configured (NAME@ALIAS or NAME/VERSION)
+    config: TrainConfig
+    data: DatasetSpec  # points at a content-addressed copy of the data file under KILN_HOME
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        return {k: self.tags[k] for k in IDENTITY_TAGS}
+
+
+# ── git ──────────────────────────────────────────────────────────────────────────────────────────────
+def _git(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = os.environ | {
+        "GIT_TERMINAL_PROMPT": "0",  # a worker must fail, not wait for a password nobody will type
+        "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",  # no ext:: (runs commands) in a repo URL
+    }
+    return subprocess.run(["git", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def public_repo(repo: str) -> str:
+    """``repo`` without credentials (``https://user:token@host/x`` → ``https://host/x``), for tags and logs."""
+    parts = urlsplit(repo)
+    if parts.scheme and "@" in parts.netloc:
+        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+    return repo
+
+
+@contextmanager
+def checkout(repo: str, sha: str, root: Path) -> Iterator[Checkout]:
+    """Clone ``repo`` into a temporary folder under ``root`` and check out ``sha`` (detached); removed after."""
+    remote = "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo) is not None
+    if not remote:
+        repo = str(Path(repo).expanduser().resolve())  # recorded in kiln.git_repo: no relative paths
+    root.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{sha[:12]}-", dir=root))
+    try:
+        # Remote: fetch trees now, blobs on checkout (only the commit's files cross the network).
+        clone = _git("clone", "--quiet", "--no-checkout", *(["--filter=blob:none"] if remote else []), "--",
+                     repo, path)
+        if clone.returncode != 0:
+            raise ConfigError(f"cannot clone {public_repo(repo)}: {_last_line(clone.stderr)}; set --repo or "
+                              "KILN_REPO to a git repository this worker can read")
+        full = _resolve_commit(path, sha)
+        if full is None:
+            _git("fetch", "--quiet", "origin", sha, cwd=path)  # commits outside branches and tags, by full SHA
+            full = _resolve_commit(path, sha)
+        if full is None:
+            raise ConfigError(f"commit {sha} does not exist in {public_repo(repo)} (searched its branches and "
+                              "tags); push it first, or pass the SHA of an existing commit")
+        done = _git("checkout", "--quiet", "--detach", full, cwd=path)
+        if done.returncode != 0:
+            raise ConfigError(f"cannot check out {full} of {public_repo(repo)}: {_last_line(done.stderr)}")
+        log.info("checked out %s of %s", full[:12], public_repo(repo))
+        yield Checkout(path, full, repo)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _resolve_commit(path: Path, sha: str) -> str | None:
+    got = _git("rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}", cwd=path)
+    return got.stdout.strip() if got.returncode == 0 else None
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "no message from git"
+
+
+# ── the config and the data at that commit ───────────────────────────────────────────────────────────
+def _inside(tree: Path, relative: str, what: str) -> Path:
+    path = (tree / relative).resolve()
+    if not path.is_relative_to(tree.resolve()):
+        raise ConfigError(f"{what} {relative!r} points outside the repository; use a path inside it")
+    return path
+
+
+def load_config(path: Path, where: str) -> TrainConfig:
+    """Parse and validate a training config; errors name ``where`` (``repo@sha:kiln-train.yaml``)."""
+    if not path.is_file():
+        raise ConfigError(f"{where} does not exist; commit a training config there (see examples/kiln-train.yaml) "
+                          "or pass --config-path")
+    raw = parse_yaml(path.read_text(), where)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of field: value (name, data, steps, ...)")
+    try:
+        return TrainConfig(**raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{where} is invalid ({validation_problems(exc)}); fix it and push again") from exc
+
+
+def _sha256(path: Path) -> str:
+    from kiln.tasks.engines.base import sha256_file
+
+    return sha256_file(path)
+
+
+def plan(params: RetrainParams, tree: Checkout, settings: Settings, client: MlflowClient) -> RetrainPlan:
+    """Read the config at the commit, keep a copy of its data, resolve the base model: no training yet."""
+    from kiln.tasks.data.datasets import DatasetSpec
+    from kiln.tasks.registry import client as registry
+
+    where = f"{public_repo(tree.repo)}@{tree.sha[:12]}:{params.config_path}"
+    config_file = _inside(tree.path, params.config_path, "config_path")
+    config = load_config(config_file, where)
+    data_file = Path(config.data) if Path(config.data).is_absolute() else _inside(tree.path, config.data, "data")
+    if not data_file.is_file():
+        raise DataError(f"{where} names data {config.data!r}, which does not exist at that commit; commit the "
+                        "file or give an absolute path the worker can read")
+    data_digest = _sha256(data_file)
+    # The checkout is temporary; the version records (and the chained optimize reads) a stable copy.
+    kept = settings.home / "datasets" / f"{data_digest[:16]}{data_file.suffix.lower()}"
+    if not kept.is_file():
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_file, kept.with_suffix(".partial"))
+        os.replace(kept.with_suffix(".partial"), kept)
+    seed = settings.seed if config.seed is None else config.seed
+    try:
+        spec = DatasetSpec(source=str(kept), text_column=config.text_column, label_column=config.label_column,
+                           validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
+                           seed=seed, limit=config.limit)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {validation_problems(exc)}") from exc
+    base = config.base_ref(params.model)
+    registry.resolve(client, registry.ModelRef.parse(base))  # fail now on a bad name or alias, before training
+    tags = {
+        "kiln.git_sha": tree.sha,
+        "kiln.git_repo": public_repo(tree.repo),
+        "kiln.git_branch": params.branch or "",
+        "kiln.config_path": params.config_path,
+        "kiln.config_digest": _sha256(config_file),
+        "kiln.data_path": config.data,
+        "kiln.data_digest": data_digest,
+        "kiln.base_model": base,
+        "kiln.triggered_by": params.triggered_by,
+    }
+    return RetrainPlan(config.name, base, config, spec, tags)
+
+
+def find_retrained(client: MlflowClient, retrain_plan: RetrainPlan) -> ModelVersion | None:
+    """The version registered before from the same commit, config, data and base, if any."""
+    identity = retrain_plan.identity
+    found = client.search_model_versions(
+        f"name = '{retrain_plan.name}' and tags.`kiln.git_sha` = '{identity['kiln.git_sha']}'")
+    same = [v for v in found if all(v.tags.get(k) == value for k, value in identity.items())]
+    return max(same, key=lambda v: int(v.version)) if same else None
+
+
+# ── training and registering ─────────────────────────────────────────────────────────────────────────
+def load_data(retrain_plan: RetrainPlan) -> Splits:
+    """Split the data and run its checks (unless the config turns them off)."""
+    from kiln.tasks.data import checks as datachecks
+    from kiln.tasks.data.datasets import load_splits
+
+    splits = load_splits(retrain_plan.data)
+    if retrain_plan.config.data_checks is not None:
+        datachecks.check_splits(splits, retrain_plan.config.data_checks)
+    if len(splits.train) < retrain_plan.config.batch_size:
+        raise ConfigError(f"only {len(splits.train)} training rows, fewer than batch_size "
+                          f"{retrain_plan.config.batch_size}; lower batch_size or add data")
+    return splits
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A fine-tuned Hugging Face folder (the best checkpoint) and what it was trained from."""
+
+    folder: Path
+    metrics: dict[str, float]
+    base_version: str  # NAME/VERSION of the Hugging Face source that was fine-tuned
+
+
+def finetune(retrain_plan: RetrainPlan, splits: Splits, settings: Settings, client: MlflowClient) -> Trained:
+    """Fine-tune the base model on ``splits``, cached by base version, data and budget.
+
+    An engine reference (``NAME@challenger`` built by optimize) is followed back to its Hugging Face source.
+    """
+    from kiln.tasks.core.cache import StageCache, code_version, make_key
+    from kiln.tasks.models.finetune import FinetuneConfig, finetune_classifier
+    from kiln.tasks.optimize.candidates import resolve_source
+    from kiln.tasks.registry import client as registry
+
+    source = resolve_source(client, registry.ModelRef.parse(retrain_plan.base), settings.home / "downloads",
+                            retrain_plan.data)
+    if source.meta.task != "sequence-classification":
+        raise ConfigError(f"base model {retrain_plan.base} is a {source.meta.task} model; retraining fine-tunes "
+                          "sequence classifiers")
+    labels = _label_order(source.meta.labels, splits.labels, retrain_plan.base)
+    cfg = retrain_plan.config
+    config = FinetuneConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
+                            seq_len=cfg.max_length, eval_every=max(cfg.steps // 4, 1),
+                            seed=retrain_plan.data.seed, threads=settings.threads)
+    key = make_key("retrain", source.key, splits.digest, labels, config.model_dump(),
+                   code_version(finetune_classifier))
+
+    def run(workdir: Path) -> dict[str, Any]:
+        return {"metrics": finetune_classifier(source.folder, splits.train, splits.validation, labels,
+                                               workdir / "model", config)}
+
+    cache = StageCache(settings.cache_dir)
+    result, cached = cache.run(key, run)
+    base_version = f"{source.version.name}/{source.version.version}"
+    log.info("fine-tuned %s at %s (%s): %s", base_version, retrain_plan.tags["kiln.git_sha"][:12],
+             "cached" if cached else "trained", result["metrics"])
+    return Trained(cache.folder(key) / "model", result["metrics"], base_version)
+
+
+def _label_order(base: list[str], data: tuple[str, ...], ref: str) -> tuple[str, ...]:
+    """The data's labels in the base head's order, so that a classifier keeps what its head learnt."""
+    if not base:
+        return data
+    if set(base) == set(data):
+        return tuple(base)
+    if len(base) != len(data):
+        raise ConfigError(f"base model {ref} predicts {len(base)} labels {base} but the data has {len(data)} "
+                          f"{list(data)}; retrain from a model with the same labels, or fix the label column")
+    log.warning("base model %s predicts %s; the data's labels are %s: its head is re-learnt", ref, base, list(data))
+    return data
+
+
+def register(retrain_plan: RetrainPlan, trained: Trained, settings: Settings, client: MlflowClient) -> ModelVersion:
+    """Register the fine-tuned folder in ``name`` with the commit, digests and trigger as tags.
+
+    The first version of a new name becomes its ``champion`` (as ``kiln register`` does); later ones get
+    no alias: the chained optimize gates them against the champion.
+    """
+    from kiln.tasks.registry.onboard import register_folder
+
+    tags = retrain_plan.tags | {"kiln.base_version": trained.base_version,
+                                "kiln.train_metrics": json.dumps(trained.metrics, sort_keys=True)}
+    version = register_folder(client, settings, trained.folder, retrain_plan.name, "sequence-classification",
+                              retrain_plan.data, seq_len=retrain_plan.config.max_length, extra_tags=tags)
+    if version.tags.get("kiln.git_sha") != retrain_plan.tags["kiln.git_sha"]:
+        log.info("identical weights are already registered as %s v%s (from %s); reusing it", version.name,
+                 version.version, version.tags.get("kiln.git_sha", "outside retraining"))
+    return version

@@ -1,0 +1,190 @@
+"""The optimize pipeline's steps as plain functions: resolve the source, evaluate, gate, register.
+
+``flows/optimize.py`` wires these in order as Prefect tasks; each is usable (and tested) on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.tracking import MlflowClient
+
+from kiln.errors import ArtifactError, ModelNotFoundError
+from kiln.settings import Settings
+from kiln.tasks.compress.recipes import BuiltCandidate
+from kiln.tasks.core.cache import StageCache, code_version, make_key
+from kiln.tasks.core.stages import StageContext
+from kiln.tasks.data.datasets import DatasetSpec, Splits
+from kiln.tasks.engines import EngineOptions
+from kiln.tasks.evaluate.benchmark import BenchConfig, measure
+from kiln.tasks.evaluate.gate import GateDecision, Policy, judge
+from kiln.tasks.evaluate.quality import Outputs, quality
+from kiln.tasks.models.predictor import PackageMeta, Predictor, add_tensorrt_plan, package
+from kiln.tasks.registry import client as registry
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Source:
+    """The registered model version that candidates are built from (a Hugging Face package)."""
+
+    version: ModelVersion
+    folder: Path
+    meta: PackageMeta
+    data: DatasetSpec
+    key: str
+
+
+@dataclass
+class Evaluated:
+    """A model measured on the evaluation split (quality, parity, latency, size, memory)."""
+
+    name: str
+    folder: Path
+    precision: str
+    metrics: dict[str, float]
+    key: str
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    decision: GateDecision | None = None
+
+
+def resolve_source(client: MlflowClient, ref: registry.ModelRef, downloads: Path,
+                   data: DatasetSpec | None = None) -> Source:
+    """Resolve ``ref``; when it names an engine, follow ``kiln.parent_version`` back to the HF source."""
+    version = registry.resolve(client, ref)
+    seen = set()
+    while True:
+        folder = registry.fetch_package(client, version, downloads)
+        meta = PackageMeta.read(folder)
+        if meta.format == "hf":
+            break
+        parent = version.tags.get("kiln.parent_version")
+        if not parent or parent in seen:
+            raise ArtifactError(f"{version.name} v{version.version} is an engine without a source model; "
+                                "optimize the Hugging Face version it was built from")
+        seen.add(parent)
+        version = registry.resolve(client, registry.ModelRef(version.name, version=parent))
+    spec = data or _recorded_dataset(version)
+    key = make_key(version.name, version.version, version.run_id, meta.sha256)
+    return Source(version, folder, meta, spec, key)
+
+
+def _recorded_dataset(version: ModelVersion) -> DatasetSpec:
+    raw = version.tags.get("kiln.dataset")
+    if not raw:
+        raise ModelNotFoundError(f"{version.name} v{version.version} records no dataset (tag kiln.dataset); "
+                                 "pass one with --data FILE --text-column ... --label-column ...")
+    return DatasetSpec(**json.loads(raw))
+
+
+def stage_context_factory(source: Source, splits: Splits, settings: Settings, seq_len: int
+                          ) -> Callable[[Path], StageContext]:
+    """``workdir -> StageContext`` for the recipe runner: the same data and knobs for every stage."""
+    def make(workdir: Path) -> StageContext:
+        return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
+                            train=splits.train, validation=splits.validation, labels=splits.labels,
+                            source_dir=source.folder, seq_len=seq_len, seed=settings.seed,
+                            threads=settings.threads)
+
+    return make
+
+
+def package_candidate(built: BuiltCandidate, source: Source, cache: StageCache, seq_len: int,
+                      backend: str = "onnxruntime") -> Path:
+    """The candidate's Kiln package (engine + tokenizer + checksums), made once per backend."""
+    folder = cache.folder(built.key) / f"package-{backend}-seq{seq_len}"
+    if not (folder / "kiln.json").exists():
+        meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels),
+                           seq_len=seq_len, precision=built.precision, recipe=built.recipe.name)
+        package(built.artifact, built.tokenizer_dir, folder, meta)
+        if backend == "tensorrt":
+            add_tensorrt_plan(folder)
+    return folder
+
+
+def eval_frame(splits: Splits, limit: int | None, seed: int) -> pd.DataFrame:
+    """The split candidates are judged on (test), optionally a seeded sample of it."""
+    frame = splits.test
+    if limit is not None and len(frame) > limit:
+        frame = frame.sample(n=limit, random_state=seed).reset_index(drop=True)
+    return frame
+
+
+def _save_outputs(path: Path, outputs: Outputs) -> None:
+    arrays = {}
+    for i, (lg, m, ids) in enumerate(zip(outputs.logits, outputs.masks, outputs.ids, strict=True)):
+        arrays |= {f"l{i}": lg, f"m{i}": m, f"i{i}": ids}
+    np.savez(path, **arrays)
+
+
+def _load_outputs(path: Path) -> Outputs:
+    data = np.load(path)
+    n = len(data.files) // 3
+    return Outputs([data[f"l{i}"] for i in range(n)], [data[f"m{i}"] for i in range(n)],
+                   [data[f"i{i}"] for i in range(n)])
+
+
+def evaluate(name: str, folder: Path, precision: str, key: str, frame: pd.DataFrame, cache: StageCache,
+             options: EngineOptions, bench: BenchConfig, reference: Outputs | None = None,
+             keep_outputs: bool = False) -> tuple[Evaluated, Outputs | None]:
+    """Quality (+ parity with ``reference``), latency, memory and size of the package at ``folder``.
+
+    Cached by the package's key, the evaluation rows, the engine options and the code version, so a
+    re-run does not measure again; ``keep_outputs`` stores the logits for use as a parity reference.
+    """
+    eval_key = make_key("evaluate", key, pd.util.hash_pandas_object(frame, index=False).sum(),
+                        options.model_dump(), bench.model_dump(), reference is not None, code_version(quality),
+                        code_version(measure))
+
+    def run(workdir: Path) -> dict[str, Any]:
+        predictor = Predictor(folder, options)
+        metrics, outputs = quality(predictor, frame, reference=reference, desc=f"evaluate {name}")
+        del predictor
+        metrics |= measure(folder, frame["text"].tolist()[:256], options, bench)
+        if keep_outputs:
+            _save_outputs(workdir / "outputs.npz", outputs)
+        return {"metrics": metrics}
+
+    result, cached = cache.run(eval_key, run)
+    if cached:
+        log.info("evaluation of %s reused from cache", name)
+    outputs_path = cache.folder(eval_key) / "outputs.npz"
+    outputs = _load_outputs(outputs_path) if keep_outputs and outputs_path.exists() else None
+    return Evaluated(name, folder, precision, result["metrics"], key), outputs
+
+
+def baseline_metrics(policy: Policy, source: Evaluated, champion: Evaluated | None
+                     ) -> tuple[dict[str, float] | None, str]:
+    """What relative clauses compare with: the champion, or per policy the source when there is none."""
+    if champion is not None:
+        return champion.metrics, "champion"
+    if policy.when_no_champion == "source":
+        return source.metrics, "source (no champion yet)"
+    return None, "none"
+
+
+def gate_all(policy: Policy, candidates: list[Evaluated], baseline: dict[str, float] | None,
+             baseline_name: str) -> None:
+    """Attach a gate decision to every candidate."""
+    for cand in candidates:
+        cand.decision = judge(policy, cand.metrics, baseline, cand.precision, baseline_name=baseline_name)
+        log.info("gate %s: %s", cand.name, cand.decision.summary())
+
+
+def git_commit() -> str:
+    """The commit of the working directory's repository, or ``unknown`` outside one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -1,7 +1,0 @@
-"""MLflow "models from code" entry point: logged with every Kiln model instead of a pickled object."""
-
-import mlflow
-
-from tasks.pyfunc import KilnModel
-
-mlflow.models.set_model(KilnModel())

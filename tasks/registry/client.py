@@ -1,0 +1,164 @@
+"""MLflow registry access: resolve ``NAME[@ALIAS|/VERSION]``, fetch packages, register, move aliases.
+
+Aliases tell the state (``champion`` serves, ``challenger`` passed its gate, ``previous`` is the
+rollback target); tags tell the story (``kiln.*``). A version that failed its gate never gets an alias.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from kiln.errors import ArtifactError, ConfigError, ModelNotFoundError
+from kiln.settings import Settings
+from kiln.tasks.registry.pyfunc import PACKAGE_ARTIFACT
+from kiln.tasks.registry.storage import verify_package
+
+log = logging.getLogger(__name__)
+
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """``NAME`` (meaning ``NAME@champion``), ``NAME@ALIAS`` or ``NAME/VERSION``."""
+
+    name: str
+    alias: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ModelRef:
+        text = text.strip().removeprefix("models:/")
+        if not text:
+            raise ConfigError("empty model reference; write NAME, NAME@ALIAS or NAME/VERSION")
+        if "@" in text:
+            name, alias = text.rsplit("@", 1)
+            if not name or not re.fullmatch(r"[\w\-]+", alias):
+                raise ConfigError(f"bad model reference {text!r}; write NAME@ALIAS, e.g. sentiment@champion")
+            return cls(name, alias=alias)
+        m = re.fullmatch(r"(.+)/(\d+)", text)
+        if m:
+            return cls(m.group(1), version=m.group(2))
+        return cls(text, alias=CHAMPION)
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.version}" if self.version else f"{self.name}@{self.alias}"
+
+
+def connect(settings: Settings) -> MlflowClient:
+    """Point MLflow at the configured (or embedded) tracking server and return a client."""
+    settings.ensure_dirs()
+    mlflow.set_tracking_uri(settings.effective_tracking_uri)
+    if settings.registry_uri:
+        mlflow.set_registry_uri(settings.registry_uri)
+    return MlflowClient(settings.effective_tracking_uri, settings.registry_uri)
+
+
+def ensure_experiment(client: MlflowClient, settings: Settings) -> str:
+    """The experiment id for optimize runs; in embedded mode its artifacts live under ``home``."""
+    exp = client.get_experiment_by_name(settings.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    location = settings.artifact_root.as_uri() if settings.embedded else None
+    return client.create_experiment(settings.experiment, artifact_location=location)
+
+
+def resolve(client: MlflowClient, ref: ModelRef) -> ModelVersion:
+    """The model version ``ref`` names, or a :class:`ModelNotFoundError` that lists what exists."""
+    try:
+        client.get_registered_model(ref.name)
+    except MlflowException as exc:
+        names = sorted(m.name for m in client.search_registered_models(max_results=50))
+        hint = f"registered models: {', '.join(names)}" if names else "the registry is empty"
+        raise ModelNotFoundError(
+            f"registered model {ref.name!r} does not exist ({hint}); register it with `kiln register` "
+            "or run `kiln demo`"
+        ) from exc
+    try:
+        if ref.version:
+            return client.get_model_version(ref.name, ref.version)
+        return client.get_model_version_by_alias(ref.name, ref.alias)
+    except MlflowException as exc:
+        aliases = client.get_registered_model(ref.name).aliases or {}
+        known = ", ".join(f"@{a}→v{v}" for a, v in sorted(aliases.items())) or "none"
+        what = f"version {ref.version}" if ref.version else f"alias @{ref.alias}"
+        raise ModelNotFoundError(
+            f"{ref.name!r} has no {what} (aliases: {known}); use an existing alias or version"
+        ) from exc
+
+
+def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
+    return {alias: str(v) for alias, v in (client.get_registered_model(name).aliases or {}).items()}
+
+
+def existing_aliases(client: MlflowClient, name: str) -> dict[str, str]:
+    """``name``'s aliases; raises :class:`ModelNotFoundError` (listing what exists) when there is no such model."""
+    if not model_exists(client, name):
+        resolve(client, ModelRef(name))
+    return aliases_of(client, name)
+
+
+def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Path:
+    """Download a version's Kiln package into ``dst`` and verify its checksums against ``kiln.json`` and the tags.
+
+    A cached copy that no longer verifies (rotted, or left by an earlier registry that reused this version
+    number) is downloaded again once; a fresh download that does not verify is an error.
+    """
+    root = dst / f"{version.name}-v{version.version}"
+    folder = root / "artifacts" / PACKAGE_ARTIFACT
+    if (folder / "kiln.json").is_file():
+        try:
+            verify_package(folder, version.tags)
+            return folder
+        except ArtifactError as exc:
+            log.warning("cached package of %s v%s does not verify (%s); downloading it again", version.name,
+                        version.version, str(exc)[:160])
+            shutil.rmtree(root, ignore_errors=True)
+    tmp = dst / f".{root.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    uri = f"models:/{version.name}/{version.version}"
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+    except (MlflowException, OSError) as exc:
+        raise ArtifactError(
+            f"artifacts of {version.name} v{version.version} are missing or unreadable ({exc.__class__.__name__}"
+            f": {str(exc).splitlines()[0][:160]}); re-register the model"
+        ) from exc
+    if not (got / "artifacts" / PACKAGE_ARTIFACT / "kiln.json").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError(f"artifacts of {version.name} v{version.version} are missing or incomplete "
+                            f"(no Kiln package at {version.source}); re-register the model")
+    shutil.rmtree(root, ignore_errors=True)
+    got.rename(root)
+    shutil.rmtree(tmp, ignore_errors=True)
+    # The registry's database, not the artifact store, says what the files must be.
+    verify_package(folder, version.tags)
+    return folder
+
+
+def find_version(client: MlflowClient, name: str, tag: str, value: str) -> ModelVersion | None:
+    """The newest version of ``name`` carrying ``tag=value`` (how re-runs avoid duplicate versions)."""
+    found = client.search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def set_tags(client: MlflowClient, version: ModelVersion, tags: dict[str, str]) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, str(value)[:5000])
+
+
+def model_exists(client: MlflowClient, name: str) -> bool:
+    try:
+        client.get_registered_model(name)
+        return True
+    except MlflowException:
+        return False
