@@ -21,6 +21,7 @@ demo: $(STAMP)  ## fine-tune, register, optimize, gate: the whole path on embedd
 
 test: $(STAMP)  ## the test suite (starts and stops whatever servers the tests need)
 	infra/ci/services.sh  # PostgreSQL binaries from Debian packages when missing; the tests start their own
+	$(BIN)/lint-imports --no-logo  # the import contracts in pyproject.toml ([tool.importlinter])
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -80,7 +80,7 @@ def build(args: argparse.Namespace, work: Path) -> dict[str, Runner]:
     from transformers import AutoModelForSequenceClassification
 
     from kiln.tasks.engines import EngineOptions, OnnxRuntimeEngine, load_engine
-    from kiln.tasks.engines.tensorrt import TensorRTBuildConfig, build_engine
+    from kiln.tasks.engines.tensorrt.build import TensorRTBuildConfig, build_engine
     from kiln.tasks.models.export import export_onnx
 
     model = AutoModelForSequenceClassification.from_pretrained(args.model_dir)
@@ -102,7 +102,7 @@ def build(args: argparse.Namespace, work: Path) -> dict[str, Runner]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from kiln.errors import KilnError
-    from kiln.tasks.engines.tensorrt import runtime_info
+    from kiln.tasks.engines.tensorrt.machine import runtime_info
 
     try:
         info = runtime_info()

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from kiln.errors import DataCheckFailed, GateError
 from kiln.settings import Settings, load_settings
 from kiln.tasks.compress import recipes
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.core.cache import StageCache
 from kiln.tasks.core.stages import Artifact
 from kiln.tasks.data import checks as datachecks
@@ -131,7 +132,7 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
     bench = params.bench or BenchConfig(max_seconds=settings.bench_seconds)
 
     run = client.create_run(registry.ensure_experiment(client, settings),
-                            run_name=f"optimize {ref}", tags={"kiln.model": str(ref)})
+                            run_name=f"optimize {ref}", tags={vocab.RUN_MODEL: str(ref)})
     run_id = run.info.run_id
     try:
         client.log_param(run_id, "params", params.model_dump_json()[:6000])
@@ -166,8 +167,8 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
             raise GateError(f"no candidate passed the gate for {ref}; nothing registered. "
                             + " | ".join(f"{c.name}: {c.decision.summary()}" for c in evaluated))
         best = next(c for c in evaluated if c.name == rank(policy, passing)[0])
-        tags = {"kiln.dataset_digest": splits.digest, "kiln.backend": options.backend,
-                "kiln.engine": json.dumps(options.model_dump() | engine_versions()), "kiln.baseline": baseline_name}
+        tags = {vocab.DATASET_DIGEST: splits.digest, vocab.BACKEND: options.backend,
+                vocab.ENGINE: json.dumps(options.model_dump() | engine_versions()), vocab.BASELINE: baseline_name}
         version = register(settings, source, best, model_ids[best.name], run_id, tags)
         summary["registered"] = {"name": version.name, "version": version.version, "recipe": best.name}
         client.log_dict(run_id, summary, "summary.json")
@@ -191,11 +192,11 @@ def _log_report(client, run_id: str, summary: dict[str, Any], model: str, splits
 def _champion(client, settings, source, frame, cache, options, bench, src) -> cands.Evaluated | None:
     """The champion measured in this run: the source itself, another version, or none yet."""
     aliases = registry.aliases_of(client, source.version.name)
-    if registry.CHAMPION not in aliases:
+    if vocab.CHAMPION not in aliases:
         return None
-    if aliases[registry.CHAMPION] == str(source.version.version):
+    if aliases[vocab.CHAMPION] == str(source.version.version):
         return src
-    version = client.get_model_version(source.version.name, aliases[registry.CHAMPION])
+    version = client.get_model_version(source.version.name, aliases[vocab.CHAMPION])
     folder = registry.fetch_package(client, version, settings.home / "downloads")
     meta = PackageMeta.read(folder)
     ev, _ = evaluate(f"champion v{version.version}", folder, meta.precision,

@@ -27,9 +27,11 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
 from kiln.settings import Settings, load_settings
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import promotion
 from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.lock import PromotionError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,7 @@ class PromoteParams(BaseModel):
     timeout_s: float = Field(3600, gt=0, description="Seconds to wait for a decision before giving up.")
     poll_interval_s: float = Field(5, gt=0, description="Seconds between looks at the registry (or the form).")
     approval: Literal["registry", "ui"] = Field(
-        "registry", description="registry: wait for the kiln.approval tag (kiln approve, MLflow UI); "
+        "registry", description=f"registry: wait for the {vocab.APPROVAL} tag (kiln approve, MLflow UI); "
                                 "ui: pause this flow run with an approval form in the Prefect UI.")
 
 
@@ -66,9 +68,9 @@ class Decision(BaseModel):
 def review(settings: Settings, name: str) -> tuple[str, str]:
     """The challenger's version and the Markdown an approver reads (also kept as a flow-run artifact)."""
     client = registry.connect(settings)
-    challenger = registry.resolve(client, registry.ModelRef(name, alias=registry.CHALLENGER))
-    if challenger.tags.get("kiln.gate") != "passed":
-        raise promotion.PromotionError(f"{name} v{challenger.version} did not pass its gate; nothing to approve")
+    challenger = registry.resolve(client, registry.ModelRef(name, alias=vocab.CHALLENGER))
+    if not vocab.gate_passed(challenger.tags):
+        raise PromotionError(f"{name} v{challenger.version} did not pass its gate; nothing to approve")
     markdown = promotion.review_markdown(client, name, challenger)
     create_markdown_artifact(markdown, key=f"promote-{_slug(name)}", description=f"Review of {name}")
     return str(challenger.version), markdown
@@ -77,16 +79,16 @@ def review(settings: Settings, name: str) -> tuple[str, str]:
 def wait_on_registry(settings: Settings, name: str, version: str, timeout_s: float, poll_s: float) -> Decision:
     """Poll the version's ``kiln.approval`` tag; a decision by someone not allowed is refused and reset."""
     client = registry.connect(settings)
-    policy = promotion.load_approval_policy(settings.home)
+    policy = promotion.load_approval_policy(settings=settings)
     deadline = time.monotonic() + timeout_s
     while True:
         mv = client.get_model_version(name, version)
         tags = mv.tags
-        state, approver = tags.get("kiln.approval"), tags.get("kiln.approver", "")
-        if state in (promotion.APPROVED, promotion.REJECTED):
+        state, approver = tags.get(vocab.APPROVAL), tags.get(vocab.APPROVER, "")
+        if state in (vocab.APPROVED, vocab.REJECTED):
             try:  # `kiln approve` checked this already; a tag set by hand in the MLflow UI was not
                 policy.check(approver, promotion.triggered_by(client, mv), decision=state)
-                return Decision(outcome=state, approver=approver, reason=tags.get("kiln.approval_reason", ""))
+                return Decision(outcome=state, approver=approver, reason=tags.get(vocab.APPROVAL_REASON, ""))
             except promotion.ApprovalRefused as exc:
                 _refuse(client, settings.home, name, version, approver, str(exc), state)
         if time.monotonic() >= deadline:
@@ -99,8 +101,8 @@ def wait_on_form(settings: Settings, name: str, version: str, markdown: str, tim
     """Pause the flow run with :class:`ApprovalInput`; invalid answers (unknown approver) ask again."""
     client = registry.connect(settings)
     if flow_run.id:  # lets a kiln.approval tag (registry webhook or poller) resume this paused run
-        client.set_model_version_tag(name, version, "kiln.promote_flow_run", flow_run.id)
-    policy = promotion.load_approval_policy(settings.home)
+        client.set_model_version_tag(name, version, vocab.PROMOTE_FLOW_RUN, flow_run.id)
+    policy = promotion.load_approval_policy(settings=settings)
     deadline = time.monotonic() + timeout_s
     note = ""
     while (left := deadline - time.monotonic()) > 0:
@@ -109,7 +111,7 @@ def wait_on_form(settings: Settings, name: str, version: str, markdown: str, tim
             answer = pause_flow_run(wait_for_input=form, timeout=max(int(left), 1), poll_interval=max(int(poll_s), 1))
         except FlowPauseTimeout:
             break
-        state = promotion.APPROVED if answer.decision == "approve" else promotion.REJECTED
+        state = vocab.APPROVED if answer.decision == "approve" else vocab.REJECTED
         mv = client.get_model_version(name, version)
         try:
             policy.check(answer.approver, promotion.triggered_by(client, mv), decision=state)
@@ -138,8 +140,9 @@ def record_no_decision(settings: Settings, name: str, version: str, reason: str)
 def _refuse(client, home: Path, name: str, version: str, approver: str, why: str, state: str) -> None:
     log.warning("refused %s of %s v%s by %r: %s", state, name, version, approver, why)
     audit.record(client, audit.AuditLog.under(home),
-                 audit.AuditEvent(name, version, audit.APPROVAL_REFUSED, approver, why, details={"decision": state}),
-                 {"kiln.approval": promotion.REFUSED, "kiln.approval_reason": why})
+                 audit.AuditEvent(name, version, vocab.EVENT_APPROVAL_REFUSED, approver, why,
+                                  details={"decision": state}),
+                 {vocab.APPROVAL: vocab.REFUSED, vocab.APPROVAL_REASON: why})
 
 
 def _slug(name: str) -> str:
@@ -161,9 +164,9 @@ def promote(params: PromoteParams) -> dict[str, Any]:
     else:
         decision = wait_on_registry(settings, params.model, version, params.timeout_s, params.poll_interval_s)
     result = {"model": params.model, "version": version} | decision.model_dump()
-    if decision.outcome == promotion.APPROVED:
+    if decision.outcome == vocab.APPROVED:
         result["champion"] = promote_version(settings, params.model, version, decision)
-    elif decision.outcome == promotion.NOT_APPROVED:
+    elif decision.outcome == vocab.NOT_APPROVED:
         record_no_decision(settings, params.model, version, decision.reason)
     print(f"{params.model} v{version}: {decision.outcome}" + (f" by {decision.approver}" if decision.approver else ""))
     return result

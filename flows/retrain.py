@@ -14,6 +14,7 @@ from prefect.cache_policies import NONE
 from kiln.errors import ConfigError
 from kiln.flows.optimize import OptimizeParams, optimize
 from kiln.settings import Settings, load_settings
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import retrain as steps
 from kiln.tasks.lifecycle.retrain import RetrainParams, RetrainPlan
 from kiln.tasks.registry import client as registry
@@ -64,9 +65,9 @@ def run_retrain(params: RetrainParams, settings: Settings) -> dict[str, Any]:
     if version is None:
         version = register(retrain_plan, finetune(retrain_plan, settings), settings)
     print(f"{'found' if reused else 'registered'} {version.name} v{version.version} for commit "
-          f"{retrain_plan.tags['kiln.git_sha'][:12]} (base {retrain_plan.base})")
+          f"{retrain_plan.tags[vocab.GIT_SHA][:12]} (base {retrain_plan.base})")
     summary: dict[str, Any] = {"name": version.name, "version": str(version.version), "reused": reused,
-                               "sha": retrain_plan.tags["kiln.git_sha"], "base": retrain_plan.base}
+                               "sha": retrain_plan.tags[vocab.GIT_SHA], "base": retrain_plan.base}
     if params.chain_optimize:
         summary["optimize"] = optimize(OptimizeParams(model=f"{version.name}/{version.version}",
                                                       recipes=retrain_plan.config.recipes,

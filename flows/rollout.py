@@ -15,7 +15,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from kiln.settings import load_settings
-from kiln.tasks.rollout.driver import RolloutParams, RolloutState, describe, run_rollout
+from kiln.tasks.rollout.launch import run_rollout
+from kiln.tasks.rollout.params import RolloutParams
+from kiln.tasks.rollout.state import RolloutState
+from kiln.tasks.rollout.status import describe
 
 
 def _markdown(state: RolloutState) -> str:

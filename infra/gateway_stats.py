@@ -17,7 +17,8 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client import Counter as PromCounter
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+from kiln.tasks.core.tags import CHALLENGER, CHAMPION  # the two upstream roles are named after the aliases
+
 ROLES = (CHAMPION, CHALLENGER)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 

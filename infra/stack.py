@@ -1,58 +1,32 @@
-"""The local stack behind ``kiln up``: Prefect server, MLflow server, webhook receiver, registry poller, flows.
+"""The local stack behind ``kiln up``: starting, watching and stopping its services' processes.
 
-Every service runs in its own process group, so stopping it stops what it spawned (MLflow's uvicorn
-worker, ...); it logs to ``<home>/stack/logs/<name>.log`` and records itself in ``<home>/stack/<name>.pid``
-(pid, start time, URL), so that ``kiln down`` and ``kiln status`` — later, from another process — find
-it, and a pid the system has since reused is never taken for it. Services bind to ``settings.host``.
-
-By default the stores are the embedded ones (``<home>/mlflow.db``, ``<home>/artifacts``, Prefect's SQLite
-under ``<home>/prefect``), so ``kiln up`` shows what ``kiln demo`` made. With ``database_url`` set, MLflow
-and Prefect use two databases on that PostgreSQL server (both keep their migrations in a table called
-``alembic_version``, so they cannot share one); with ``s3_bucket`` set, MLflow proxies artifacts to S3.
+Every service (:mod:`kiln.infra.stack_services` says which) runs in its own process group, so stopping it
+stops what it spawned (MLflow's uvicorn worker, ...); it logs to ``<home>/stack/logs/<name>.log`` and records
+itself in ``<home>/stack/<name>.pid`` (pid, start time, URL), so that ``kiln down`` and ``kiln status`` —
+later, from another process — find it, and a pid the system has since reused is never taken for it.
+Services start in waves: a service waits until the ones it needs answer their readiness probe.
 """
 
 from __future__ import annotations
 
-import base64
-import importlib.util
 import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import psutil
 
 from kiln.errors import ConfigError, KilnError
+from kiln.infra.stack_services import Service, installed, services
 from kiln.settings import Settings
-
-SERVED_DEPLOYMENT = "optimize/kiln-optimize"  # polled by `kiln serve-flows` once the flows are served
-Probe = Callable[[float], bool]  # readiness, given the time (epoch s) the service's process started
 
 
 class StackError(KilnError):
     """A service of the local stack did not start or stop; the message names its log file."""
-
-
-@dataclass(frozen=True)
-class Service:
-    """One long-running process of the stack."""
-
-    name: str
-    argv: list[str]
-    env: dict[str, str]
-    url: str | None = None  # what a user opens
-    port: int | None = None  # the port it binds, checked free before it starts
-    setting: str | None = None  # the variable that moves that port
-    probe: Probe | None = None  # None: ready once it has stayed up for a few seconds
-    timeout_s: float = 120.0
-    needs: tuple[str, ...] = ()  # services that must be ready first
 
 
 @dataclass(frozen=True)
@@ -63,158 +37,6 @@ class State:
     pid: int | None
     url: str | None
     health: str  # healthy | unhealthy | stopped | not installed
-
-
-# ---------------------------------------------------------------- the services
-
-
-def services(settings: Settings, config: Path | None = None) -> list[Service]:
-    """The stack for ``settings``, in start order (``kiln down`` stops them in reverse)."""
-    host, py = settings.host, sys.executable
-    prefect_url, mlflow_url = f"http://{host}:{settings.prefect_port}", f"http://{host}:{settings.mlflow_port}"
-    webhook_url = f"http://{host}:{settings.webhook_port}"
-    api_url = f"{prefect_url}/api"
-    env = dict(os.environ) | {
-        "KILN_HOME": str(settings.home), "KILN_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_URI": mlflow_url,
-        "PREFECT_API_URL": api_url, "KILN_PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1",
-        "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.home / "prefect")),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    if config is not None:
-        env["KILN_CONFIG"] = str(config.resolve())
-    if settings.s3_endpoint_url:
-        env["MLFLOW_S3_ENDPOINT_URL"] = settings.s3_endpoint_url
-    env.setdefault("AWS_DEFAULT_REGION", settings.s3_region)
-
-    prefect_env = dict(env)
-    backend = f"sqlite:///{settings.home / 'mlflow.db'}"
-    if settings.database_url:
-        backend, prefect_env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_urls(settings.database_url)
-    artifacts = f"s3://{settings.s3_bucket}/mlflow" if settings.s3_bucket else str(settings.artifact_root)
-    mlflow_env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"} | {
-        # Registry webhooks to the receiver on loopback (plain http, private address); a stable key, or the
-        # webhook secrets stored by one server process cannot be read by the next.
-        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": env.get("MLFLOW_WEBHOOK_ALLOWED_SCHEMES", "http,https"),
-        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": env.get("MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS", "true"),
-        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": env.get("MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY")
-        or _webhook_key(settings.home / "stack"),
-        # GenAI job runners (seven huey consumers, ~1.5 GB): Kiln runs none of them.
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
-    }
-    return [
-        Service("prefect", [py, "-m", "prefect", "server", "start", "--host", host, "--port",
-                            str(settings.prefect_port)], prefect_env, prefect_url, settings.prefect_port,
-                "KILN_PREFECT_PORT", http_ok(f"{prefect_url}/api/health"), timeout_s=240),
-        Service("mlflow", [py, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
-                           artifacts, "--host", host, "--port", str(settings.mlflow_port), "--workers", "1"],
-                mlflow_env, mlflow_url, settings.mlflow_port, "KILN_MLFLOW_PORT", http_ok(f"{mlflow_url}/health"),
-                timeout_s=240),
-        Service("webhooks",
-                [py, "-m", "kiln.infra.webhooks", "--host", host, "--port", str(settings.webhook_port)], env,
-                f"{webhook_url}/hooks/", settings.webhook_port, "KILN_WEBHOOK_PORT",
-                http_ok(f"{webhook_url}/health")),
-        Service("registry-events", [py, "-m", "kiln.infra.registry_events"], env, needs=("prefect", "mlflow")),
-        Service("flows", [py, "-m", "kiln", "serve-flows"], env, f"{prefect_url}/deployments",
-                probe=deployment_polled(f"{prefect_url}/api", SERVED_DEPLOYMENT), timeout_s=300,
-                needs=("prefect", "mlflow")),
-    ]
-
-
-def installed(service: Service) -> bool:
-    """False for a ``python -m MODULE`` service whose module is not importable here (not yet written)."""
-    if service.argv[1:2] != ["-m"]:
-        return True
-    return importlib.util.find_spec(service.argv[2]) is not None
-
-
-def http_ok(url: str) -> Probe:
-    def probe(_started: float) -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=3) as response:
-                return 200 <= response.status < 300
-        except (OSError, ValueError):
-            return False
-
-    return probe
-
-
-def deployment_polled(api_url: str, deployment: str) -> Probe:
-    """Ready once the deployment's runner has polled the server since the process started."""
-    def probe(started: float) -> bool:
-        try:
-            with urllib.request.urlopen(f"{api_url}/deployments/name/{deployment}", timeout=3) as response:
-                polled = json.load(response).get("last_polled")
-        except (OSError, ValueError):
-            return False
-        return bool(polled) and datetime.fromisoformat(polled).timestamp() >= started - 1
-
-    return probe
-
-
-def database_urls(database_url: str) -> tuple[str, str]:
-    """MLflow's URL (the database given) and Prefect's (``<database>_prefect`` on the same server, asyncpg)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        url = make_url(database_url.replace("postgres://", "postgresql://", 1))
-    except ArgumentError as exc:
-        raise ConfigError(f"KILN_DATABASE_URL is not a database URL ({exc}); write "
-                          "postgresql://USER:PASSWORD@HOST:5432/DATABASE") from exc
-    if url.get_backend_name() != "postgresql" or not url.database:
-        raise ConfigError("KILN_DATABASE_URL must name a PostgreSQL database: postgresql://USER:PASSWORD@HOST:5432/DB")
-    query = dict(url.query)
-    if "sslmode" in query:  # asyncpg spells libpq's sslmode "ssl"
-        query["ssl"] = query.pop("sslmode")
-    prefect = url.set(drivername="postgresql+asyncpg", database=f"{url.database}_prefect", query=query)
-    mlflow = url.set(drivername="postgresql+psycopg")  # explicit: SQLAlchemy 2.0 would pick psycopg2, 2.1 psycopg
-    return mlflow.render_as_string(hide_password=False), prefect.render_as_string(hide_password=False)
-
-
-def ensure_databases(database_url: str) -> list[str]:
-    """Create MLflow's and Prefect's databases on the server when missing; returns the names created."""
-    try:
-        import psycopg
-        from psycopg import sql
-    except ImportError as exc:
-        raise ConfigError("KILN_DATABASE_URL needs the PostgreSQL driver: pip install 'kiln-mlops[stores]'") from exc
-    from sqlalchemy.engine import make_url
-
-    url = make_url(database_urls(database_url)[0])
-    names = [url.database, f"{url.database}_prefect"]
-    params = {"host": url.host, "port": url.port or 5432, "user": url.username, "password": url.password,
-              "dbname": "postgres", "connect_timeout": 10, **dict(url.query)}
-    created = []
-    try:
-        conn = psycopg.connect(autocommit=True, **{k: v for k, v in params.items() if v is not None})
-    except psycopg.Error as exc:
-        raise ConfigError(f"cannot reach PostgreSQL at {url.host}:{url.port or 5432} as {url.username} "
-                          f"({str(exc).strip().splitlines()[0]}); check KILN_DATABASE_URL") from exc
-    try:  # autocommit: CREATE DATABASE cannot run in a transaction
-        with conn.cursor() as cur:
-            for name in names:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-                if cur.fetchone() is None:
-                    cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-                    created.append(name)
-    except psycopg.Error as exc:
-        raise ConfigError(f"cannot create database(s) {', '.join(names)} ({str(exc).strip().splitlines()[0]}); "
-                          f"create them or grant {url.username} CREATEDB") from exc
-    finally:
-        conn.close()
-    return created
-
-
-def _webhook_key(folder: Path) -> str:
-    path = folder / "webhook-secret.key"
-    if not path.is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.urlsafe_b64encode(os.urandom(32)))  # a Fernet key
-        path.chmod(0o600)
-    return path.read_text().strip()
-
-
-# ---------------------------------------------------------------- processes
 
 
 class Stack:
@@ -418,6 +240,7 @@ def _group(rec: dict) -> list[psutil.Process]:
 
 
 def port_free(host: str, port: int) -> bool:
+    """True when a server could listen on ``host:port`` now."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -439,12 +262,6 @@ def _holder(port: int) -> str:
     return ""
 
 
-def env_exports(settings: Settings) -> str:
-    """Shell lines that point Kiln, MLflow and Prefect clients at the running stack."""
-    mlflow_url = f"http://{settings.host}:{settings.mlflow_port}"
-    return (f"export PREFECT_API_URL=http://{settings.host}:{settings.prefect_port}/api\n"
-            f"export MLFLOW_TRACKING_URI={mlflow_url}\nexport KILN_TRACKING_URI={mlflow_url}\n")
-
-
 def for_settings(settings: Settings, config: Path | None = None) -> Stack:
+    """The local stack for ``settings``, its pid files and logs under ``<home>/stack``."""
     return Stack(settings.home / "stack", services(settings, config), settings.host)

@@ -3,7 +3,7 @@
     python -m kiln.infra.webhooks --host 127.0.0.1 --port 8765      (settings: KILN_WEBHOOK_SECRET, ...)
 
 ``POST /hooks/github`` (``X-Hub-Signature-256`` HMAC of the raw body), ``POST /hooks/gitlab``
-(``X-Gitlab-Token``), ``POST /hooks/mlflow`` (registry events, :mod:`kiln.infra.registry_events`) and
+(``X-Gitlab-Token``), ``POST /hooks/mlflow`` (registry events, :mod:`kiln.infra.mlflow_webhook`) and
 ``GET /health``. A push is checked in this order, and the first failure answers, always as JSON
 ``{"error": "..."}``:
 
@@ -43,7 +43,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from kiln.errors import KilnError
-from kiln.infra.registry_events import mlflow_webhook_route
+from kiln.infra.mlflow_webhook import mlflow_webhook_route
 from kiln.infra.starter import RETRAIN, DeploymentStarter, Started
 from kiln.infra.webhook_body import Reject, read_body
 from kiln.settings import Settings, load_settings
@@ -58,7 +58,7 @@ _SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1, or SHA-256 object form
 class Starter(Protocol):
     """What the push routes need from :class:`infra.starter.DeploymentStarter` (tests pass a recorder).
 
-    The registry route (``kiln.infra.registry_events``) calls its ``start_sync`` from a worker thread.
+    The registry route (``kiln.infra.mlflow_webhook``) calls its ``start_sync`` from a worker thread.
     """
 
     async def start(self, deployment: str, parameters: dict[str, Any], *, idempotency_key: str | None = None,

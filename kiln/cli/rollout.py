@@ -13,9 +13,8 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from kiln.errors import KilnError
+from kiln.cli.support import DECLINED, OK, ConfigOpt, exit_epilog, handle_errors, load
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings YAML (default: ./kiln.yaml).")]
 NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
 ReasonOpt = Annotated[str, typer.Option(help="Why; recorded in the rollout's state and the audit log.")]
 
@@ -29,12 +28,14 @@ class _StartByDefault(TyperGroup):
         return super().resolve_command(ctx, args)
 
 
+_ROLLED_BACK = "rolled back or aborted (champion untouched)"
 rollout_app = typer.Typer(cls=_StartByDefault, no_args_is_help=True, help=(
     "Canary rollout of @challenger against @champion through the Kiln gateway. `kiln rollout NAME` starts one; "
-    "`status`, `pause`, `resume`, `promote`, `abort` control it."))
+    "`status`, `pause`, `resume`, `promote`, `abort` control it."), epilog=exit_epilog(_ROLLED_BACK))
 
 
-@rollout_app.command("start")
+@rollout_app.command("start", epilog=exit_epilog(_ROLLED_BACK))
+@handle_errors
 def start(
     name: NameArg,
     spec: Annotated[Path | None, typer.Option(help="Rollout spec YAML (steps, metrics, failure_limit...); default: "
@@ -46,93 +47,79 @@ def start(
     """Run a rollout to its end: promoted (aliases moved) or rolled back (weight 0, champion untouched).
 
     Needs the gateway running in front of both model servers and KILN_GATEWAY_TOKEN set to its admin token.
-    Exit code 0 when promoted, 1 when rolled back or aborted, 2 on bad input.
     """
-    from kiln.cli.app import _fail, _settings
+    settings = load(config)
+    from kiln.flows.rollout import rollout
+    from kiln.tasks.rollout.launch import preflight
+    from kiln.tasks.rollout.params import RolloutParams
 
-    try:
-        settings = _settings(config)
-        from kiln.flows.rollout import rollout
-        from kiln.tasks.rollout.driver import RolloutParams, preflight
-
-        params = RolloutParams(model=name, spec=str(spec) if spec else None, gateway=gateway, poll_s=poll)
-        preflight(params, settings)[1].close()  # a bad spec, token or gateway fails here, before a flow run
-        result = rollout(params)
-    except KilnError as exc:
-        _fail(exc)
-    raise typer.Exit(0 if result["status"] == "promoted" else 1)
+    params = RolloutParams(model=name, spec=str(spec) if spec else None, gateway=gateway, poll_s=poll)
+    preflight(params, settings)[1].close()  # a bad spec, token or gateway fails here, before a flow run
+    result = rollout(params)
+    raise typer.Exit(OK if result["status"] == "promoted" else DECLINED)
 
 
-@rollout_app.command("status")
+@rollout_app.command("status", epilog=exit_epilog())
+@handle_errors
 def status(name: NameArg, config: ConfigOpt = None) -> None:
     """Where the last rollout of NAME stands: step, weight, and every verdict with its reasons."""
-    from kiln.cli.app import _fail, _settings
+    settings = load(config)
+    from kiln.tasks.registry import client as registry
+    from kiln.tasks.rollout.state import RolloutStore
+    from kiln.tasks.rollout.status import describe, describe_version, last_rolled_out
 
-    try:
-        settings = _settings(config)
-        from kiln.tasks.registry import client as registry
-        from kiln.tasks.rollout.driver import STATUS_TAG, RolloutStore, describe
-
-        state = RolloutStore(settings.home).load(name)
-        if state is not None:
-            typer.echo("\n".join(describe(state)))
-            return
-        # Not run from this machine: the registry still has the summary.
-        client = registry.connect(settings)
-        versions = [v for v in client.search_model_versions(f"name='{name}'") if STATUS_TAG in v.tags]
-        if not versions:
-            typer.echo(f"{name}: no rollout recorded")
-            return
-        v = max(versions, key=lambda mv: int(mv.version))
-        typer.echo(f"{name} v{v.version}: {v.tags[STATUS_TAG].upper()} at step {v.tags.get('kiln.rollout.step')}, "
-                   f"weight {v.tags.get('kiln.rollout.weight')}% — {v.tags.get('kiln.rollout.message', '')}")
-    except KilnError as exc:
-        _fail(exc)
+    state = RolloutStore(settings.home).load(name)
+    if state is not None:
+        typer.echo("\n".join(describe(state)))
+        return
+    # Not run from this machine: the registry still has the summary.
+    version = last_rolled_out(registry.connect(settings), name)
+    typer.echo(describe_version(version) if version is not None else f"{name}: no rollout recorded")
 
 
 def _command(name: str, command: str, reason: str, actor: str | None, config: Path | None) -> None:
-    from kiln.cli.app import _fail, _settings
+    settings = load(config)
+    from kiln.tasks.registry import client as registry
+    from kiln.tasks.registry.audit import current_user
+    from kiln.tasks.rollout.commands import send_command
 
-    try:
-        settings = _settings(config)
-        from kiln.tasks.registry import client as registry
-        from kiln.tasks.registry.audit import current_user
-        from kiln.tasks.rollout.driver import send_command
-
-        version = send_command(registry.connect(settings), name, command, actor=actor or current_user(),
-                               reason=reason)
-        typer.echo(f"{name} v{version}: {command} sent; the rollout acts on it within its poll interval "
-                   f"(`kiln rollout status {name}`)")
-    except KilnError as exc:
-        _fail(exc)
+    version = send_command(registry.connect(settings), name, command, actor=actor or current_user(settings),
+                           reason=reason)
+    typer.echo(f"{name} v{version}: {command} sent; the rollout acts on it within its poll interval "
+               f"(`kiln rollout status {name}`)")
 
 
 ActorOpt = Annotated[str | None, typer.Option(help="Who (default: $KILN_USER or login).")]
 
 
-@rollout_app.command("pause")
+@rollout_app.command("pause", epilog=exit_epilog())
+@handle_errors
 def pause(name: NameArg, reason: ReasonOpt = "", actor: ActorOpt = None, config: ConfigOpt = None) -> None:
     """Hold the current traffic split; the step's analysis restarts on resume."""
     _command(name, "pause", reason, actor, config)
 
 
-@rollout_app.command("resume")
+@rollout_app.command("resume", epilog=exit_epilog())
+@handle_errors
 def resume(name: NameArg, reason: ReasonOpt = "", actor: ActorOpt = None, config: ConfigOpt = None) -> None:
     """Continue a paused rollout (also passes a manual gate)."""
     _command(name, "resume", reason, actor, config)
 
 
-@rollout_app.command("promote")
+@rollout_app.command("promote", epilog=exit_epilog())
+@handle_errors
 def promote(name: NameArg, reason: ReasonOpt, actor: ActorOpt = None, config: ConfigOpt = None) -> None:
     """Skip the remaining steps and make the challenger champion now."""
     _command(name, "promote", reason, actor, config)
 
 
-@rollout_app.command("abort")
+@rollout_app.command("abort", epilog=exit_epilog())
+@handle_errors
 def abort(name: NameArg, reason: ReasonOpt, actor: ActorOpt = None, config: ConfigOpt = None) -> None:
     """Roll back now: weight 0, challenger rejected, champion untouched."""
     _command(name, "abort", reason, actor, config)
 
 
 def register_commands(app: typer.Typer) -> None:
+    """Add the ``rollout`` group (``kiln rollout NAME``, ``kiln rollout status|pause|... NAME``) to ``app``."""
     app.add_typer(rollout_app, name="rollout")

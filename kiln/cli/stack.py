@@ -1,19 +1,16 @@
 """``kiln up | down | status``: the local stack (Prefect server, MLflow server, webhook receiver, registry
 poller, served flows) on loopback, with its pid files and logs under ``<home>/stack``.
 
-Registered on the main app by :func:`register_commands`; the process handling lives in ``infra/stack.py``.
+Registered on the main app by :func:`register_commands`; the process handling lives in ``infra/stack.py``,
+the services in ``infra/stack_services.py``.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
-
 import typer
 
-from kiln.errors import KilnError
+from kiln.cli.support import DECLINED, ConfigOpt, exit_epilog, handle_errors, load
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings YAML (default: ./kiln.yaml).")]
 HEALTH_STYLE = {"healthy": "green", "unhealthy": "red", "stopped": "dim", "not installed": "dim"}
 
 
@@ -30,6 +27,7 @@ def _table(states: list) -> object:
     return table
 
 
+@handle_errors
 def up(config: ConfigOpt = None) -> None:
     """Start the local stack on loopback; services already running are left as they are.
 
@@ -38,43 +36,40 @@ def up(config: ConfigOpt = None) -> None:
     """
     from rich.console import Console
 
-    from kiln.cli.app import _fail, _settings
-
     console = Console()
-    try:
-        settings = _settings(config)
-        from kiln.infra import stack
+    settings = load(config)
+    from kiln.infra import stack
+    from kiln.infra.stack_databases import ensure_databases
+    from kiln.infra.stack_services import env_exports
 
-        def prepare() -> None:
-            if settings.database_url:
-                for name in stack.ensure_databases(settings.database_url):
-                    console.print(f"created database {name}")
-            if settings.s3_bucket:
-                from kiln.tasks.registry import storage
+    def prepare() -> None:
+        if settings.database_url:
+            for name in ensure_databases(settings.database_url):
+                console.print(f"created database {name}")
+        if settings.s3_bucket:
+            from kiln.tasks.registry import storage
 
-                if storage.ensure_bucket(storage.s3_client(settings), settings.s3_bucket, settings.s3_region):
-                    console.print(f"created bucket s3://{settings.s3_bucket}")
+            if storage.ensure_bucket(storage.s3_client(settings), settings.s3_bucket, settings.s3_region):
+                console.print(f"created bucket s3://{settings.s3_bucket}")
 
-        local = stack.for_settings(settings, config)
-        with console.status("starting the Kiln stack (Prefect's first start migrates its database: up to a "
-                            "minute) …") as spinner:
-            def progress(message: str) -> None:
-                if message.startswith("starting "):
-                    spinner.update(message)
-                else:
-                    console.print(f"  {message}")
+    local = stack.for_settings(settings, config)
+    with console.status("starting the Kiln stack (Prefect's first start migrates its database: up to a "
+                        "minute) …") as spinner:
+        def progress(message: str) -> None:
+            if message.startswith("starting "):
+                spinner.update(message)
+            else:
+                console.print(f"  {message}")
 
-            states = local.up(progress, before_start=prepare)
-        console.print(_table(states))
-        _registry_events(settings, console)
-        env_file = local.root / "env.sh"
-        env_file.write_text(stack.env_exports(settings))
-        console.print(f"Logs: {local.root / 'logs'}\nPoint your shell at it (or `source {env_file}`):",
-                      highlight=False)
-        # One unwrapped line, so that it can be copied into a shell as it is.
-        console.print(stack.env_exports(settings).replace("\nexport ", " ").strip(), highlight=False, soft_wrap=True)
-    except KilnError as exc:
-        _fail(exc)
+        states = local.up(progress, before_start=prepare)
+    console.print(_table(states))
+    _registry_events(settings, console)
+    env_file = local.root / "env.sh"
+    env_file.write_text(env_exports(settings))
+    console.print(f"Logs: {local.root / 'logs'}\nPoint your shell at it (or `source {env_file}`):",
+                  highlight=False)
+    # One unwrapped line, so that it can be copied into a shell as it is.
+    console.print(env_exports(settings).replace("\nexport ", " ").strip(), highlight=False, soft_wrap=True)
 
 
 def _registry_events(settings, console) -> None:  # noqa: ANN001 - Settings and rich Console, imported lazily
@@ -83,7 +78,7 @@ def _registry_events(settings, console) -> None:  # noqa: ANN001 - Settings and 
         console.print("registry events: polling every "
                       f"{settings.poll_interval_s:g}s (set KILN_MLFLOW_WEBHOOK_SECRET to also receive MLflow webhooks)")
         return
-    from kiln.infra.registry_events import register_mlflow_webhook
+    from kiln.infra.mlflow_webhook import register_mlflow_webhook
 
     server = settings.model_copy(update={"tracking_uri": f"http://{settings.host}:{settings.mlflow_port}",
                                          "registry_uri": None})
@@ -92,40 +87,35 @@ def _registry_events(settings, console) -> None:  # noqa: ANN001 - Settings and 
     console.print(f"registry events: MLflow webhook → {url} (and the poller as a backstop)")
 
 
+@handle_errors
 def down(config: ConfigOpt = None) -> None:
     """Stop the local stack (last started first); running it when nothing runs is fine."""
-    from kiln.cli.app import _fail, _settings
+    settings = load(config)
+    from kiln.infra import stack
 
-    try:
-        settings = _settings(config)
-        from kiln.infra import stack
-
-        stopped = stack.for_settings(settings, config).down(lambda message: typer.echo(message))
-        typer.echo("stack stopped" if stopped else "nothing was running")
-    except KilnError as exc:
-        _fail(exc)
+    stopped = stack.for_settings(settings, config).down(lambda message: typer.echo(message))
+    typer.echo("stack stopped" if stopped else "nothing was running")
 
 
+@handle_errors
 def status(config: ConfigOpt = None) -> None:
-    """Each service of the local stack: pid, URL and health. Exit status 0 when every installed service is
-    healthy, 3 otherwise."""
+    """Each service of the local stack: pid, URL and health."""
     from rich.console import Console
 
-    from kiln.cli.app import _fail, _settings
+    settings = load(config)
+    from kiln.infra import stack
 
-    try:
-        settings = _settings(config)
-        from kiln.infra import stack
+    states = stack.for_settings(settings, config).status()
+    Console().print(_table(states))
+    if any(s.health not in ("healthy", "not installed") for s in states):
+        raise typer.Exit(DECLINED)
 
-        states = stack.for_settings(settings, config).status()
-        Console().print(_table(states))
-        if any(s.health not in ("healthy", "not installed") for s in states):
-            raise typer.Exit(3)
-    except KilnError as exc:
-        _fail(exc)
+
+# What exit status 3 means for each command; the others never exit 3.
+_DECLINED = {"status": "a service is stopped or unhealthy"}
 
 
 def register_commands(app: typer.Typer) -> None:
     """Add ``up``, ``down`` and ``status`` to ``app``."""
     for command in (up, down, status):
-        app.command()(command)
+        app.command(epilog=exit_epilog(_DECLINED.get(command.__name__)))(command)

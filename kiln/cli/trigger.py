@@ -7,22 +7,21 @@ served ``retrain/kiln-retrain`` deployment through the Prefect API (``PREFECT_AP
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from kiln.errors import KilnError
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="Settings YAML (default: ./kiln.yaml).")]
+from kiln.cli.support import INTERNAL, ConfigOpt, exit_epilog, handle_errors, load
 
 trigger_app = typer.Typer(help="Start Kiln's flows from CI systems (the webhook receiver does it for pushes).",
-                          no_args_is_help=True)
+                          no_args_is_help=True, epilog=exit_epilog())
 
 _SUCCESS = "COMPLETED"  # the one final state type that --wait reports as success
 
 
-@trigger_app.command("retrain")
+@trigger_app.command("retrain", epilog=exit_epilog() + " With --wait, 1 also when the flow run did not "
+                     "complete: its log is in the Prefect UI.")
+@handle_errors
 def retrain(
     sha: Annotated[str, typer.Option(help="Commit to retrain at, e.g. $GITHUB_SHA (7-64 hex digits).")],
     repo: Annotated[str | None, typer.Option(help="Git repository, path or URL (default: KILN_REPO).")] = None,
@@ -40,35 +39,30 @@ def retrain(
     """Retrain at a commit: fine-tune on the data its kiln-train.yaml names, register, then optimize.
 
     Needs a Prefect server serving `retrain/kiln-retrain` (`kiln up`, or `kiln serve-flows` with
-    PREFECT_API_URL set), unless `--local`. Exit status: 0 started (or, with --wait/--local, completed),
-    1 the run failed, 2 bad input or no Prefect API.
+    PREFECT_API_URL set), unless `--local`. Exits 0 once started (with --wait or --local: once completed);
+    no Prefect API to start it on is bad input (2).
     """
-    from kiln.cli.app import _fail, _settings
+    settings = load(config)
+    params = _params(sha=sha, repo=repo, branch=branch, config_path=config_path, model=model,
+                     chain_optimize=optimize, triggered_by=_who())
+    if local:
+        from kiln.flows.retrain import retrain as retrain_flow
 
-    try:
-        settings = _settings(config)
-        params = _params(sha=sha, repo=repo, branch=branch, config_path=config_path, model=model,
-                         chain_optimize=optimize, triggered_by=_who())
-        if local:
-            from kiln.flows.retrain import retrain as retrain_flow
+        summary = retrain_flow(params)
+        typer.echo(f"{'found' if summary['reused'] else 'registered'} {summary['name']} v{summary['version']} "
+                   f"for {summary['sha'][:12]}")
+        return
+    from kiln.infra.starter import RETRAIN, DeploymentStarter
 
-            summary = retrain_flow(params)
-            typer.echo(f"{'found' if summary['reused'] else 'registered'} {summary['name']} v{summary['version']} "
-                       f"for {summary['sha'][:12]}")
-            return
-        from kiln.infra.starter import RETRAIN, DeploymentStarter
-
-        starter = DeploymentStarter(settings.prefect_api_url)
-        started = starter.start_sync(RETRAIN, {"params": params.model_dump(mode="json", exclude_none=True)},
-                                     idempotency_key=idempotency_key, tags=["kiln", "trigger:cli"])
-        typer.echo(f"started {RETRAIN}: flow run {started.name} ({started.flow_run_id}) for {params.sha}")
-        if wait:
-            state = _wait(settings.prefect_api_url, started.flow_run_id, timeout)
-            typer.echo(f"flow run {started.name}: {state}")
-            if state != _SUCCESS:
-                raise typer.Exit(1)
-    except KilnError as exc:
-        _fail(exc)
+    starter = DeploymentStarter(settings.prefect_api_url)
+    started = starter.start_sync(RETRAIN, {"params": params.model_dump(mode="json", exclude_none=True)},
+                                 idempotency_key=idempotency_key, tags=["kiln", "trigger:cli"])
+    typer.echo(f"started {RETRAIN}: flow run {started.name} ({started.flow_run_id}) for {params.sha}")
+    if wait:
+        state = _wait(settings.prefect_api_url, started.flow_run_id, timeout)
+        typer.echo(f"flow run {started.name}: {state}")
+        if state != _SUCCESS:
+            raise typer.Exit(INTERNAL)
 
 
 def _who() -> str:

@@ -25,24 +25,28 @@ from pydantic import SecretStr
 
 from kiln.infra.background import serving
 from kiln.infra.faults import Faults
-from kiln.infra.gateway import Gateway, Upstream
 from kiln.infra.gateway import create_app as gateway_app
+from kiln.infra.gateway_proxy import Gateway, Upstream
 from kiln.infra.loadgen import LoadPlan, LoadSummary, generate_load
 from kiln.infra.server import create_app as server_app
 from kiln.infra.server import load_registered, with_faults
 from kiln.settings import Settings
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.engines import EngineOptions
 from kiln.tasks.presets import PRESETS
+from kiln.tasks.registry import aliases as alias_moves
 from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
-from kiln.tasks.rollout.driver import RolloutParams, RolloutState, run_rollout
+from kiln.tasks.rollout.launch import run_rollout
+from kiln.tasks.rollout.params import RolloutParams
+from kiln.tasks.rollout.state import RolloutState
 
 log = logging.getLogger(__name__)
 DEMO_SPEC = PRESETS / "rollout-demo.yaml"
 # What the sabotaged server does: a bad deploy that answers a third of rows wrongly and slowly.
 DEMO_FAULTS = Faults(wrong=0.3, latency_ms=25.0, seed=1)
-_COPIED_TAGS = ("kiln.candidate_key", "kiln.recipe", "kiln.precision", "kiln.task", "kiln.parent_version",
-                "kiln.dataset", "kiln.gate", "kiln.gate_reasons", "kiln.metrics", "kiln.sha256", "kiln.stages")
+_COPIED_TAGS = (vocab.CANDIDATE_KEY, vocab.RECIPE, vocab.PRECISION, vocab.TASK, vocab.PARENT_VERSION, vocab.DATASET,
+                vocab.GATE, vocab.GATE_REASONS, vocab.METRICS, vocab.SHA256, vocab.STAGES)
 
 
 @dataclass
@@ -95,16 +99,16 @@ def register_broken_copy(client: MlflowClient, name: str, of_version: str, home:
     """Register ``of_version``'s engine again as the new @challenger, labelled as the demo's sabotaged deploy."""
     source = client.get_model_version(name, of_version)
     tags = {k: v for k, v in source.tags.items() if k in _COPIED_TAGS} | {
-        "kiln.demo_faults": DEMO_FAULTS.describe(), "kiln.candidate_key": f"demo-broken-{of_version}"}
-    existing = registry.find_version(client, name, "kiln.candidate_key", tags["kiln.candidate_key"])
-    if existing is not None and existing.tags.get("kiln.rollout.status") not in (None, "running", "paused"):
+        vocab.DEMO_FAULTS: DEMO_FAULTS.describe(), vocab.CANDIDATE_KEY: f"demo-broken-{of_version}"}
+    existing = registry.find_version(client, name, vocab.CANDIDATE_KEY, tags[vocab.CANDIDATE_KEY])
+    if existing is not None and existing.tags.get(vocab.ROLLOUT_STATUS) not in (None, "running", "paused"):
         # Already played out in an earlier demo run: register a fresh copy so this run has a challenger too.
-        tags["kiln.candidate_key"] += f"-{audit.now_iso()}"
+        tags[vocab.CANDIDATE_KEY] += f"-{audit.now_iso()}"
         existing = None
     version = existing or client.create_model_version(name, source.source, run_id=source.run_id, tags=tags)
-    client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
+    alias_moves.nominate(client, name, version.version, home=home)
     audit.AuditLog.under(home).append(audit.AuditEvent(
-        name, str(version.version), audit.REGISTERED, "kiln-demo",
+        name, str(version.version), vocab.EVENT_REGISTERED, "kiln-demo",
         f"copy of v{of_version} for the broken-canary demo; served with injected faults ({DEMO_FAULTS.describe()})"))
     return str(version.version)
 
@@ -115,17 +119,17 @@ def canary_demo(settings: Settings, name: str, texts: list[str], labels: list[st
     client = registry.connect(settings)
     aliases = registry.aliases_of(client, name)
     out: dict[str, Any] = {}
-    engine = aliases.get(registry.CHALLENGER)  # the gated engine the broken copy reuses
-    if aliases.get(registry.CHALLENGER) and aliases.get(registry.CHALLENGER) != aliases.get(registry.CHAMPION):
-        echo(f"\n── canary 1: v{aliases[registry.CHALLENGER]} (from optimize) against champion "
-             f"v{aliases.get(registry.CHAMPION)} ──")
+    engine = aliases.get(vocab.CHALLENGER)  # the gated engine the broken copy reuses
+    if aliases.get(vocab.CHALLENGER) and aliases.get(vocab.CHALLENGER) != aliases.get(vocab.CHAMPION):
+        echo(f"\n── canary 1: v{aliases[vocab.CHALLENGER]} (from optimize) against champion "
+             f"v{aliases.get(vocab.CHAMPION)} ──")
         good = run_canary(settings, name, texts, labels, spec=spec, rate_per_s=rate_per_s, echo=echo)
         out["rollout"] = _summary(good)
     else:
         echo(f"\n(no new @challenger for {name}: aliases {aliases}; skipping the first canary)")
-    champion = registry.aliases_of(client, name)[registry.CHAMPION]
+    champion = registry.aliases_of(client, name)[vocab.CHAMPION]
     engine = engine or champion
-    if client.get_model_version(name, engine).tags.get("kiln.gate") != "passed":
+    if not vocab.gate_passed(client.get_model_version(name, engine).tags):
         echo(f"(v{engine} has no passed gate to copy; skipping the broken canary)")
         return out
     broken = register_broken_copy(client, name, engine, settings.home)

@@ -21,10 +21,10 @@ from kiln.demo.canary import DEMO_SPEC, canary_demo
 from kiln.errors import DataError
 from kiln.flows.optimize import OptimizeParams, optimize
 from kiln.settings import Settings, load_settings
-from kiln.tasks.core.cache import StageCache, code_version, make_key
 from kiln.tasks.data import checks as datachecks
 from kiln.tasks.data.datasets import DatasetSpec, load_splits
-from kiln.tasks.models.finetune import FinetuneConfig, finetune_classifier
+from kiln.tasks.lifecycle.retrain import cached_finetune
+from kiln.tasks.models.finetune import FinetuneConfig
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.onboard import register_folder
 
@@ -56,21 +56,16 @@ def base_model_dir() -> Path:
 
 @task(cache_policy=NONE)
 def finetune(spec: DatasetSpec, steps: int, settings: Settings) -> Path:
+    """Fine-tune MiniLM on the checked tweets with retraining's cached fine-tune; the model's folder."""
     splits = load_splits(spec)
     datachecks.check_splits(splits)
     config = FinetuneConfig(max_steps=steps, seed=settings.seed, threads=settings.threads,
                             eval_every=max(steps // 4, 1))
     base = base_model_dir()
-    key = make_key("finetune", str(base), splits.digest, config.model_dump(), code_version(finetune_classifier))
-
-    def run(workdir: Path) -> dict[str, Any]:
-        metrics = finetune_classifier(base, splits.train, splits.validation, splits.labels, workdir / "model", config)
-        return {"metrics": metrics}
-
-    cache = StageCache(settings.cache_dir)
-    result, cached = cache.run(key, run)
-    log.info("fine-tuned MiniLM (%s): %s", "cached" if cached else "trained", result["metrics"])
-    return cache.folder(key) / "model"
+    # The shipped model is identified by where its package installed it, as it has no registry version.
+    folder, metrics, cached = cached_finetune(base, str(base), splits, splits.labels, config, settings.cache_dir)
+    log.info("fine-tuned MiniLM (%s): %s", "cached" if cached else "trained", metrics)
+    return folder
 
 
 @task(cache_policy=NONE)

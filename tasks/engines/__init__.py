@@ -1,7 +1,17 @@
-"""Inference engines behind one small interface; one module per backend.
+"""Inference engines behind one small interface (``Engine.run(input_ids, attention_mask) -> logits``).
 
-``load_engine`` picks the backend: ``onnxruntime`` (CPU, or CUDA when present), ``tensorrt``, or
-``auto`` (TensorRT when a CUDA GPU and the ``tensorrt`` package are present, else ONNX Runtime).
+- ``base``: the :class:`Engine` protocol, :class:`EngineOptions`, file hashing;
+- ``onnxruntime``: :class:`OnnxRuntimeEngine` (CPU, or CUDA when present);
+- ``tensorrt``: the TensorRT backend, a package of its own: ``build`` (ONNX graph → plan), ``runtime``
+  (:class:`~kiln.tasks.engines.tensorrt.runtime.TensorRTEngine`), ``plan`` (sidecar metadata and
+  compatibility checks), ``machine`` (optional ``tensorrt``/CUDA imports, what this machine has);
+- ``triton``: a Triton Inference Server model repository from Kiln's engines.
+
+``load_engine`` picks the backend: ``onnxruntime``, ``tensorrt``, or ``auto`` (TensorRT when a CUDA GPU
+and the ``tensorrt`` package are present, else ONNX Runtime).
+
+May import only ``kiln.tasks.core`` and the bottom-layer modules (``kiln.errors``, ``kiln.settings``, ...);
+never the packages above it (models, evaluate, ...), nor flows, infra or the CLI.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ def load_engine(path: Path, options: EngineOptions | None = None) -> Engine:
     if backend == "onnxruntime":
         return OnnxRuntimeEngine(path, options)
     if backend == "tensorrt":
-        from kiln.tasks.engines.tensorrt import TensorRTEngine  # optional extra
+        from kiln.tasks.engines.tensorrt.runtime import TensorRTEngine  # optional extra
 
         return TensorRTEngine(path, options)
     raise ValueError(f"unknown engine backend {backend!r}")

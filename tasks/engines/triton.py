@@ -23,7 +23,7 @@ from typing import Any
 import onnx
 
 from kiln.errors import ArtifactError, ConfigError
-from kiln.tasks.engines.tensorrt import metadata_path, read_metadata
+from kiln.tasks.engines.tensorrt.plan import metadata_path, read_metadata
 
 PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
 _P = onnx.TensorProto

@@ -1,32 +1,18 @@
-"""Promotion: who may approve a challenger, recording the decision, and moving aliases under a lock.
+"""Promotion: who may approve a challenger, recording the decision, and promoting or rolling back.
 
     approve / reject (policy-checked, recorded) ─► promote: champion → previous, challenger → champion
     rollback: previous → champion (the demoted version keeps no alias; it is tagged rolled back)
 
-Moving aliases is the only way a promotion happens, and MLflow moves one alias per call, so a move is
-three calls. They run under :class:`ModelLock` after an optimistic check (the aliases read before the
-lock must equal the aliases read under it), and are ordered so that a crash half-way leaves a state the
-next ``promote`` finishes (``champion`` and ``challenger`` on the same version), never two champions.
-
-What the lock guarantees, honestly: on one machine an ``fcntl`` lock under ``KILN_HOME`` excludes other
-processes; across machines sharing a registry, the lock is a registered model named ``kiln-lock.NAME``
-whose creation is atomic in MLflow's SQL stores (unique name), so exactly one creator wins. A holder that
-crashes leaves the lock until it expires (``ttl_s``); breaking an expired lock is not atomic, so two
-processes breaking the same stale lock at the same instant could both proceed, and the optimistic check
-is then the last line. Anyone moving aliases outside Kiln (MLflow UI) bypasses all of it; the final
-check reports such a change instead of hiding it.
+This module decides whether a move may happen (gate passed, approved) and records it (tags and audit
+log); the move itself is :mod:`kiln.tasks.registry.aliases`, under the model's lock, with an optimistic
+check that the aliases read here before deciding are still the aliases when the lock is taken.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
-import re
-import time
-import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,23 +23,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from kiln.errors import ConfigError, KilnError, validation_problems
-from kiln.settings import load_settings
-from kiln.tasks.registry import audit
+from kiln.errors import ConfigError, validation_problems
+from kiln.settings import Settings, load_settings
+from kiln.tasks.core import tags as vocab
+from kiln.tasks.registry import aliases, audit
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.audit import AuditEvent, AuditLog
+from kiln.tasks.registry.lock import PromotionConflict, PromotionError
 
 log = logging.getLogger(__name__)
-
-APPROVED, REJECTED, NOT_APPROVED, REFUSED = "approved", "rejected", "not_approved", "refused"
-
-
-class PromotionError(KilnError):
-    """A promotion, approval or rollback cannot happen in the registry's current state."""
-
-
-class PromotionConflict(PromotionError):
-    """Someone else is promoting the same model, or its aliases changed underneath."""
 
 
 class ApprovalRefused(PromotionError):
@@ -72,28 +50,37 @@ class ApprovalPolicy(BaseModel):
     def _split(cls, value: Any) -> Any:
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
-    def check(self, approver: str, triggered_by: str | None, *, decision: str = APPROVED) -> None:
+    def check(self, approver: str, triggered_by: str | None, *, decision: str = vocab.APPROVED) -> None:
         """Raise :class:`ApprovalRefused` naming the rule broken. Four-eyes applies to approvals only:
         rejecting your own work is always safe."""
         if not self.approvers:
-            raise ApprovalRefused("no approvers are configured; list them in KILN_APPROVERS=alice,bob "
-                                  "or in <KILN_HOME>/approvers.yaml")
+            raise ApprovalRefused("no approvers are configured; list them in KILN_APPROVERS=alice,bob, "
+                                  "in kiln.yaml (approvers: [alice, bob]) or in <KILN_HOME>/approvers.yaml")
         if approver not in self.approvers:
             raise ApprovalRefused(f"{approver!r} may not approve (approvers: {', '.join(self.approvers)})")
-        if self.four_eyes and decision == APPROVED:
+        if self.four_eyes and decision == vocab.APPROVED:
             if not triggered_by:
                 raise ApprovalRefused("four-eyes review is on but nobody is recorded as having triggered this "
-                                      "version (tag kiln.triggered_by); set the tag or KILN_FOUR_EYES=false")
+                                      f"version (tag {vocab.TRIGGERED_BY}); set the tag or KILN_FOUR_EYES=false")
             if triggered_by == approver:
                 raise ApprovalRefused(f"four-eyes review: {approver!r} triggered this version and may not "
                                       "approve it; ask another approver")
 
 
-def load_approval_policy(home: Path | None = None, path: Path | None = None) -> ApprovalPolicy:
-    """The policy from a YAML file (``path``, ``$KILN_APPROVAL_POLICY`` or ``<home>/approvers.yaml``),
-    then ``KILN_APPROVERS`` / ``KILN_FOUR_EYES`` on top (environment beats file, as for settings)."""
-    home = home or load_settings().home
-    path = path or (Path(os.environ["KILN_APPROVAL_POLICY"]) if "KILN_APPROVAL_POLICY" in os.environ else None)
+def load_approval_policy(home: Path | None = None, path: Path | None = None, *,
+                         settings: Settings | None = None) -> ApprovalPolicy:
+    """The policy from a YAML file, with the ``approvers`` / ``four_eyes`` settings on top when they are set.
+
+    Args:
+        home: Project folder whose ``approvers.yaml`` is the default file; default: ``settings.home``.
+        path: The policy file; default: the ``approval_policy`` setting, else ``<home>/approvers.yaml``.
+        settings: Where ``approvers``, ``four_eyes`` and ``approval_policy`` come from (``KILN_APPROVERS``,
+            ``KILN_FOUR_EYES``, ``KILN_APPROVAL_POLICY`` or kiln.yaml); default: :func:`load_settings`.
+            Settings beat the file, as the environment beats kiln.yaml.
+    """
+    settings = settings or load_settings()
+    home = home or settings.home
+    path = path or settings.approval_policy
     if path is None and (home / "approvers.yaml").is_file():
         path = home / "approvers.yaml"
     values: dict[str, Any] = {}
@@ -104,23 +91,19 @@ def load_approval_policy(home: Path | None = None, path: Path | None = None) -> 
             raise ConfigError(f"approval policy {path} is unreadable ({exc}); fix or remove it") from exc
         if not isinstance(values, dict):
             raise ConfigError(f"approval policy {path} must be a mapping with approvers: and four_eyes:")
-    if "KILN_APPROVERS" in os.environ:
-        values["approvers"] = os.environ["KILN_APPROVERS"]
-    if "KILN_FOUR_EYES" in os.environ:
-        values["four_eyes"] = os.environ["KILN_FOUR_EYES"]
+    values |= {key: value for key in ("approvers", "four_eyes") if (value := getattr(settings, key)) is not None}
     try:
         return ApprovalPolicy(**values)
     except ValidationError as exc:
         problems = validation_problems(exc)
-        raise ConfigError(f"invalid approval policy ({problems}); fix KILN_APPROVERS/KILN_FOUR_EYES or the file") \
-            from exc
+        raise ConfigError(f"invalid approval policy {path} ({problems}); fix the file") from exc
 
 
 def triggered_by(client: MlflowClient, version: ModelVersion) -> str | None:
     """Who started the work that built ``version``: tag ``kiln.triggered_by``, else its run's user."""
-    if version.tags.get("kiln.triggered_by"):
-        return version.tags["kiln.triggered_by"]
-    run_id = version.tags.get("kiln.run_id") or version.run_id
+    if version.tags.get(vocab.TRIGGERED_BY):
+        return version.tags[vocab.TRIGGERED_BY]
+    run_id = version.tags.get(vocab.RUN_ID) or version.run_id
     if run_id:
         with contextlib.suppress(MlflowException):
             user = client.get_run(run_id).data.tags.get("mlflow.user")
@@ -143,95 +126,26 @@ def decide(client: MlflowClient, name: str, version: str, *, decision: Literal["
     try:
         policy.check(approver, triggered_by(client, mv), decision=decision)
     except ApprovalRefused as exc:
-        book.append(AuditEvent(name, version, audit.APPROVAL_REFUSED, approver, str(exc),
+        book.append(AuditEvent(name, version, vocab.EVENT_APPROVAL_REFUSED, approver, str(exc),
                                details={"decision": decision, "given_reason": reason}))
         raise
-    if decision == APPROVED and mv.tags.get("kiln.gate") != "passed":
-        raise PromotionError(f"{name} v{mv.version} did not pass its gate (kiln.gate="
-                             f"{mv.tags.get('kiln.gate', 'missing')}); only a gated challenger can be approved")
+    if decision == vocab.APPROVED and not vocab.gate_passed(mv.tags):
+        raise PromotionError(f"{name} v{mv.version} did not pass its gate ({vocab.GATE}="
+                             f"{mv.tags.get(vocab.GATE, 'missing')}); only a gated challenger can be approved")
     audit.record(client, book, AuditEvent(name, version, decision, approver, reason),
-                 {"kiln.approval": decision, "kiln.approver": approver, "kiln.approval_reason": reason,
-                  "kiln.approval_at": audit.now_iso()})
+                 {vocab.APPROVAL: decision, vocab.APPROVER: approver, vocab.APPROVAL_REASON: reason,
+                  vocab.APPROVAL_AT: audit.now_iso()})
     return client.get_model_version(name, version)
 
 
 def mark_not_approved(client: MlflowClient, name: str, version: str, reason: str, home: Path) -> None:
     """No decision came in time: say so on the version; nothing moves."""
-    audit.record(client, AuditLog.under(home), AuditEvent(name, version, audit.NOT_APPROVED, "kiln", reason),
-                 {"kiln.approval": NOT_APPROVED, "kiln.approval_reason": reason, "kiln.approval_at": audit.now_iso()})
+    audit.record(client, AuditLog.under(home), AuditEvent(name, version, vocab.NOT_APPROVED, "kiln", reason),
+                 {vocab.APPROVAL: vocab.NOT_APPROVED, vocab.APPROVAL_REASON: reason,
+                  vocab.APPROVAL_AT: audit.now_iso()})
 
 
-# ── the lock ─────────────────────────────────────────────────────────────────────────────────────────
-class ModelLock:
-    """Exclusive right to move ``name``'s aliases; fails fast (never waits) with :class:`PromotionConflict`."""
-
-    def __init__(self, client: MlflowClient, name: str, home: Path, *, owner: str | None = None,
-                 ttl_s: float = 300.0) -> None:
-        self.client, self.name, self.home, self.ttl_s = client, name, home, ttl_s
-        self.owner = owner or f"{os.uname().nodename}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.lock_model = f"kiln-lock.{name}"
-        self._fd: int | None = None
-
-    def __enter__(self) -> ModelLock:
-        folder = self.home / "locks"
-        folder.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(folder / (re.sub(r"[^\w.-]", "_", self.name) + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._close()
-            raise PromotionConflict(f"another process on this machine is promoting {self.name!r}; "
-                                    "wait for it and look at `kiln history`") from None
-        try:
-            self._take_registry_lock()
-        except BaseException:
-            self._close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            with contextlib.suppress(MlflowException):
-                if self._holder()[0] == self.owner:
-                    self.client.delete_registered_model(self.lock_model)
-        finally:
-            self._close()
-
-    def _take_registry_lock(self) -> None:
-        for _ in range(2):
-            expires = time.time() + self.ttl_s
-            try:
-                self.client.create_registered_model(
-                    self.lock_model, tags={"kiln.lock_owner": self.owner, "kiln.lock_expires": f"{expires:.3f}"},
-                    description=f"Kiln promotion lock for {self.name}; deleted when the promotion ends.")
-                return
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise PromotionConflict(f"could not take the promotion lock for {self.name!r} "
-                                            f"({str(exc).splitlines()[0][:120]}); retry") from exc
-            holder, until = self._holder()
-            if until > time.time():
-                raise PromotionConflict(f"{holder} is promoting {self.name!r} (lock held until "
-                                        f"{time.strftime('%H:%M:%S', time.localtime(until))}); wait for it")
-            log.warning("breaking the expired promotion lock of %s held by %s", self.name, holder)
-            with contextlib.suppress(MlflowException):
-                self.client.delete_registered_model(self.lock_model)
-        raise PromotionConflict(f"could not take the promotion lock for {self.name!r}; retry")
-
-    def _holder(self) -> tuple[str, float]:
-        try:
-            tags = self.client.get_registered_model(self.lock_model).tags
-        except MlflowException:
-            return "", 0.0
-        return tags.get("kiln.lock_owner", "?"), float(tags.get("kiln.lock_expires", 0))
-
-    def _close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the flock
-            self._fd = None
-
-
-# ── alias moves ──────────────────────────────────────────────────────────────────────────────────────
+# ── promotion and rollback ───────────────────────────────────────────────────────────────────────────
 def promote(client: MlflowClient, name: str, *, approver: str, reason: str, home: Path | None = None,
             expected_challenger: str | None = None, require_approval: bool = True) -> ModelVersion:
     """``champion`` → ``previous``, ``challenger`` → ``champion``, ``challenger`` removed; returns the new champion.
@@ -242,38 +156,27 @@ def promote(client: MlflowClient, name: str, *, approver: str, reason: str, home
     """
     home = home or load_settings().home
     before = registry.existing_aliases(client, name)
-    target = before.get(registry.CHALLENGER)
+    target = before.get(vocab.CHALLENGER)
     if target is None:
-        raise PromotionError(f"{name!r} has no @challenger to promote (aliases: {_fmt(before)}); "
+        raise PromotionError(f"{name!r} has no @challenger to promote (aliases: {aliases.describe(before)}); "
                              "run `kiln optimize` first")
     if expected_challenger is not None and str(expected_challenger) != target:
         raise PromotionConflict(f"@challenger of {name!r} is now v{target}, not v{expected_challenger}; "
                                 "review the new challenger")
     mv = client.get_model_version(name, target)
-    if mv.tags.get("kiln.gate") != "passed":
+    if not vocab.gate_passed(mv.tags):
         raise PromotionError(f"{name} v{target} did not pass its gate "
-                             f"(kiln.gate={mv.tags.get('kiln.gate', 'missing')})")
-    if require_approval and mv.tags.get("kiln.approval") != APPROVED:
-        raise PromotionError(f"{name} v{target} is not approved (kiln.approval={mv.tags.get('kiln.approval', 'none')}"
-                             f"); run `kiln approve {name} {target}`")
-    with ModelLock(client, name, home):
-        _same(client, name, before)
-        old = before.get(registry.CHAMPION)
-        # Order matters: previous first (harmless alone), then champion, then drop challenger.
-        if old and old != target:
-            client.set_registered_model_alias(name, registry.PREVIOUS, old)
-        client.set_registered_model_alias(name, registry.CHAMPION, target)
-        client.delete_registered_model_alias(name, registry.CHALLENGER)
-        expected = {k: v for k, v in before.items() if k != registry.CHALLENGER} | {registry.CHAMPION: target}
-        if old and old != target:
-            expected[registry.PREVIOUS] = old
-        _same(client, name, expected, after=True)
+                             f"({vocab.GATE}={mv.tags.get(vocab.GATE, 'missing')})")
+    if require_approval and mv.tags.get(vocab.APPROVAL) != vocab.APPROVED:
+        raise PromotionError(f"{name} v{target} is not approved ({vocab.APPROVAL}="
+                             f"{mv.tags.get(vocab.APPROVAL, 'none')}); run `kiln approve {name} {target}`")
+    old = aliases.promote(client, name, home=home, expected=before)
     book, at = AuditLog.under(home), audit.now_iso()
     if old and old != target:
-        audit.record(client, book, AuditEvent(name, old, audit.DEMOTED, approver, reason, at, {"by": target}),
-                     {"kiln.demoted_at": at, "kiln.demoted_by": approver, "kiln.demotion_reason": reason})
-    audit.record(client, book, AuditEvent(name, target, audit.PROMOTED, approver, reason, at, {"replaced": old}),
-                 {"kiln.promoted_at": at, "kiln.promoted_by": approver, "kiln.promotion_reason": reason})
+        audit.record(client, book, AuditEvent(name, old, vocab.EVENT_DEMOTED, approver, reason, at, {"by": target}),
+                     {vocab.DEMOTED_AT: at, vocab.DEMOTED_BY: approver, vocab.DEMOTION_REASON: reason})
+    audit.record(client, book, AuditEvent(name, target, vocab.EVENT_PROMOTED, approver, reason, at, {"replaced": old}),
+                 {vocab.PROMOTED_AT: at, vocab.PROMOTED_BY: approver, vocab.PROMOTION_REASON: reason})
     return client.get_model_version(name, target)
 
 
@@ -286,36 +189,18 @@ def rollback(client: MlflowClient, name: str, *, actor: str, reason: str, home: 
     """
     home = home or load_settings().home
     before = registry.existing_aliases(client, name)
-    target = before.get(registry.PREVIOUS)
+    target = before.get(vocab.PREVIOUS)
     if target is None:
-        raise PromotionError(f"{name!r} has no @previous to roll back to (aliases: {_fmt(before)})")
-    bad = before.get(registry.CHAMPION)
-    with ModelLock(client, name, home):
-        _same(client, name, before)
-        client.set_registered_model_alias(name, registry.CHAMPION, target)
-        client.delete_registered_model_alias(name, registry.PREVIOUS)
-        expected = {k: v for k, v in before.items() if k != registry.PREVIOUS} | {registry.CHAMPION: target}
-        _same(client, name, expected, after=True)
+        raise PromotionError(f"{name!r} has no @previous to roll back to (aliases: {aliases.describe(before)})")
+    bad = aliases.restore_previous(client, name, home=home, expected=before)
     book, at = AuditLog.under(home), audit.now_iso()
-    tags = {"kiln.rolled_back_by": actor, "kiln.rollback_reason": reason}
+    tags = {vocab.ROLLED_BACK_BY: actor, vocab.ROLLBACK_REASON: reason}
     if bad and bad != target:
-        audit.record(client, book, AuditEvent(name, bad, audit.ROLLED_BACK, actor, reason, at, {"restored": target}),
-                     tags | {"kiln.rolled_back_at": at})
-    audit.record(client, book, AuditEvent(name, target, audit.RESTORED, actor, reason, at, {"replaced": bad}),
-                 tags | {"kiln.restored_at": at})
+        audit.record(client, book, AuditEvent(name, bad, vocab.EVENT_ROLLED_BACK, actor, reason, at,
+                                              {"restored": target}), tags | {vocab.ROLLED_BACK_AT: at})
+    audit.record(client, book, AuditEvent(name, target, vocab.EVENT_RESTORED, actor, reason, at, {"replaced": bad}),
+                 tags | {vocab.RESTORED_AT: at})
     return client.get_model_version(name, target)
-
-
-def _same(client: MlflowClient, name: str, expected: dict[str, str], *, after: bool = False) -> None:
-    now = registry.aliases_of(client, name)
-    if now != expected:
-        when = "after moving them" if after else "while waiting for the lock"
-        raise PromotionConflict(f"aliases of {name!r} changed {when} (expected {_fmt(expected)}, found {_fmt(now)}); "
-                                "someone else moved them: check `kiln history` and retry")
-
-
-def _fmt(aliases: dict[str, str]) -> str:
-    return ", ".join(f"@{a}→v{v}" for a, v in sorted(aliases.items())) or "none"
 
 
 # ── what the approver sees ───────────────────────────────────────────────────────────────────────────
@@ -337,29 +222,29 @@ def _num(value: float | None) -> str:
 def champion_metrics(client: MlflowClient, challenger: ModelVersion, champion: ModelVersion | None) -> dict | None:
     """The champion's metrics as measured in the challenger's own optimize run (same data, same machine),
     else the champion's ``kiln.metrics`` tag."""
-    run_id = challenger.tags.get("kiln.run_id")
+    run_id = challenger.tags.get(vocab.RUN_ID)
     if run_id:
         with contextlib.suppress(Exception):  # no run, no summary: fall back to the tag
             summary = mlflow.artifacts.load_dict(f"{client.get_run(run_id).info.artifact_uri}/summary.json")
             if summary.get("champion"):
                 return summary["champion"]
-    if champion is not None and "kiln.metrics" in champion.tags:
-        return json.loads(champion.tags["kiln.metrics"])
+    if champion is not None and vocab.METRICS in champion.tags:
+        return json.loads(champion.tags[vocab.METRICS])
     return None
 
 
 def review_markdown(client: MlflowClient, name: str, challenger: ModelVersion) -> str:
     """What an approver needs: gate verdict with its reasons and the metric comparison."""
-    aliases = registry.aliases_of(client, name)
-    champion = client.get_model_version(name, aliases[registry.CHAMPION]) if registry.CHAMPION in aliases else None
+    now = registry.aliases_of(client, name)
+    champion = client.get_model_version(name, now[vocab.CHAMPION]) if vocab.CHAMPION in now else None
     tags = challenger.tags
-    reasons = json.loads(tags.get("kiln.gate_reasons", "[]"))
-    table = metrics_table(champion_metrics(client, challenger, champion), json.loads(tags.get("kiln.metrics", "{}")),
+    reasons = json.loads(tags.get(vocab.GATE_REASONS, "[]"))
+    table = metrics_table(champion_metrics(client, challenger, champion), json.loads(tags.get(vocab.METRICS, "{}")),
                           f"champion v{champion.version}" if champion else "champion (none)",
                           f"challenger v{challenger.version}")
-    lines = [f"## Promote {name} v{challenger.version} ({tags.get('kiln.recipe', '?')}) to champion?", "",
-             f"Gate: **{tags.get('kiln.gate', 'unknown')}**", ""] + [f"- {r}" for r in reasons] + ["", table]
-    if tags.get("kiln.run_id"):
-        report = f"{client.get_run(tags['kiln.run_id']).info.artifact_uri}/report.html"
+    lines = [f"## Promote {name} v{challenger.version} ({tags.get(vocab.RECIPE, '?')}) to champion?", "",
+             f"Gate: **{tags.get(vocab.GATE, 'unknown')}**", ""] + [f"- {r}" for r in reasons] + ["", table]
+    if tags.get(vocab.RUN_ID):
+        report = f"{client.get_run(tags[vocab.RUN_ID]).info.artifact_uri}/report.html"
         lines += ["", f"Full review (candidates, gate clauses, Pareto plots, data checks): [report.html]({report})"]
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kiln.errors import ConfigError, DataError, validation_problems
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.data.checks import DataCheckConfig
 from kiln.yamlfile import parse_yaml
 
@@ -37,12 +38,13 @@ if TYPE_CHECKING:
 
     from kiln.settings import Settings
     from kiln.tasks.data.datasets import DatasetSpec, Splits
+    from kiln.tasks.models.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "kiln-train.yaml"
 # Tags that together identify a retrained version; a re-run matching all of them registers nothing.
-IDENTITY_TAGS = ("kiln.git_sha", "kiln.config_digest", "kiln.data_digest", "kiln.base_model")
+IDENTITY_TAGS = (vocab.GIT_SHA, vocab.CONFIG_DIGEST, vocab.DATA_DIGEST, vocab.BASE_MODEL)
 _SHA = re.compile(r"[0-9a-fA-F]{7,64}")
 
 
@@ -244,15 +246,15 @@ def plan(params: RetrainParams, tree: Checkout, settings: Settings, client: Mlfl
     base = config.base_ref(params.model)
     registry.resolve(client, registry.ModelRef.parse(base))  # fail now on a bad name or alias, before training
     tags = {
-        "kiln.git_sha": tree.sha,
-        "kiln.git_repo": public_repo(tree.repo),
-        "kiln.git_branch": params.branch or "",
-        "kiln.config_path": params.config_path,
-        "kiln.config_digest": _sha256(config_file),
-        "kiln.data_path": config.data,
-        "kiln.data_digest": data_digest,
-        "kiln.base_model": base,
-        "kiln.triggered_by": params.triggered_by,
+        vocab.GIT_SHA: tree.sha,
+        vocab.GIT_REPO: public_repo(tree.repo),
+        vocab.GIT_BRANCH: params.branch or "",
+        vocab.CONFIG_PATH: params.config_path,
+        vocab.CONFIG_DIGEST: _sha256(config_file),
+        vocab.DATA_PATH: config.data,
+        vocab.DATA_DIGEST: data_digest,
+        vocab.BASE_MODEL: base,
+        vocab.TRIGGERED_BY: params.triggered_by,
     }
     return RetrainPlan(config.name, base, config, spec, tags)
 
@@ -261,7 +263,7 @@ def find_retrained(client: MlflowClient, retrain_plan: RetrainPlan) -> ModelVers
     """The version registered before from the same commit, config, data and base, if any."""
     identity = retrain_plan.identity
     found = client.search_model_versions(
-        f"name = '{retrain_plan.name}' and tags.`kiln.git_sha` = '{identity['kiln.git_sha']}'")
+        f"name = '{retrain_plan.name}' and tags.`{vocab.GIT_SHA}` = '{identity[vocab.GIT_SHA]}'")
     same = [v for v in found if all(v.tags.get(k) == value for k, value in identity.items())]
     return max(same, key=lambda v: int(v.version)) if same else None
 
@@ -295,8 +297,7 @@ def finetune(retrain_plan: RetrainPlan, splits: Splits, settings: Settings, clie
 
     An engine reference (``NAME@challenger`` built by optimize) is followed back to its Hugging Face source.
     """
-    from kiln.tasks.core.cache import StageCache, code_version, make_key
-    from kiln.tasks.models.finetune import FinetuneConfig, finetune_classifier
+    from kiln.tasks.models.finetune import FinetuneConfig
     from kiln.tasks.optimize.candidates import resolve_source
     from kiln.tasks.registry import client as registry
 
@@ -310,19 +311,39 @@ def finetune(retrain_plan: RetrainPlan, splits: Splits, settings: Settings, clie
     config = FinetuneConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
                             seq_len=cfg.max_length, eval_every=max(cfg.steps // 4, 1),
                             seed=retrain_plan.data.seed, threads=settings.threads)
-    key = make_key("retrain", source.key, splits.digest, labels, config.model_dump(),
-                   code_version(finetune_classifier))
+    folder, metrics, cached = cached_finetune(source.folder, source.key, splits, labels, config, settings.cache_dir)
+    base_version = f"{source.version.name}/{source.version.version}"
+    log.info("fine-tuned %s at %s (%s): %s", base_version, retrain_plan.tags[vocab.GIT_SHA][:12],
+             "cached" if cached else "trained", metrics)
+    return Trained(folder, metrics, base_version)
+
+
+def cached_finetune(base: Path, base_key: str, splits: Splits, labels: tuple[str, ...], config: FinetuneConfig,
+                    cache_dir: Path) -> tuple[Path, dict[str, float], bool]:
+    """Fine-tune the classifier in ``base`` on ``splits`` once; later calls with the same inputs reuse it.
+
+    The demo's fine-tune goes through here too, so there is one cached fine-tune.
+
+    Args:
+        base: the Hugging Face folder to start from.
+        base_key: what identifies that model (a registry version's key, or the folder of a shipped model).
+        labels: the class labels, in the order the classifier head uses.
+
+    Returns:
+        The fine-tuned folder (the best checkpoint), its metrics, and whether it came from the cache.
+    """
+    from kiln.tasks.core.cache import StageCache, code_version, make_key
+    from kiln.tasks.models.finetune import finetune_classifier
+
+    key = make_key("finetune", base_key, splits.digest, labels, config.model_dump(), code_version(finetune_classifier))
 
     def run(workdir: Path) -> dict[str, Any]:
-        return {"metrics": finetune_classifier(source.folder, splits.train, splits.validation, labels,
-                                               workdir / "model", config)}
+        return {"metrics": finetune_classifier(base, splits.train, splits.validation, labels, workdir / "model",
+                                               config)}
 
-    cache = StageCache(settings.cache_dir)
+    cache = StageCache(cache_dir)
     result, cached = cache.run(key, run)
-    base_version = f"{source.version.name}/{source.version.version}"
-    log.info("fine-tuned %s at %s (%s): %s", base_version, retrain_plan.tags["kiln.git_sha"][:12],
-             "cached" if cached else "trained", result["metrics"])
-    return Trained(cache.folder(key) / "model", result["metrics"], base_version)
+    return cache.folder(key) / "model", result["metrics"], cached
 
 
 def _label_order(base: list[str], data: tuple[str, ...], ref: str) -> tuple[str, ...]:
@@ -346,11 +367,11 @@ def register(retrain_plan: RetrainPlan, trained: Trained, settings: Settings, cl
     """
     from kiln.tasks.registry.onboard import register_folder
 
-    tags = retrain_plan.tags | {"kiln.base_version": trained.base_version,
-                                "kiln.train_metrics": json.dumps(trained.metrics, sort_keys=True)}
+    tags = retrain_plan.tags | {vocab.BASE_VERSION: trained.base_version,
+                                vocab.TRAIN_METRICS: json.dumps(trained.metrics, sort_keys=True)}
     version = register_folder(client, settings, trained.folder, retrain_plan.name, "sequence-classification",
                               retrain_plan.data, seq_len=retrain_plan.config.max_length, extra_tags=tags)
-    if version.tags.get("kiln.git_sha") != retrain_plan.tags["kiln.git_sha"]:
+    if version.tags.get(vocab.GIT_SHA) != retrain_plan.tags[vocab.GIT_SHA]:
         log.info("identical weights are already registered as %s v%s (from %s); reusing it", version.name,
-                 version.version, version.tags.get("kiln.git_sha", "outside retraining"))
+                 version.version, version.tags.get(vocab.GIT_SHA, "outside retraining"))
     return version

@@ -92,7 +92,7 @@ def add_tensorrt_plan(folder: Path, build_config: Any = None) -> Path:
     The ONNX graph stays: it is the portable engine (and what Triton's ONNX backend serves); the plan
     is tied to the GPU model and TensorRT version that built it, which its sidecar metadata records.
     """
-    from kiln.tasks.engines.tensorrt import TensorRTBuildConfig, build_engine
+    from kiln.tasks.engines.tensorrt.build import TensorRTBuildConfig, build_engine
 
     meta = PackageMeta.read(folder)
     config = build_config or TensorRTBuildConfig.for_serving(meta.seq_len)

@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from kiln.errors import ArtifactError, ModelNotFoundError
 from kiln.settings import Settings
 from kiln.tasks.compress.recipes import BuiltCandidate
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.core.cache import StageCache, code_version, make_key
 from kiln.tasks.core.stages import StageContext
 from kiln.tasks.data.datasets import DatasetSpec, Splits
@@ -68,7 +69,7 @@ def resolve_source(client: MlflowClient, ref: registry.ModelRef, downloads: Path
         meta = PackageMeta.read(folder)
         if meta.format == "hf":
             break
-        parent = version.tags.get("kiln.parent_version")
+        parent = version.tags.get(vocab.PARENT_VERSION)
         if not parent or parent in seen:
             raise ArtifactError(f"{version.name} v{version.version} is an engine without a source model; "
                                 "optimize the Hugging Face version it was built from")
@@ -80,9 +81,9 @@ def resolve_source(client: MlflowClient, ref: registry.ModelRef, downloads: Path
 
 
 def _recorded_dataset(version: ModelVersion) -> DatasetSpec:
-    raw = version.tags.get("kiln.dataset")
+    raw = version.tags.get(vocab.DATASET)
     if not raw:
-        raise ModelNotFoundError(f"{version.name} v{version.version} records no dataset (tag kiln.dataset); "
+        raise ModelNotFoundError(f"{version.name} v{version.version} records no dataset (tag {vocab.DATASET}); "
                                  "pass one with --data FILE --text-column ... --label-column ...")
     return DatasetSpec(**json.loads(raw))
 

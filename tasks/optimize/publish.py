@@ -2,8 +2,9 @@
 
 Every candidate is logged as an MLflow model (pyfunc around its engine) with its metrics and gate
 decision; only the best passing one becomes a model version, tagged with its lineage and verdict, and
-only then does the ``challenger`` alias move. Re-running the same work finds the version it registered
-before (tag ``kiln.candidate_key``) instead of registering a duplicate.
+only then does the ``challenger`` alias move (through :mod:`kiln.tasks.registry.aliases`, under the model's
+lock). Re-running the same work finds the version it registered before (tag ``kiln.candidate_key``) instead of
+registering a duplicate.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 
 from kiln.errors import GateError
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.optimize.candidates import Evaluated, Source, git_commit
-from kiln.tasks.registry import audit
+from kiln.tasks.registry import aliases, audit
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.pyfunc import log_package
 
@@ -53,12 +55,12 @@ def register(client: MlflowClient, source: Source, cand: Evaluated, model_id: st
              extra_tags: dict[str, str], home: Path) -> ModelVersion:
     """Register ``cand`` (once) as a new version of the source's registered model; move ``challenger``."""
     name = source.version.name
-    existing = registry.find_version(client, name, "kiln.candidate_key", cand.key)
+    existing = registry.find_version(client, name, vocab.CANDIDATE_KEY, cand.key)
     if existing is not None:
-        outcome = existing.tags.get("kiln.rollout.status")
+        outcome = existing.tags.get(vocab.ROLLOUT_STATUS)
         if outcome in ("rolled_back", "aborted"):
             # The same candidate already failed live traffic: re-running optimize must not nominate it again.
-            why = existing.tags.get("kiln.rollout.reason", "no reason recorded")[:200]
+            why = existing.tags.get(vocab.ROLLOUT_REASON, "no reason recorded")[:200]
             raise GateError(f"candidate {cand.name} is {name} v{existing.version}, whose canary was "
                             f"{outcome.replace('_', ' ')} ({why}); not making it "
                             "@challenger again. Change the recipe, data or source model to build a new candidate")
@@ -68,37 +70,38 @@ def register(client: MlflowClient, source: Source, cand: Evaluated, model_id: st
     else:
         # The candidate key goes on at creation, so a registry event about this version already says it is
         # Kiln's own (and does not start another optimize run).
-        version = mlflow.register_model(f"models:/{model_id}", name, tags={"kiln.candidate_key": cand.key})
+        version = mlflow.register_model(f"models:/{model_id}", name, tags={vocab.CANDIDATE_KEY: cand.key})
         registry.set_tags(client, version, tags_for(source, cand, run_id) | extra_tags)
         # Read back what the store now holds, checked against the tags just written, before the alias moves:
         # an upload that went wrong leaves a tagged version without an alias, never a corrupt challenger.
         registry.fetch_package(client, client.get_model_version(name, version.version), home / "downloads")
     # The alias moves last: a crash before this line leaves a tagged version with no alias, never the reverse.
-    client.set_registered_model_alias(name, registry.CHALLENGER, version.version)
+    aliases.nominate(client, name, version.version, home=home)
     if existing is None:
         audit.AuditLog.under(home).append(audit.AuditEvent(
-            model=name, version=str(version.version), event="gate", actor=audit.current_user(),
+            model=name, version=str(version.version), event=vocab.EVENT_GATE, actor=audit.current_user(),
             reason=cand.decision.summary() if cand.decision else "", details={"recipe": cand.name, "run_id": run_id}))
     return client.get_model_version(name, version.version)
 
 
 def tags_for(source: Source, cand: Evaluated, run_id: str) -> dict[str, Any]:
+    """The tags of ``cand``'s model version: lineage, gate verdict, metrics, checksums and who asked."""
     decision = cand.decision
     return {
-        "kiln.candidate_key": cand.key,
-        "kiln.recipe": cand.name,
-        "kiln.precision": cand.precision,
-        "kiln.task": source.meta.task,
-        "kiln.parent_version": source.version.version,
-        "kiln.dataset": source.data.model_dump_json(),
-        "kiln.gate": "passed" if decision and decision.passed else "failed",
-        "kiln.gate_reasons": json.dumps([r.reason for r in decision.results]) if decision else "[]",
-        "kiln.metrics": json.dumps({k: round(v, 6) for k, v in cand.metrics.items()}),
-        "kiln.sha256": json.dumps(json.loads((cand.folder / "kiln.json").read_text())["sha256"]),
-        "kiln.stages": json.dumps([{"stage": s["stage"], "params": s["params"],
-                                    "metrics": {k: round(v, 4) for k, v in s["metrics"].items()}}
-                                   for s in cand.stages])[:5000],
-        "kiln.git_commit": git_commit(),
-        "kiln.triggered_by": audit.current_user(),
-        "kiln.run_id": run_id,
+        vocab.CANDIDATE_KEY: cand.key,
+        vocab.RECIPE: cand.name,
+        vocab.PRECISION: cand.precision,
+        vocab.TASK: source.meta.task,
+        vocab.PARENT_VERSION: source.version.version,
+        vocab.DATASET: source.data.model_dump_json(),
+        vocab.GATE: vocab.GATE_PASSED if decision and decision.passed else vocab.GATE_FAILED,
+        vocab.GATE_REASONS: json.dumps([r.reason for r in decision.results]) if decision else "[]",
+        vocab.METRICS: json.dumps({k: round(v, 6) for k, v in cand.metrics.items()}),
+        vocab.SHA256: json.dumps(json.loads((cand.folder / "kiln.json").read_text())["sha256"]),
+        vocab.STAGES: json.dumps([{"stage": s["stage"], "params": s["params"],
+                                   "metrics": {k: round(v, 4) for k, v in s["metrics"].items()}}
+                                  for s in cand.stages])[:5000],
+        vocab.GIT_COMMIT: git_commit(),
+        vocab.TRIGGERED_BY: audit.current_user(),
+        vocab.RUN_ID: run_id,
     }

@@ -18,17 +18,16 @@ from typing import Any
 
 from mlflow.tracking import MlflowClient
 
-AUDIT_FILE = "audit.jsonl"
+from kiln.settings import Settings, load_settings
+from kiln.tasks.core import tags as vocab
 
-# Events, as written to the log and shown by `kiln history`.
-REGISTERED, GATE, APPROVED, REJECTED, NOT_APPROVED = "registered", "gate", "approved", "rejected", "not_approved"
-APPROVAL_REFUSED, PROMOTED, DEMOTED, ROLLED_BACK, RESTORED = (
-    "approval_refused", "promoted", "demoted", "rolled_back", "restored")
+AUDIT_FILE = "audit.jsonl"  # the events it holds are named in kiln.tasks.core.tags (EVENT_*)
 
 
-def current_user() -> str:
-    """Who is acting: ``$KILN_USER`` (set it in CI and on workers), else the login name."""
-    return os.environ.get("KILN_USER") or getpass.getuser()
+def current_user(settings: Settings | None = None) -> str:
+    """Who is acting: the ``user`` setting (``KILN_USER`` or kiln.yaml; set it in CI and on workers), else the
+    login name. ``settings`` default: :func:`load_settings`."""
+    return (settings or load_settings()).user or getpass.getuser()
 
 
 def now_iso() -> str:
@@ -106,19 +105,21 @@ def _ms_iso(ms: int | None) -> str:
 def events_from_tags(name: str, version: Any) -> list[AuditEvent]:
     """What a version's tags say happened to it (for versions changed outside Kiln's log)."""
     tags, v = version.tags, str(version.version)
-    out = [AuditEvent(name, v, REGISTERED, tags.get("kiln.triggered_by", version.user_id or ""),
-                      tags.get("kiln.recipe", ""), _ms_iso(version.creation_timestamp), source="tags")]
-    if "kiln.gate" in tags:
-        out.append(AuditEvent(name, v, GATE, "optimize", f"{tags['kiln.gate']}: {tags.get('kiln.gate_reasons', '')}",
+    out = [AuditEvent(name, v, vocab.EVENT_REGISTERED, tags.get(vocab.TRIGGERED_BY, version.user_id or ""),
+                      tags.get(vocab.RECIPE, ""), _ms_iso(version.creation_timestamp), source="tags")]
+    if vocab.GATE in tags:
+        out.append(AuditEvent(name, v, vocab.EVENT_GATE, "optimize",
+                              f"{tags[vocab.GATE]}: {tags.get(vocab.GATE_REASONS, '')}",
                               _ms_iso(version.creation_timestamp), source="tags"))
-    approval = tags.get("kiln.approval")
-    if approval in (APPROVED, REJECTED, NOT_APPROVED):
-        out.append(AuditEvent(name, v, approval, tags.get("kiln.approver", ""), tags.get("kiln.approval_reason", ""),
-                              tags.get("kiln.approval_at", _ms_iso(version.last_updated_timestamp)), source="tags"))
-    for event, at, by, why in ((PROMOTED, "kiln.promoted_at", "kiln.promoted_by", "kiln.promotion_reason"),
-                               (DEMOTED, "kiln.demoted_at", "kiln.demoted_by", "kiln.demotion_reason"),
-                               (ROLLED_BACK, "kiln.rolled_back_at", "kiln.rolled_back_by", "kiln.rollback_reason"),
-                               (RESTORED, "kiln.restored_at", "kiln.rolled_back_by", "kiln.rollback_reason")):
+    approval = tags.get(vocab.APPROVAL)
+    if approval in (vocab.APPROVED, vocab.REJECTED, vocab.NOT_APPROVED):
+        out.append(AuditEvent(name, v, approval, tags.get(vocab.APPROVER, ""), tags.get(vocab.APPROVAL_REASON, ""),
+                              tags.get(vocab.APPROVAL_AT, _ms_iso(version.last_updated_timestamp)), source="tags"))
+    for event, at, by, why in (
+            (vocab.EVENT_PROMOTED, vocab.PROMOTED_AT, vocab.PROMOTED_BY, vocab.PROMOTION_REASON),
+            (vocab.EVENT_DEMOTED, vocab.DEMOTED_AT, vocab.DEMOTED_BY, vocab.DEMOTION_REASON),
+            (vocab.EVENT_ROLLED_BACK, vocab.ROLLED_BACK_AT, vocab.ROLLED_BACK_BY, vocab.ROLLBACK_REASON),
+            (vocab.EVENT_RESTORED, vocab.RESTORED_AT, vocab.ROLLED_BACK_BY, vocab.ROLLBACK_REASON)):
         if at in tags:
             out.append(AuditEvent(name, v, event, tags.get(by, ""), tags.get(why, ""), tags[at], source="tags"))
     return out

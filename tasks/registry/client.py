@@ -1,7 +1,8 @@
-"""MLflow registry access: resolve ``NAME[@ALIAS|/VERSION]``, fetch packages, register, move aliases.
+"""MLflow registry access: resolve ``NAME[@ALIAS|/VERSION]``, read aliases, fetch packages, tag versions.
 
 Aliases tell the state (``champion`` serves, ``challenger`` passed its gate, ``previous`` is the
-rollback target); tags tell the story (``kiln.*``). A version that failed its gate never gets an alias.
+rollback target); tags tell the story (``kiln.*``, named in :mod:`kiln.tasks.core.tags`). A version that
+failed its gate never gets an alias. Aliases are read here and moved only by :mod:`kiln.tasks.registry.aliases`.
 """
 
 from __future__ import annotations
@@ -19,12 +20,11 @@ from mlflow.tracking import MlflowClient
 
 from kiln.errors import ArtifactError, ConfigError, ModelNotFoundError
 from kiln.settings import Settings
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.registry.pyfunc import PACKAGE_ARTIFACT
 from kiln.tasks.registry.storage import verify_package
 
 log = logging.getLogger(__name__)
-
-CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous"
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ModelRef:
         m = re.fullmatch(r"(.+)/(\d+)", text)
         if m:
             return cls(m.group(1), version=m.group(2))
-        return cls(text, alias=CHAMPION)
+        return cls(text, alias=vocab.CHAMPION)
 
     def __str__(self) -> str:
         return f"{self.name}/{self.version}" if self.version else f"{self.name}@{self.alias}"
@@ -97,6 +97,7 @@ def resolve(client: MlflowClient, ref: ModelRef) -> ModelVersion:
 
 
 def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
+    """``name``'s aliases as ``{alias: version}`` (versions as strings)."""
     return {alias: str(v) for alias, v in (client.get_registered_model(name).aliases or {}).items()}
 
 

@@ -18,9 +18,11 @@ from mlflow.tracking import MlflowClient
 
 from kiln.errors import ArtifactError, ConfigError
 from kiln.settings import Settings
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.core.stages import Artifact, TaskType
 from kiln.tasks.data.datasets import DatasetSpec
 from kiln.tasks.models.predictor import PackageMeta, package, sha256_file
+from kiln.tasks.registry import aliases
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.pyfunc import log_package
 
@@ -50,14 +52,14 @@ def inspect_folder(path: Path, task: TaskType) -> list[str]:
 
 
 def register_folder(client: MlflowClient, settings: Settings, path: Path, name: str, task: TaskType,
-                    data: DatasetSpec, alias: str | None = registry.CHAMPION, seq_len: int = 64,
+                    data: DatasetSpec, alias: str | None = vocab.CHAMPION, seq_len: int = 64,
                     extra_tags: dict[str, str] | None = None) -> ModelVersion:
     """Package and register ``path`` as a version of ``name``; set ``alias`` when there is none yet."""
     labels = inspect_folder(path, task)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
     digest = sha256_file(weights[0])
     if registry.model_exists(client, name):
-        existing = registry.find_version(client, name, "kiln.source_sha256", digest)
+        existing = registry.find_version(client, name, vocab.SOURCE_SHA256, digest)
         if existing is not None:
             log.info("%s is already registered as %s v%s", path, name, existing.version)
             return existing
@@ -68,9 +70,9 @@ def register_folder(client: MlflowClient, settings: Settings, path: Path, name: 
                          PackageMeta(format="hf", task=task, labels=labels, seq_len=seq_len))
         info = log_package(folder, "source", Path(tmp))
         version = mlflow.register_model(f"models:/{info.model_id}", name)
-    tags = {"kiln.task": task, "kiln.recipe": "source", "kiln.precision": "fp32", "kiln.source_sha256": digest,
-            "kiln.dataset": data.model_dump_json(), "kiln.origin": str(path), "kiln.run_id": run.info.run_id}
+    tags = {vocab.TASK: task, vocab.RECIPE: "source", vocab.PRECISION: "fp32", vocab.SOURCE_SHA256: digest,
+            vocab.DATASET: data.model_dump_json(), vocab.ORIGIN: str(path), vocab.RUN_ID: run.info.run_id}
     registry.set_tags(client, version, tags | (extra_tags or {}))
-    if alias and alias not in registry.aliases_of(client, name):
-        client.set_registered_model_alias(name, alias, version.version)
+    if alias:
+        aliases.claim_first(client, name, version.version, home=settings.home, alias=alias)
     return client.get_model_version(name, version.version)

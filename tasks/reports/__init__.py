@@ -1,1 +1,5 @@
-"""TODO docstring."""
+"""Pure renderers of dicts: terminal tables, the HTML review page, plots. They read no registry and run
+no model.
+
+May import ``kiln.tasks.core`` only.
+"""

@@ -29,15 +29,14 @@ from kiln.tasks.rollout.stats import (  # re-exported: the judge's inputs live b
     RankTest,
     UpstreamStats,
     mann_whitney_u,
-    stats_from_prometheus,
     stats_from_state,
 )
 from kiln.yamlfile import parse_yaml
 
 __all__ = ["CHALLENGER", "CHAMPION", "Action", "Check", "LatencyTest",
            "MetricThresholds", "RankTest", "RolloutSpec", "Step", "StepVerdict",
-           "UpstreamStats", "judge_step", "load_spec", "mann_whitney_u", "next_action", "stats_from_prometheus",
-           "stats_from_state", "with_checks"]
+           "UpstreamStats", "judge_step", "load_spec", "mann_whitney_u", "next_action", "stats_from_state",
+           "with_checks"]
 
 Outcome = Literal["pass", "fail", "inconclusive"]
 MIN_RANK_SAMPLES = 20  # below this the normal approximation of U is poor

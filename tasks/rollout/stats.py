@@ -1,19 +1,21 @@
 """What the canary judge measures with: per-upstream statistics and a rank test on latency samples.
 
-Pure functions, no I/O: the gateway's ``/admin/state`` JSON or ``/metrics`` text goes in as a value.
+Pure functions, no I/O: the gateway's ``/admin/state`` JSON goes in as a value. The rank test is
+``scipy.stats.mannwhitneyu``; the tolerance around it (fail only when significantly *and* noticeably
+slower, in the manner of Kayenta) is the judge's (:mod:`kiln.tasks.rollout.judge`).
 """
 
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
-CHAMPION, CHALLENGER = "champion", "challenger"
+# The gateway's two upstream roles are named after the aliases they serve.
+from kiln.tasks.core.tags import CHALLENGER, CHAMPION
 
 
 @dataclass
@@ -75,20 +77,7 @@ class RankTest:
     """A Mann-Whitney U test: ``u`` is the statistic of the first sample; ``p_value`` for the alternative."""
 
     u: float
-    z: float
     p_value: float
-
-
-def rank_average(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """1-based ranks with ties given their average rank, and the size of every tie group."""
-    order = np.argsort(values, kind="mergesort")
-    ordered = values[order]
-    starts = np.r_[True, ordered[1:] != ordered[:-1]]
-    bounds = np.r_[np.flatnonzero(starts), len(values)]
-    average = (bounds[:-1] + bounds[1:] - 1) / 2 + 1
-    ranks = np.empty(len(values))
-    ranks[order] = average[np.cumsum(starts) - 1]
-    return ranks, np.diff(bounds)
 
 
 def mann_whitney_u(x: Sequence[float], y: Sequence[float],
@@ -96,34 +85,18 @@ def mann_whitney_u(x: Sequence[float], y: Sequence[float],
     """Mann-Whitney U test of ``x`` against ``y``: normal approximation, tie and continuity corrected.
 
     ``alternative="greater"`` asks whether ``x`` tends to be larger than ``y`` (e.g. slower latencies).
-    Matches ``scipy.stats.mannwhitneyu(x, y, alternative=..., method="asymptotic")``.
+    Always the asymptotic method: the judge needs tens of samples per upstream anyway, and scipy's exact
+    method (picked automatically for small samples without ties) would make the same data judge differently.
     """
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    n1, n2 = len(a), len(b)
-    if n1 == 0 or n2 == 0:
+    from scipy.stats import mannwhitneyu  # slow to import: only when a rollout is judged
+
+    if len(x) == 0 or len(y) == 0:
         raise ValueError("both samples need at least one value")
-    ranks, ties = rank_average(np.concatenate([a, b]))
-    u1 = float(ranks[:n1].sum() - n1 * (n1 + 1) / 2)
-    n = n1 + n2
-    mean = n1 * n2 / 2
-    variance = n1 * n2 / 12 * ((n + 1) - float((ties**3 - ties).sum()) / (n * (n - 1)))
-    if variance <= 0:  # every value equal: no evidence either way
-        return RankTest(u1, 0.0, 1.0)
-    sd = math.sqrt(variance)
-    if alternative == "greater":
-        z = (u1 - mean - 0.5) / sd
-        p = _normal_sf(z)
-    elif alternative == "less":
-        z = (n1 * n2 - u1 - mean - 0.5) / sd
-        p = _normal_sf(z)
-    else:
-        z = (max(u1, n1 * n2 - u1) - mean - 0.5) / sd
-        p = min(1.0, 2 * _normal_sf(z))
-    return RankTest(u1, z, p)
-
-
-def _normal_sf(z: float) -> float:
-    return 0.5 * math.erfc(z / math.sqrt(2))
+    result = mannwhitneyu(np.asarray(x, dtype=float), np.asarray(y, dtype=float), alternative=alternative,
+                          method="asymptotic", use_continuity=True)
+    p_value = float(result.pvalue)
+    # Every value equal: no evidence either way (scipy says 1.0 or, in some versions, nan).
+    return RankTest(float(result.statistic), 1.0 if math.isnan(p_value) else p_value)
 
 
 # ---- from the gateway ------------------------------------------------------------------------------------
@@ -154,63 +127,3 @@ def stats_from_state(state: dict[str, Any]) -> dict[str, UpstreamStats]:
     champion = _from_window(window.get(CHAMPION, {}))
     challenger = _merge(_from_window(window.get(CHALLENGER, {})), _from_window(window.get("shadow", {})))
     return {CHAMPION: champion, CHALLENGER: challenger}
-
-
-def _samples(text: str) -> dict[tuple[str, frozenset], float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
-
-
-def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
-    """Prometheus's ``histogram_quantile``: linear interpolation inside the bucket holding the rank."""
-    bounds = sorted(buckets)
-    total = buckets.get(math.inf, 0.0)
-    if total <= 0:
-        return None
-    rank, lower, below = q * total, 0.0, 0.0
-    for upper in bounds:
-        count = buckets[upper]
-        if count >= rank:
-            if math.isinf(upper):
-                return lower
-            return lower + (upper - lower) * ((rank - below) / (count - below) if count > below else 1.0)
-        lower, below = upper, count
-    return lower
-
-
-def stats_from_prometheus(text: str, before: str | None = None) -> dict[str, UpstreamStats]:
-    """Per-role stats from the gateway's ``/metrics`` text; with ``before``, only what happened since then.
-
-    Latency comes as p95/p99 estimated from histogram buckets (no samples: the rank test needs the state).
-    """
-    now = _samples(text)
-    if before is not None:
-        prior = _samples(before)
-        now = {k: v - prior.get(k, 0.0) for k, v in now.items()}
-    stats = {CHAMPION: UpstreamStats(), CHALLENGER: UpstreamStats()}
-    buckets: dict[str, dict[float, float]] = {CHAMPION: defaultdict(float), CHALLENGER: defaultdict(float)}
-    for (name, labels), value in now.items():
-        lab = dict(labels)
-        role = CHALLENGER if name.startswith("kiln_gateway_shadow") else lab.get("role")
-        if role not in stats:
-            continue
-        s = stats[role]
-        if name in {"kiln_gateway_requests_total", "kiln_gateway_shadow_requests_total"}:
-            s.requests += int(value)
-            s.errors += int(value) if int(lab["code"]) >= 500 else 0
-        elif name in {"kiln_gateway_request_duration_seconds_bucket",
-                      "kiln_gateway_shadow_request_duration_seconds_bucket"}:
-            buckets[role][float(lab["le"])] += value
-        elif name == "kiln_gateway_shadow_comparisons_total":
-            s.compared += int(value)
-            s.agreed += int(value) if lab["result"] == "agree" else 0
-        elif name == "kiln_gateway_feedback_total":
-            s.feedback += int(value)
-            s.correct += int(value) if lab["result"] == "correct" else 0
-    for role, s in stats.items():
-        p95, p99 = histogram_quantile(0.95, buckets[role]), histogram_quantile(0.99, buckets[role])
-        s.latency_p95_ms = None if p95 is None else p95 * 1000
-        s.latency_p99_ms = None if p99 is None else p99 * 1000
-    return stats

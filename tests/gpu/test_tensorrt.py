@@ -21,13 +21,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from kiln.errors import ConfigError  # noqa: E402
 from kiln.tasks.engines import EngineOptions, OnnxRuntimeEngine, load_engine  # noqa: E402
-from kiln.tasks.engines.tensorrt import (  # noqa: E402
-    TensorRTBuildConfig,
-    build_engine,
-    check_plan_compatible,
-    read_metadata,
-    runtime_info,
-)
+from kiln.tasks.engines.tensorrt.build import TensorRTBuildConfig, build_engine  # noqa: E402
+from kiln.tasks.engines.tensorrt.machine import runtime_info  # noqa: E402
+from kiln.tasks.engines.tensorrt.plan import check_plan_compatible, read_metadata  # noqa: E402
 from kiln.tasks.models.export import export_onnx  # noqa: E402
 from tests.tiny import save_tiny  # noqa: E402
 

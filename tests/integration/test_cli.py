@@ -105,11 +105,34 @@ def test_optimize_from_the_cli_prints_the_table(registered, settings):
     assert shown[1].split()[2] in {"onnx-fp32", "int8-dynamic"}  # the faster one wins; which depends on the machine
 
 
-@pytest.mark.parametrize("command", ["optimize", "register", "demo", "bench", "recipes", "serve-flows", "show",
-                                     "export-triton", "promote", "approve", "reject", "rollback", "history"])
-def test_every_command_explains_itself(command):
-    result = runner.invoke(app, [command, "--help"])
+def _commands(group=None, path=()) -> list[tuple[str, ...]]:
+    """Every command of the ``kiln`` CLI, as its argument path (``("rollout", "status")``), groups included."""
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    found = []
+    for name, command in group.commands.items():
+        found.append((*path, name))
+        if hasattr(command, "commands"):
+            found += _commands(command, (*path, name))
+    return found
+
+
+def test_the_command_list_is_complete():
+    names = {" ".join(c) for c in _commands()}
+    assert {"optimize", "register", "demo", "bench", "recipes", "serve-flows", "show", "export-triton", "promote",
+            "approve", "reject", "rollback", "history", "up", "down", "status", "rollout", "rollout start",
+            "rollout status", "trigger retrain"} <= names
+
+
+@pytest.mark.parametrize("command", _commands(), ids=" ".join)
+def test_every_command_explains_itself_and_its_exit_status(command):
+    result = CliRunner(env={"COLUMNS": "300"}).invoke(app, [*command, "--help"])
     assert result.exit_code == 0 and len(result.output) > 200
+    # The same words for every command (kiln.cli.support.exit_epilog); 3 only where a decision can say no.
+    assert "Exit status: 0 ok, 1 internal error (a bug), 2 bad input" in result.output, result.output
+    declines = {"optimize", "demo", "promote", "status", "rollout", "rollout start"}
+    assert (", 3 " in result.output) == (" ".join(command) in declines), result.output
 
 
 def test_a_rotten_cached_copy_is_downloaded_again(registered, settings, tmp_path):

@@ -66,7 +66,7 @@ def test_triton_repository_for_a_registered_version(settings, tiny_models, tiny_
 
 def test_tensorrt_backend_packages_a_plan_beside_the_onnx_graph(settings, tiny_models, tiny_spec, monkeypatch):
     """`--backend tensorrt` builds a plan into each package; the build itself is a stand-in here."""
-    import kiln.tasks.engines.tensorrt as trt_mod
+    import kiln.tasks.engines.tensorrt.build as trt_mod
     from kiln.tasks.core.cache import StageCache
     from kiln.tasks.data.datasets import load_splits
     from kiln.tasks.models.predictor import PackageMeta

@@ -22,9 +22,11 @@ from typer.testing import CliRunner
 
 from kiln.cli.promote import register_commands
 from kiln.flows.promote import PromoteParams, promote
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import promotion
-from kiln.tasks.registry import audit
+from kiln.tasks.registry import aliases, audit
 from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.lock import ModelLock, PromotionConflict, PromotionError
 from tests.integration.helpers import registry_state
 
 runner = CliRunner()
@@ -51,8 +53,8 @@ def tiny(settings, monkeypatch, tmp_path, empty_store):
     client.create_model_version("tiny", source, tags={
         "kiln.recipe": "int8-dynamic", "kiln.gate": "passed", "kiln.gate_reasons": json.dumps(["size_mb ok"]),
         "kiln.metrics": json.dumps(METRICS), "kiln.triggered_by": "carol"})
-    client.set_registered_model_alias("tiny", registry.CHAMPION, "1")
-    client.set_registered_model_alias("tiny", registry.CHALLENGER, "2")
+    client.set_registered_model_alias("tiny", vocab.CHAMPION, "1")
+    client.set_registered_model_alias("tiny", vocab.CHALLENGER, "2")
     return client
 
 
@@ -79,7 +81,7 @@ def test_approve_then_promote_moves_aliases_and_records_everything(tiny, setting
     assert [line.split()[3] for line in lines[1:]] == ["registered", "registered", "gate", "approved", "demoted",
                                                        "promoted"]
     # Nothing left to promote: a clear one-line refusal.
-    with pytest.raises(promotion.PromotionError, match="'tiny' has no @challenger to promote"):
+    with pytest.raises(PromotionError, match="'tiny' has no @challenger to promote"):
         promotion.promote(tiny, "tiny", approver="bob", reason="again", home=settings.home)
 
 
@@ -118,7 +120,7 @@ def test_reject_moves_nothing(tiny, settings, cli):
     assert outcome["outcome"] == "rejected" and "champion" not in outcome
     assert registry_state(tiny, "tiny")[1] == before[1]
     assert tiny.get_model_version("tiny", "2").tags["kiln.approval"] == "rejected"
-    with pytest.raises(promotion.PromotionError, match="is not approved .*kiln.approval=rejected"):
+    with pytest.raises(PromotionError, match="is not approved .*kiln.approval=rejected"):
         promotion.promote(tiny, "tiny", approver="bob", reason="sneak", home=settings.home)
 
 
@@ -172,30 +174,30 @@ def test_rollback_restores_previous_in_one_step(tiny, settings, cli):
 def test_aliases_changed_underneath_are_refused(tiny, settings, monkeypatch):
     promotion.decide(tiny, "tiny", "2", decision="approved", approver="alice", reason="ok", home=settings.home)
 
-    class Racing(promotion.ModelLock):
+    class Racing(ModelLock):
         def __enter__(self):  # another promoter moved @champion between our read and our lock
-            self.client.set_registered_model_alias("tiny", registry.CHAMPION, "2")
+            self.client.set_registered_model_alias("tiny", vocab.CHAMPION, "2")
             return super().__enter__()
 
-    monkeypatch.setattr(promotion, "ModelLock", Racing)
-    with pytest.raises(promotion.PromotionConflict, match="aliases of 'tiny' changed while waiting for the lock"):
+    monkeypatch.setattr(aliases, "ModelLock", Racing)
+    with pytest.raises(PromotionConflict, match="aliases of 'tiny' changed while waiting for the lock"):
         promotion.promote(tiny, "tiny", approver="alice", reason="ok", home=settings.home)
-    with pytest.raises(promotion.PromotionConflict, match="@challenger of 'tiny' is now v2, not v7"):
+    with pytest.raises(PromotionConflict, match="@challenger of 'tiny' is now v2, not v7"):
         promotion.promote(tiny, "tiny", approver="alice", reason="ok", home=settings.home, expected_challenger="7")
 
 
 def test_registry_lock_excludes_other_machines_and_expires(tiny, settings, tmp_path):
     # Two homes stand for two machines: separate file locks, one shared registry.
-    with promotion.ModelLock(tiny, "tiny", tmp_path / "a", owner="host-a"):
-        with pytest.raises(promotion.PromotionConflict, match="host-a is promoting 'tiny'"):
-            promotion.ModelLock(tiny, "tiny", tmp_path / "b").__enter__()
-        with pytest.raises(promotion.PromotionConflict, match="another process on this machine"):
-            promotion.ModelLock(tiny, "tiny", tmp_path / "a").__enter__()
+    with ModelLock(tiny, "tiny", tmp_path / "a", owner="host-a"):
+        with pytest.raises(PromotionConflict, match="host-a is promoting 'tiny'"):
+            ModelLock(tiny, "tiny", tmp_path / "b").__enter__()
+        with pytest.raises(PromotionConflict, match="another process on this machine"):
+            ModelLock(tiny, "tiny", tmp_path / "a").__enter__()
     assert not registry.model_exists(tiny, "kiln-lock.tiny")
-    stale = promotion.ModelLock(tiny, "tiny", tmp_path / "a", owner="crashed", ttl_s=0.01).__enter__()
+    stale = ModelLock(tiny, "tiny", tmp_path / "a", owner="crashed", ttl_s=0.01).__enter__()
     stale._close()  # the holder died without releasing
     time.sleep(0.05)
-    with promotion.ModelLock(tiny, "tiny", tmp_path / "b", owner="host-b") as lock:
+    with ModelLock(tiny, "tiny", tmp_path / "b", owner="host-b") as lock:
         assert lock._holder()[0] == "host-b"
 
 
@@ -205,6 +207,7 @@ from pathlib import Path
 from kiln.settings import load_settings
 from kiln.tasks.lifecycle import promotion
 from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.lock import PromotionError
 settings = load_settings()
 client = registry.connect(settings)
 registry.aliases_of(client, "tiny")
@@ -215,7 +218,7 @@ while not go.exists():
 try:
     v = promotion.promote(client, "tiny", approver="alice", reason=sys.argv[2], home=settings.home)
     print("PROMOTED", v.version, flush=True)
-except promotion.PromotionError as exc:
+except PromotionError as exc:
     print("REFUSED", exc, flush=True)
 """
 

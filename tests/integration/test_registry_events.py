@@ -25,7 +25,10 @@ from prefect.runtime import flow_run
 
 from kiln.flows.promote import ApprovalInput, PromoteParams
 from kiln.infra.background import serving
-from kiln.infra.registry_events import PROMOTE_RUN_TAG, RegistryPoller, create_app, main, register_mlflow_webhook
+from kiln.infra.mlflow_webhook import create_app, register_mlflow_webhook
+from kiln.infra.registry_actions import PROMOTE_RUN_TAG
+from kiln.infra.registry_events import main
+from kiln.infra.registry_poller import RegistryPoller
 from kiln.infra.starter import DeploymentStarter
 from kiln.settings import Settings, load_settings
 

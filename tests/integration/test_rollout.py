@@ -27,15 +27,19 @@ from kiln.cli.rollout import register_commands
 from kiln.errors import ConfigError
 from kiln.infra.background import serving
 from kiln.infra.faults import Faults, FaultyPredictor
-from kiln.infra.gateway import Gateway, Upstream
 from kiln.infra.gateway import create_app as gateway_app
+from kiln.infra.gateway_proxy import Gateway, Upstream
 from kiln.infra.loadgen import LoadPlan, generate_load
 from kiln.infra.server import ServedModel
 from kiln.infra.server import create_app as server_app
 from kiln.settings import Settings
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
-from kiln.tasks.rollout.driver import RolloutError, RolloutParams, RolloutStore, run_rollout, send_command
+from kiln.tasks.rollout.commands import send_command
+from kiln.tasks.rollout.launch import run_rollout
+from kiln.tasks.rollout.params import RolloutError, RolloutParams
+from kiln.tasks.rollout.state import RolloutStore
 
 TOKEN = "rollout-test-token"
 LABELS = ["negative", "positive"]
@@ -70,8 +74,8 @@ def tiny(settings, tmp_path, empty_store):
     client.create_registered_model("tiny")
     for tags in ({"kiln.recipe": "source"}, {"kiln.recipe": "int8-dynamic", "kiln.gate": "passed"}):
         client.create_model_version("tiny", (tmp_path / "model").as_uri(), tags=tags)
-    client.set_registered_model_alias("tiny", registry.CHAMPION, "1")
-    client.set_registered_model_alias("tiny", registry.CHALLENGER, "2")
+    client.set_registered_model_alias("tiny", vocab.CHAMPION, "1")
+    client.set_registered_model_alias("tiny", vocab.CHALLENGER, "2")
     return client
 
 

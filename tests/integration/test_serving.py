@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 
 from kiln.infra.background import serving
-from kiln.infra.gateway import Gateway, Upstream
 from kiln.infra.gateway import create_app as gateway_app
+from kiln.infra.gateway_proxy import Gateway, Upstream
 from kiln.infra.loadgen import LoadPlan, check_loopback, generate_load
 from kiln.infra.server import create_app as server_app
 from kiln.infra.server import load_registered
 from kiln.settings import Settings
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.core.stages import Artifact
 from kiln.tasks.engines import EngineOptions
 from kiln.tasks.models.predictor import PackageMeta, package
@@ -52,7 +53,7 @@ def _register_onnx_challenger(client, settings: Settings, hf_folder: Path, label
         with mlflow.start_run(experiment_id=registry.ensure_experiment(client, settings)):
             info = log_package(folder, "onnx-fp32", Path(tmp))
         version = mlflow.register_model(f"models:/{info.model_id}", "tiny")
-    client.set_registered_model_alias("tiny", registry.CHALLENGER, version.version)
+    client.set_registered_model_alias("tiny", vocab.CHALLENGER, version.version)
 
 
 @pytest.fixture(scope="module")

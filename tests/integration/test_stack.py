@@ -14,7 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from kiln.errors import ConfigError
-from kiln.infra.stack import Service, Stack, StackError, database_urls, http_ok
+from kiln.infra.stack import Stack, StackError
+from kiln.infra.stack_databases import database_urls
+from kiln.infra.stack_services import Service, http_ok
 from tests.stores import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

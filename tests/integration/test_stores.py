@@ -17,12 +17,14 @@ import pytest
 
 from kiln.errors import ArtifactError
 from kiln.flows.optimize import OptimizeParams, optimize
-from kiln.infra import stack
+from kiln.infra import stack, stack_databases, stack_services
 from kiln.settings import load_settings
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.models.predictor import PackageMeta
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry import storage
 from kiln.tasks.registry.onboard import register_folder
+from tests import s3_transfer
 from tests.stores import free_port
 
 
@@ -44,10 +46,10 @@ def stores(postgres, seaweedfs, tmp_path_factory):
         mp.setenv("KILN_S3_ENDPOINT_URL", seaweedfs.endpoint)
         mp.setenv("KILN_MLFLOW_PORT", str(free_port()))
         settings = load_settings()
-        assert stack.ensure_databases(settings.database_url) == ["kiln_stores", "kiln_stores_prefect"]
-        [mlflow_service] = [s for s in stack.services(settings) if s.name == "mlflow"]
+        assert stack_databases.ensure_databases(settings.database_url) == ["kiln_stores", "kiln_stores_prefect"]
+        [mlflow_service] = [s for s in stack_services.services(settings) if s.name == "mlflow"]
         assert f"s3://{bucket}/mlflow" in mlflow_service.argv
-        assert stack.database_urls(settings.database_url)[0] in mlflow_service.argv
+        assert stack_databases.database_urls(settings.database_url)[0] in mlflow_service.argv
         server = stack.Stack(settings.home / "stack", [mlflow_service])
         server.up()
         try:
@@ -63,7 +65,7 @@ def challenger(stores, tiny_models, tiny_spec):
     client = registry.connect(stores.settings)
     register_folder(client, stores.settings, tiny_models["bert"], "tiny", "sequence-classification", tiny_spec)
     optimize(OptimizeParams(model="tiny", recipes=["int8-dynamic"]))
-    version = client.get_model_version_by_alias("tiny", registry.CHALLENGER)
+    version = client.get_model_version_by_alias("tiny", vocab.CHALLENGER)
     model_id = version.source.removeprefix("models:/")
     keys = [o["Key"] for page in stores.s3.get_paginator("list_objects_v2").paginate(Bucket=stores.bucket)
             for o in page.get("Contents", [])]
@@ -85,7 +87,7 @@ def test_optimize_round_trips_a_verified_engine_through_postgres_and_s3(stores, 
     folder = registry.fetch_package(challenger.client, version, tmp_path / "downloads")
     meta = storage.verify_package(folder, version.tags)
     assert meta.format == "onnx" and meta.sha256 == json.loads(version.tags["kiln.sha256"])
-    digest = storage.download_file(stores.s3, stores.bucket, challenger.engine_key, tmp_path / "engine.onnx",
+    digest = s3_transfer.download_file(stores.s3, stores.bucket, challenger.engine_key, tmp_path / "engine.onnx",
                                    expected=meta.sha256["model.onnx"])
     assert digest == meta.sha256["model.onnx"]
     predictions = mlflow.pyfunc.load_model("models:/tiny@challenger").predict(["what a day"])

@@ -1,6 +1,27 @@
+import importlib
+import sys
+from pathlib import Path
+
 import pytest
 
-from kiln.tasks.core.cache import StageCache, code_version, make_key
+from kiln.tasks.core.cache import StageCache, code_files, code_version, make_key, reset_code_cache
+
+TASKS = Path(__file__).resolve().parents[2] / "tasks"
+
+# A package laid out like Kiln's: a stage in a technique package that imports a helper at the top and
+# another inside the stage function, beside a module nothing imports.
+FAKE_TREE = {
+    "__init__.py": '"""A stand-in for Kiln."""\n',
+    "helpers.py": "from kiln_fake.util import deep\n\n\ndef scale(x):\n    return deep.double(x)\n",
+    "util/__init__.py": "",
+    "util/deep.py": "def double(x):\n    return 2 * x\n",
+    "lazy.py": "OFFSET = 1\n",
+    "unrelated.py": "def unused():\n    return None\n",
+    "technique/__init__.py": "",
+    "technique/stage.py": ("import json\n\nfrom ..helpers import scale\n\n\ndef stage(x):\n"
+                           "    from kiln_fake import lazy\n\n    return json.dumps(scale(x) + lazy.OFFSET)\n"),
+    "technique/sibling.py": "SHARED = 3\n",
+}
 
 
 def test_result_is_persisted_and_reused(tmp_path):
@@ -46,3 +67,62 @@ def test_code_version_tracks_the_module_source():
 
     assert code_version(quantize.int8_dynamic) != code_version(recipes.export_stage)
     assert code_version(quantize.int8_dynamic).startswith("0.")
+
+
+@pytest.fixture
+def fake_package(tmp_path, monkeypatch):
+    """A copy of ``FAKE_TREE`` importable as ``kiln_fake``; forgotten again (modules and sources) afterwards."""
+    root = tmp_path / "kiln_fake"
+    for name, text in FAKE_TREE.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reset_code_cache()
+    yield root
+    for name in [m for m in sys.modules if m == "kiln_fake" or m.startswith("kiln_fake.")]:
+        del sys.modules[name]
+    reset_code_cache()
+
+
+def _edit(path: Path) -> None:
+    path.write_text(path.read_text() + "# edited\n")
+    reset_code_cache()  # sources are read once per process
+
+
+def test_a_stage_key_follows_every_module_it_runs(fake_package):
+    stage = importlib.import_module("kiln_fake.technique.stage").stage
+    assert set(code_files(stage)) == {"kiln_fake", "kiln_fake.helpers", "kiln_fake.util", "kiln_fake.util.deep",
+                                      "kiln_fake.lazy", "kiln_fake.technique", "kiln_fake.technique.stage",
+                                      "kiln_fake.technique.sibling"}
+    key = code_version(stage)
+    _edit(fake_package / "unrelated.py")
+    assert code_version(stage) == key  # nothing the stage runs changed
+    for helper in ["util/deep.py", "helpers.py", "lazy.py", "technique/sibling.py"]:
+        _edit(fake_package / helper)
+        assert code_version(stage) != key, helper  # imported transitively, inside a function, or its package
+        key = code_version(stage)
+
+
+def test_the_key_does_not_depend_on_where_the_code_lives(fake_package, tmp_path, monkeypatch):
+    stage = importlib.import_module("kiln_fake.technique.stage").stage
+    key = code_version(stage)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    fake_package.rename(moved / "kiln_fake")
+    for name in [m for m in sys.modules if m.startswith("kiln_fake")]:
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(moved))
+    reset_code_cache()
+    assert code_version(importlib.import_module("kiln_fake.technique.stage").stage) == key
+
+
+def test_the_export_stage_depends_on_the_export_module():
+    from kiln.tasks.compress import recipes
+    from kiln.tasks.compress.prune import stages as prune
+
+    # export_stage is defined in recipes.py but runs models/export.py (imported inside the function).
+    exported = {path.resolve() for path in code_files(recipes.export_stage).values()}
+    assert TASKS / "models" / "export.py" in exported and TASKS / "compress" / "recipes.py" in exported
+    pruning = {path.resolve() for path in code_files(prune.prune_heads).values()}
+    assert {TASKS / "compress" / "prune" / "scores.py", TASKS / "compress" / "prune" / "surgery.py"} <= pruning
+    assert TASKS / "compress" / "quantization" / "dynamic.py" not in pruning  # another technique

@@ -49,8 +49,9 @@ S3_PORT = 8333  # SeaweedFS's S3 port
 WORK_POOL_WORKERS = {"kiln-process": "prefect.workers.process:ProcessWorker",
                      "kiln-docker": "prefect_docker.worker:DockerWorker",
                      "kiln-kubernetes": "prefect_kubernetes.worker:KubernetesWorker"}
-# KILN_* variables that code reads from os.environ itself (who acts, who may approve), not through Settings.
-READ_BY_CODE = {"KILN_USER", "KILN_APPROVERS"}
+# KILN_* variables that code reads from os.environ itself, not through Settings: none (who acts and who may
+# approve are settings now: user, approvers, four_eyes).
+READ_BY_CODE: set[str] = set()
 KILN_IMAGES = {"kiln/worker:0.1.0": DOCKER / "Dockerfile.worker", "kiln/serve:0.1.0": DOCKER / "Dockerfile.serve"}
 
 

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from kiln.errors import DataError
 from kiln.infra.background import serving
-from kiln.infra.gateway import Gateway, Upstream, create_app
+from kiln.infra.gateway import create_app
+from kiln.infra.gateway_proxy import Gateway, Upstream
 from kiln.infra.server import create_app as server_app
 from kiln.tasks.rollout.drift import (
     DriftChecks,

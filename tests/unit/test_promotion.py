@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from kiln.errors import ConfigError, KilnError
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle.promotion import ApprovalPolicy, ApprovalRefused, load_approval_policy, metrics_table
 from kiln.tasks.registry import audit
 from kiln.tasks.registry.audit import AuditEvent, AuditLog
@@ -54,7 +55,7 @@ def test_policy_from_env_beats_yaml(tmp_path, clean_env):
 
 def test_bad_policy_is_one_config_error(tmp_path, clean_env):
     clean_env.setenv("KILN_FOUR_EYES", "maybe")
-    with pytest.raises(ConfigError, match="invalid approval policy .*four_eyes"):
+    with pytest.raises(ConfigError, match="invalid settings .*four_eyes"):  # KILN_FOUR_EYES is a setting
         load_approval_policy(tmp_path)
     clean_env.delenv("KILN_FOUR_EYES")
     bad = tmp_path / "p.yaml"
@@ -76,11 +77,11 @@ def test_metrics_table_compares_champion_and_challenger():
 
 def test_audit_log_appends_one_json_object_per_line(tmp_path):
     book = AuditLog.under(tmp_path / "home")
-    book.append(AuditEvent("tiny", "2", audit.APPROVED, "alice", "looks good"))
-    book.append(AuditEvent("other", "1", audit.REJECTED, "bob", "too slow"))
+    book.append(AuditEvent("tiny", "2", vocab.APPROVED, "alice", "looks good"))
+    book.append(AuditEvent("other", "1", vocab.REJECTED, "bob", "too slow"))
     with open(book.path, "a") as f:
         f.write('{"torn": \n')  # a crashed writer must not hide the rest
-    book.append(AuditEvent("tiny", "2", audit.PROMOTED, "alice", "ship it", details={"replaced": "1"}))
+    book.append(AuditEvent("tiny", "2", vocab.EVENT_PROMOTED, "alice", "ship it", details={"replaced": "1"}))
     lines = book.path.read_text().splitlines()
     assert {"timestamp", "model", "version", "event", "actor", "reason", "details"} <= set(json.loads(lines[0]))
     assert [e.event for e in book.read("tiny")] == ["approved", "promoted"]

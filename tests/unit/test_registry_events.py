@@ -15,16 +15,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from starlette.testclient import TestClient
 
-from kiln.infra.registry_events import (
-    OPTIMIZE_RUN_TAG,
-    PROMOTE_RUN_TAG,
-    Deliveries,
-    PausedPromotion,
-    RegistryEvents,
-    RegistryPoller,
-    create_app,
-    sign,
-)
+from kiln.infra.mlflow_signature import Deliveries, sign
+from kiln.infra.mlflow_webhook import create_app
+from kiln.infra.paused_promotions import PausedPromotion
+from kiln.infra.registry_actions import OPTIMIZE_RUN_TAG, PROMOTE_RUN_TAG, RegistryEvents
+from kiln.infra.registry_poller import RegistryPoller
 from kiln.infra.starter import OPTIMIZE, Started
 from kiln.settings import Settings
 

@@ -1,7 +1,13 @@
+"""Settings (defaults, kiln.yaml, KILN_* variables, overrides) and model references."""
+
+import getpass
+
 import pytest
 
 from kiln.errors import ConfigError
 from kiln.settings import load_settings
+from kiln.tasks.lifecycle.promotion import ApprovalPolicy, load_approval_policy
+from kiln.tasks.registry.audit import current_user
 from kiln.tasks.registry.client import ModelRef
 
 
@@ -49,3 +55,62 @@ def test_model_refs(text, expected):
 def test_bad_model_ref():
     with pytest.raises(ConfigError, match="NAME@ALIAS"):
         ModelRef.parse("sentiment@")
+
+
+# ── who acts and who may approve: settings, so kiln.yaml can hold them and KILN_* still work ──────────
+@pytest.fixture
+def no_identity_env(tmp_path, monkeypatch):
+    for key in ("KILN_USER", "KILN_APPROVERS", "KILN_FOUR_EYES", "KILN_APPROVAL_POLICY", "KILN_CONFIG", "KILN_HOME"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return monkeypatch
+
+
+def test_kiln_yaml_holds_approvers_four_eyes_and_user(tmp_path, no_identity_env):
+    (tmp_path / "kiln.yaml").write_text("approvers: [alice, bob]\nfour_eyes: true\nuser: ci-bot\n")
+    s = load_settings()
+    assert (s.approvers, s.four_eyes, s.user) == (["alice", "bob"], True, "ci-bot")
+    assert load_approval_policy(settings=s) == ApprovalPolicy(approvers=["alice", "bob"], four_eyes=True)
+    assert current_user(s) == "ci-bot"
+    # Without settings passed in, the functions read the same settings (here: ./kiln.yaml) themselves.
+    assert load_approval_policy() == ApprovalPolicy(approvers=["alice", "bob"], four_eyes=True)
+    assert current_user() == "ci-bot"
+
+
+def test_identity_variables_still_work_and_beat_kiln_yaml(tmp_path, no_identity_env):
+    (tmp_path / "kiln.yaml").write_text("approvers: alice\nuser: ci-bot\n")  # one name, or a comma list
+    no_identity_env.setenv("KILN_APPROVERS", " carol, dave ,")
+    no_identity_env.setenv("KILN_FOUR_EYES", "true")
+    no_identity_env.setenv("KILN_USER", "erin")
+    s = load_settings()
+    assert (s.approvers, s.four_eyes, s.user) == (["carol", "dave"], True, "erin")
+    assert load_approval_policy() == ApprovalPolicy(approvers=["carol", "dave"], four_eyes=True)
+    assert current_user() == "erin"
+    no_identity_env.setenv("KILN_APPROVERS", '["frank"]')  # JSON, as other list settings are written
+    assert load_settings().approvers == ["frank"]
+
+
+def test_settings_beat_the_approval_policy_file_which_fills_in_the_rest(tmp_path, no_identity_env):
+    policy = tmp_path / "team.yaml"
+    policy.write_text("approvers: [grace]\nfour_eyes: true\n")
+    (tmp_path / "kiln.yaml").write_text(f"approval_policy: {policy}\n")
+    assert load_approval_policy() == ApprovalPolicy(approvers=["grace"], four_eyes=True)
+    no_identity_env.setenv("KILN_FOUR_EYES", "false")
+    assert load_approval_policy() == ApprovalPolicy(approvers=["grace"], four_eyes=False)
+    policy.write_text("approvers: [grace]\nfour_eyes: maybe\n")
+    no_identity_env.delenv("KILN_FOUR_EYES")
+    with pytest.raises(ConfigError, match=r"invalid approval policy .*team.yaml \(four_eyes: .*\); fix the file"):
+        load_approval_policy()
+    no_identity_env.setenv("KILN_APPROVAL_POLICY", str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="missing.yaml is unreadable"):
+        load_approval_policy()
+
+
+def test_nothing_set_means_the_login_name_and_nobody_approves(tmp_path, no_identity_env):
+    s = load_settings()
+    assert (s.user, s.approvers, s.four_eyes, s.approval_policy) == (None, None, None, None)
+    assert current_user(s) == getpass.getuser()
+    assert load_approval_policy(settings=s) == ApprovalPolicy()
+    no_identity_env.setenv("KILN_FOUR_EYES", "maybe")
+    with pytest.raises(ConfigError, match="invalid settings .*four_eyes"):
+        load_settings()

@@ -1,4 +1,5 @@
-"""tasks/storage.py against moto's in-process S3: checksums on upload, on download and on packages."""
+"""tasks/registry/storage.py and the tests' checked S3 transfers (tests/s3_transfer.py) against moto's
+in-process S3: checksums on upload, on download and on packages."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from kiln.errors import ArtifactError, ConfigError
 from kiln.settings import Settings
 from kiln.tasks.models.predictor import PackageMeta, record_checksums
 from kiln.tasks.registry import storage
+from tests import s3_transfer
 
 moto = pytest.importorskip("moto", reason="moto is missing: pip install -e '.[test]'")
 
@@ -44,13 +46,13 @@ def test_ensure_bucket_is_idempotent(s3):
 def test_upload_records_and_checks_sha256(s3, tmp_path):
     path = tmp_path / "engine.onnx"
     path.write_bytes(b"x" * 5000)
-    digest = storage.upload_file(s3, path, BUCKET, "engines/e.onnx", reread=True)
+    digest = s3_transfer.upload_file(s3, path, BUCKET, "engines/e.onnx", reread=True)
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     head = s3.head_object(Bucket=BUCKET, Key="engines/e.onnx", ChecksumMode="ENABLED")
-    assert head["Metadata"][storage.SHA_KEY] == digest
-    assert head["ChecksumSHA256"] == storage.s3_checksum(path)
+    assert head["Metadata"][s3_transfer.SHA_KEY] == digest
+    assert head["ChecksumSHA256"] == s3_transfer.s3_checksum(path)
 
-    assert storage.download_file(s3, BUCKET, "engines/e.onnx", tmp_path / "back.onnx") == digest
+    assert s3_transfer.download_file(s3, BUCKET, "engines/e.onnx", tmp_path / "back.onnx") == digest
     assert (tmp_path / "back.onnx").read_bytes() == path.read_bytes()
 
 
@@ -60,10 +62,10 @@ def test_multipart_upload_matches_the_composite_checksum(s3, tmp_path):
     path = tmp_path / "big.bin"
     path.write_bytes(bytes(range(256)) * (11 * 4096))  # 11 MiB: three 5 MiB parts
     transfer = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
-    storage.upload_file(s3, path, BUCKET, "big.bin", transfer=transfer)
+    s3_transfer.upload_file(s3, path, BUCKET, "big.bin", transfer=transfer)
     remote = s3.head_object(Bucket=BUCKET, Key="big.bin", ChecksumMode="ENABLED").get("ChecksumSHA256")
-    assert storage.s3_checksum(path, 5 << 20).endswith("-3")
-    assert remote.split("-")[0] == storage.s3_checksum(path, 5 << 20).split("-")[0]  # moto leaves out "-3"
+    assert s3_transfer.s3_checksum(path, 5 << 20).endswith("-3")
+    assert remote.split("-")[0] == s3_transfer.s3_checksum(path, 5 << 20).split("-")[0]  # moto leaves out "-3"
 
 
 class _Rotting:
@@ -96,27 +98,27 @@ def test_an_upload_the_store_does_not_hold_faithfully_is_refused(s3, tmp_path, w
     path = tmp_path / "engine.onnx"
     path.write_bytes(b"engine" * 100)
     with pytest.raises(ArtifactError, match="stored SHA-256 differs" if what == "checksum" else "reads back"):
-        storage.upload_file(_Rotting(s3, what), path, BUCKET, "e.onnx", reread=True)
+        s3_transfer.upload_file(_Rotting(s3, what), path, BUCKET, "e.onnx", reread=True)
 
 
 def test_a_corrupt_download_is_refused_and_leaves_no_file(s3, tmp_path):
     path = tmp_path / "engine.onnx"
     path.write_bytes(b"good" * 100)
-    storage.upload_file(s3, path, BUCKET, "e.onnx")
+    s3_transfer.upload_file(s3, path, BUCKET, "e.onnx")
     # Someone rewrites the object behind Kiln's back, keeping the metadata.
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    s3.put_object(Bucket=BUCKET, Key="e.onnx", Body=b"evil" * 100, Metadata={storage.SHA_KEY: digest})
+    s3.put_object(Bucket=BUCKET, Key="e.onnx", Body=b"evil" * 100, Metadata={s3_transfer.SHA_KEY: digest})
     with pytest.raises(ArtifactError, match=r"s3://kiln-unit/e.onnx is corrupt"):
-        storage.download_file(s3, BUCKET, "e.onnx", tmp_path / "out" / "e.onnx")
+        s3_transfer.download_file(s3, BUCKET, "e.onnx", tmp_path / "out" / "e.onnx")
     assert not any((tmp_path / "out").iterdir())
 
 
 def test_package_round_trip_and_tamper_detection(s3, tmp_path):
     folder = _package(tmp_path / "pkg")
-    uri = storage.upload_package(s3, folder, BUCKET, "engines/tiny/v2")
+    uri = s3_transfer.upload_package(s3, folder, BUCKET, "engines/tiny/v2")
     assert uri == f"s3://{BUCKET}/engines/tiny/v2"
     tags = {"kiln.sha256": json.dumps(PackageMeta.read(folder).sha256)}
-    back = storage.download_package(s3, uri, tmp_path / "back", tags)
+    back = s3_transfer.download_package(s3, uri, tmp_path / "back", tags)
     assert (back / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
 
     # Swap engine and kiln.json together: self-consistent, but not what the registry recorded.
@@ -124,7 +126,7 @@ def test_package_round_trip_and_tamper_detection(s3, tmp_path):
     for name in ("model.onnx", "kiln.json"):
         s3.upload_file(str(evil / name), BUCKET, f"engines/tiny/v2/{name}")
     with pytest.raises(ArtifactError, match="does not match the checksums the registry recorded"):
-        storage.download_package(s3, uri, tmp_path / "again", tags)
+        s3_transfer.download_package(s3, uri, tmp_path / "again", tags)
     assert not (tmp_path / "again").exists()
 
 
@@ -146,7 +148,7 @@ def test_source_versions_are_checked_against_their_registered_digest(tmp_path):
 
 def test_a_missing_package_is_an_artifact_error(s3, tmp_path):
     with pytest.raises(ArtifactError, match="no complete Kiln package"):
-        storage.download_package(s3, f"s3://{BUCKET}/engines/none/v1", tmp_path / "x")
+        s3_transfer.download_package(s3, f"s3://{BUCKET}/engines/none/v1", tmp_path / "x")
 
 
 def test_missing_credentials_say_which_variables_to_set(tmp_path, monkeypatch):

@@ -18,20 +18,18 @@ import pytest
 from onnx import TensorProto, helper
 from pydantic import ValidationError
 
-import kiln.tasks.engines.tensorrt as trt_backend
 from kiln.errors import ArtifactError, ConfigError, ExportError
 from kiln.tasks.engines import EngineOptions, load_engine
-from kiln.tasks.engines.tensorrt import (
-    INSTALL_HINT,
-    METADATA_FORMAT,
+from kiln.tasks.engines.tensorrt import machine as trt_machine
+from kiln.tasks.engines.tensorrt.build import (
     TensorRTBuildConfig,
-    TensorRTEngine,
     build_engine,
-    check_plan_compatible,
-    check_shape_in_profile,
     graph_precision,
     optimization_profile,
 )
+from kiln.tasks.engines.tensorrt.machine import INSTALL_HINT
+from kiln.tasks.engines.tensorrt.plan import METADATA_FORMAT, check_plan_compatible, check_shape_in_profile
+from kiln.tasks.engines.tensorrt.runtime import TensorRTEngine
 
 A100 = {"tensorrt_version": "10.3.0.26", "gpu_name": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
 H100 = {"tensorrt_version": "10.3.0.26", "gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
@@ -181,7 +179,7 @@ def test_missing_tensorrt_says_how_to_install(no_tensorrt: None, tmp_path: Path)
 def test_stub_tensorrt_package_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     with pytest.raises(ConfigError, match="no bindings"):
-        trt_backend.runtime_info()
+        trt_machine.runtime_info()
 
 
 def test_missing_onnx_is_an_artifact_error(no_tensorrt: None, tmp_path: Path) -> None:
@@ -194,12 +192,12 @@ def test_missing_onnx_is_an_artifact_error(no_tensorrt: None, tmp_path: Path) ->
 @pytest.fixture
 def on_h100(monkeypatch: pytest.MonkeyPatch) -> None:
     """This 'machine' is an H100 with TensorRT 10.3, and deserialising anything fails the test."""
-    monkeypatch.setattr(trt_backend, "runtime_info", lambda: dict(H100))
+    monkeypatch.setattr(trt_machine, "runtime_info", lambda: dict(H100))
 
     def forbidden() -> None:
         raise AssertionError("TensorRT was reached before the plan was checked")
 
-    monkeypatch.setattr(trt_backend, "_import_tensorrt", forbidden)
+    monkeypatch.setattr(trt_machine, "import_tensorrt", forbidden)
 
 
 def test_foreign_plan_is_refused_before_deserialising(on_h100: None, tmp_path: Path) -> None:
@@ -299,7 +297,7 @@ def fake_trt(monkeypatch: pytest.MonkeyPatch) -> Any:
     def install(version: str = "10.3.0.26", parse_ok: bool = True) -> list[tuple]:
         calls: list[tuple] = []
         monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(version, calls, parse_ok))
-        monkeypatch.setattr(trt_backend, "runtime_info", lambda: {**H100, "tensorrt_version": version})
+        monkeypatch.setattr(trt_machine, "runtime_info", lambda: {**H100, "tensorrt_version": version})
         return calls
     return install
 

@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from kiln.errors import ArtifactError, ConfigError
-from kiln.tasks.engines.tensorrt import METADATA_FORMAT
+from kiln.tasks.engines.tensorrt.plan import METADATA_FORMAT
 from kiln.tasks.engines.triton import TRITON_TYPES, parse_config_pbtxt, write_triton_repository
 from kiln.tasks.models.export import export_onnx
 from tests.tiny import save_tiny

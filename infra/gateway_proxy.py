@@ -1,0 +1,331 @@
+"""The gateway's traffic: forward each request to champion or challenger, mirror a share, score feedback.
+
+Open Inference Protocol v2 requests (``/v2/...``) are forwarded unchanged to one upstream, chosen by
+the challenger's weight (0-100 %, exact proportion) or, with an ``X-Kiln-Sticky`` header, by a hash of
+its value (a user stays on one side while the weight holds). Every answer names its upstream in
+``X-Kiln-Upstream`` and carries an ``X-Kiln-Request-Id`` that ``POST /feedback`` can later score.
+Shadow mode mirrors a share of champion-answered requests to the challenger in the background and
+records whether the predicted labels agree; the client only ever sees the champion's answer.
+
+The split, windows and metrics themselves live in :mod:`kiln.infra.gateway_stats`; the admin routes that
+change the split in :mod:`kiln.infra.gateway_admin`; the app and its command in :mod:`kiln.infra.gateway`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from kiln.infra.gateway_stats import (
+    CHALLENGER,
+    CHAMPION,
+    GatewayMetrics,
+    PredictionLog,
+    Routing,
+    Splitter,
+    TrafficWindow,
+    Window,
+    choose,
+)
+from kiln.infra.oip import InferError, TextRequest, labels_of, parse_infer
+from kiln.infra.server import VERSION_HEADER
+from kiln.infra.upstream import Answer, Failure, UpstreamClient
+
+log = logging.getLogger(__name__)
+UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "X-Kiln-Upstream", "X-Kiln-Request-Id", "X-Kiln-Sticky"
+TOKEN_ENV = "KILN_GATEWAY_TOKEN"
+_HOP_BY_HOP = {"host", "connection", "keep-alive", "content-length", "transfer-encoding", "te", "trailer",
+               "upgrade", "proxy-authorization", "proxy-authenticate", "authorization", "accept-encoding"}
+_PASS_BACK = {"content-type", VERSION_HEADER.lower()}
+_MAX_PARSE_BYTES = 1 << 20  # bookkeeping parses bodies up to 1 MB; raw LM logits can be far larger
+
+
+@dataclass
+class Upstream:
+    """A model server. ``version`` labels metrics; unset, it is learnt from the server's version header."""
+
+    url: str
+    version: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The version for metric labels; ``unknown`` until learnt."""
+        return self.version or "unknown"
+
+
+def _learn_version(upstream: Upstream, answer: Answer) -> None:
+    if upstream.version is None:
+        upstream.version = answer.headers.get(VERSION_HEADER.lower())
+
+
+def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
+    """Every error the gateway itself answers: ``{"error": message}`` with ``status``."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class Gateway:
+    """Routing, forwarding, shadowing and bookkeeping; :func:`kiln.infra.gateway.create_app` wires it to HTTP."""
+
+    def __init__(self, champion: Upstream, challenger: Upstream, admin_token: str, *, weight: float = 0.0,
+                 shadow: float = 0.0, timeout_s: float = 30.0, max_connections: int = 256,
+                 max_shadow_inflight: int = 64, max_samples: int = 5000) -> None:
+        if not admin_token:
+            raise ValueError(f"the admin API needs a token; set {TOKEN_ENV}")
+        self.upstreams = {CHAMPION: champion, CHALLENGER: challenger}
+        self._token = admin_token.encode()
+        self.routing = Routing(_check_weight(weight), _check_fraction(shadow))
+        self.splitter, self.shadow_splitter = Splitter(), Splitter()
+        self.metrics = GatewayMetrics()
+        self.window = Window(max_samples)
+        self.predictions = PredictionLog()
+        self.timeout_s, self.max_connections, self.max_shadow_inflight = timeout_s, max_connections, \
+            max_shadow_inflight
+        self._shadow_tasks: set[asyncio.Task] = set()
+        # Feedback often arrives before the mirrored answer (the client has the champion's at once): keep the
+        # truth for request ids still being mirrored, and score the shadow answer when it lands.
+        self._mirroring: set[str] = set()
+        self._late_truth: OrderedDict[str, list[str]] = OrderedDict()
+        self.client: UpstreamClient | None = None
+        self._publish_routing()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette):  # noqa: ANN201 - Starlette's lifespan protocol
+        async with UpstreamClient(max_connections=self.max_connections, timeout_s=self.timeout_s) as client:
+            self.client = client
+            try:
+                yield
+            finally:
+                # Let mirrors in flight finish (bounded), so their answers are counted rather than torn.
+                if self._shadow_tasks:
+                    await asyncio.wait(self._shadow_tasks, timeout=self.timeout_s)
+                self.client = None
+
+    # ---- live traffic -------------------------------------------------------------------------------------
+
+    async def proxy(self, request: Request) -> Response:
+        """Forward a ``/v2/...`` request to the upstream the routing picks, and mirror it when shadowing."""
+        routing = self.routing  # one snapshot for the whole request: a concurrent weight change cannot split it
+        role = choose(routing, request.headers.get(STICKY_HEADER), self.splitter)
+        body = await request.body()
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        headers[REQUEST_ID_HEADER] = request_id
+        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        answer = await self._send(role, request.method, path, headers, body)
+        if isinstance(answer, Failure) and answer.kind == "connect" and role == CHALLENGER:
+            # Never sent: safe to answer from the champion instead of failing the client.
+            self.metrics.fallbacks.inc()
+            role = CHAMPION
+            answer = await self._send(role, request.method, path, headers, body)
+        extra = {UPSTREAM_HEADER: role, REQUEST_ID_HEADER: request_id}
+        if isinstance(answer, Failure):
+            return error_response(f"upstream {role} failed: {answer.message}"[:300], answer.status, extra)
+        is_infer = request.method == "POST" and request.url.path.endswith("/infer")
+        labels = self._labels(role, answer) if is_infer else None
+        if labels is not None:
+            self.predictions.add(request_id, "live", role, self.upstreams[role].label, labels)
+        mirrored = (is_infer and role == CHAMPION and answer.status == 200 and routing.shadow > 0
+                    and self._mirror(routing, path, headers, body, request_id, labels))
+        passed = {k: v for k, v in answer.headers.items() if k.lower() in _PASS_BACK}
+        # Inputs are recorded after the answer has gone out, so parsing them never delays the client; a
+        # request the upstream refused as the client's mistake (4xx) is not traffic the model saw.
+        windows = [self.window.live[role]] + ([self.window.shadow] if mirrored else [])
+        record = BackgroundTask(_record_inputs, body, windows) if is_infer and not 400 <= answer.status < 500 \
+            else None
+        return Response(answer.content, status_code=answer.status, headers=passed | extra, background=record)
+
+    async def _send(self, role: str, method: str, path: str, headers: dict[str, str], body: bytes
+                    ) -> Answer | Failure:
+        """Forward to ``role``'s upstream and record the outcome; a transport failure is returned, not raised."""
+        assert self.client is not None, "the gateway's lifespan has not started"
+        upstream = self.upstreams[role]
+        started = time.perf_counter()
+        answer = await self.client.request(method, upstream.url + path, headers=headers, body=body)
+        seconds = time.perf_counter() - started
+        code = answer.status
+        if isinstance(answer, Answer):
+            _learn_version(upstream, answer)
+        self.metrics.requests.labels(role, upstream.label, str(code)).inc()
+        if code < 500:
+            self.metrics.duration.labels(role, upstream.label).observe(seconds)
+        self.window.live[role].record(code, seconds)
+        return answer
+
+    def _labels(self, role: str, answer: Answer) -> list[str] | None:
+        if answer.status != 200 or len(answer.content) > _MAX_PARSE_BYTES:
+            return None
+        try:
+            labels = labels_of(json.loads(answer.content))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if labels is not None:
+            window, version = self.window.live[role], self.upstreams[role].label
+            for label in labels:
+                window.labels[label] += 1
+                self.metrics.predictions.labels(role, version, label).inc()
+        return labels
+
+    # ---- shadow traffic ------------------------------------------------------------------------------------
+
+    def _mirror(self, routing: Routing, path: str, headers: dict[str, str], body: bytes, request_id: str,
+                champion_labels: list[str] | None) -> bool:
+        """Mirror the request to the challenger when the shadow share says so; True when it was sent."""
+        if not self.shadow_splitter.take(routing.shadow):
+            return False
+        if len(self._shadow_tasks) >= self.max_shadow_inflight:  # shadowing must never slow live traffic
+            self.window.shadow.dropped += 1
+            self.metrics.shadow_dropped.inc()
+            return False
+        task = asyncio.create_task(self._shadow(path, headers, body, request_id, champion_labels))
+        self._shadow_tasks.add(task)
+        self._mirroring.add(request_id)
+        task.add_done_callback(self._shadow_tasks.discard)
+        task.add_done_callback(lambda _: self._mirroring.discard(request_id))
+        return True
+
+    async def _shadow(self, path: str, headers: dict[str, str], body: bytes, request_id: str,
+                      champion_labels: list[str] | None) -> None:
+        assert self.client is not None
+        upstream, window = self.upstreams[CHALLENGER], self.window.shadow
+        started = time.perf_counter()
+        answer = await self.client.request("POST", upstream.url + path, headers=headers, body=body)
+        code = answer.status
+        if isinstance(answer, Answer):
+            _learn_version(upstream, answer)
+        seconds = time.perf_counter() - started
+        window.record(code, seconds)
+        self.metrics.shadow_requests.labels(upstream.label, str(code)).inc()
+        if code < 500:
+            self.metrics.shadow_duration.labels(upstream.label).observe(seconds)
+        labels = None
+        if isinstance(answer, Answer) and code == 200 and len(answer.content) <= _MAX_PARSE_BYTES:
+            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
+                labels = labels_of(json.loads(answer.content))
+        for label in labels or []:  # the challenger's predicted classes, for the class drift check
+            window.labels[label] += 1
+        if labels is None or champion_labels is None or len(labels) != len(champion_labels):
+            return
+        agreed = sum(a == b for a, b in zip(labels, champion_labels, strict=True))
+        window.compared += len(labels)
+        window.agreed += agreed
+        self.metrics.shadow_rows.labels(upstream.label, "agree").inc(agreed)
+        self.metrics.shadow_rows.labels(upstream.label, "disagree").inc(len(labels) - agreed)
+        truth = self._late_truth.pop(request_id, None)
+        if truth is not None and len(truth) == len(labels):
+            self._score("shadow", CHALLENGER, upstream.label, labels, truth)
+        else:
+            self.predictions.add(request_id, "shadow", CHALLENGER, upstream.label, labels)
+
+    # ---- feedback ------------------------------------------------------------------------------------------
+
+    async def feedback(self, request: Request) -> Response:
+        """``{"request_id": ..., "label": ...}`` or ``"labels": [...]``: score what each upstream predicted."""
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return error_response("the feedback body must be JSON: {\"request_id\": ..., \"label\": ...}", 400)
+        request_id = body.get("request_id") if isinstance(body, dict) else None
+        truth = body.get("labels", [body.get("label")]) if isinstance(body, dict) else None
+        if not isinstance(request_id, str) or not isinstance(truth, list) or not all(isinstance(t, str)
+                                                                                    for t in truth):
+            return error_response("feedback needs a string 'request_id' and a string 'label' (or a 'labels' list)", 400)
+        entry = self.predictions.get(request_id)
+        if entry is None:
+            return error_response(f"no recorded prediction for request id {request_id!r} (unknown, already "
+                                  "scored, or too old)", 404)
+        rows = {len(predicted) for _, _, predicted in entry.values()}
+        if rows != {len(truth)}:
+            return error_response(f"request {request_id} predicted {sorted(rows)} rows; the feedback has "
+                                  f"{len(truth)}", 400)
+        self.predictions.pop(request_id)  # scored once: a repeated post would count the same answer twice
+        scored = {f"{role}/{source}": self._score(source, role, version, predicted, truth)
+                  for source, (role, version, predicted) in entry.items()}
+        if request_id in self._mirroring and "shadow" not in entry:
+            self._late_truth[request_id] = truth
+            while len(self._late_truth) > self.max_shadow_inflight * 4:
+                self._late_truth.popitem(last=False)
+            scored["challenger/shadow"] = None  # scored when the mirrored answer arrives
+        return JSONResponse({"request_id": request_id, "scored": scored})
+
+    def _score(self, source: str, role: str, version: str, predicted: list[str], truth: list[str]) -> float:
+        correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
+        window = self.window.shadow if source == "shadow" else self.window.live[role]
+        window.feedback += len(truth)
+        window.correct += correct
+        self.metrics.feedback.labels(role, version, source, "correct").inc(correct)
+        self.metrics.feedback.labels(role, version, source, "incorrect").inc(len(truth) - correct)
+        return correct / len(truth)
+
+    # ---- admin ---------------------------------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        """True when the request carries the admin token as ``Authorization: Bearer <token>``."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token)
+
+    def state(self, samples: bool = False) -> dict[str, Any]:
+        """Routing, upstreams and the current analysis window (with raw samples when ``samples``)."""
+        r = self.routing
+        return {"weight": r.weight, "shadow": r.shadow, "generation": r.generation, "sticky_header": STICKY_HEADER,
+                "upstreams": {role: {"url": u.url, "version": u.version} for role, u in self.upstreams.items()},
+                "shadow_in_flight": len(self._shadow_tasks), "window": self.window.to_dict(samples)}
+
+    def set_routing(self, *, weight: float | None = None, shadow: float | None = None) -> Routing:
+        """Swap in a new routing object; requests in flight keep the one they started with."""
+        old = self.routing
+        self.routing = Routing(old.weight if weight is None else _check_weight(weight),
+                               old.shadow if shadow is None else _check_fraction(shadow), old.generation + 1)
+        self._publish_routing()
+        log.info("routing changed: weight %.1f%% shadow %.2f (generation %d)", self.routing.weight,
+                 self.routing.shadow, self.routing.generation)
+        return self.routing
+
+    def reset_window(self) -> dict[str, Any]:
+        """Start a new analysis window; returns the closed one, samples included."""
+        closed, self.window = self.window, Window(self.window.max_samples)
+        return closed.to_dict(samples=True)
+
+    def _publish_routing(self) -> None:
+        self.metrics.weight.set(self.routing.weight)
+        self.metrics.shadow_fraction.set(self.routing.shadow)
+
+
+async def _record_inputs(body: bytes, windows: list[TrafficWindow]) -> None:
+    """Note the text rows' lengths in ``windows``; a body that is not a v2 text request is simply skipped.
+
+    Async so that Starlette runs it on the event loop (the windows take no locks), after the response.
+    """
+    if len(body) > _MAX_PARSE_BYTES:
+        return
+    try:
+        payload = parse_infer(json.loads(body)).payload
+    except (ValueError, InferError, RecursionError):  # bad JSON or bytes, a malformed request, absurd nesting
+        return
+    if isinstance(payload, TextRequest):
+        for window in windows:
+            window.record_inputs(payload.texts)
+
+
+def _check_weight(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
+        raise ValueError(f"weight must be a number from 0 to 100 (percent to the challenger), got {value!r}")
+    return float(value)
+
+
+def _check_fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"shadow fraction must be a number from 0 to 1, got {value!r}")
+    return float(value)

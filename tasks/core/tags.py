@@ -1,0 +1,112 @@
+"""Kiln's registry vocabulary: every ``kiln.*`` tag, every alias and every audit event name, defined once.
+
+Aliases tell a registered model's state, tags tell each version's story, audit events tell the order in
+which things happened (``<KILN_HOME>/audit.jsonl``). Code reads and writes them only through these
+names, so that a tag's spelling lives in one place and ``grep`` finds every reader of a tag.
+
+Imports nothing from Kiln: every layer may use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+# ── aliases: the state of a registered model ─────────────────────────────────────────────────────────
+CHAMPION = "champion"  # serves production traffic
+CHALLENGER = "challenger"  # passed its gate; the next version to roll out or promote
+PREVIOUS = "previous"  # the champion before the last promotion: the rollback target
+
+# ── model-version tags: where a version comes from (written when it is registered) ──────────────────
+CANDIDATE_KEY = "kiln.candidate_key"  # the optimize work that built it; re-runs find the version by it
+RECIPE = "kiln.recipe"  # recipe name, or "source" for a registered Hugging Face folder
+PRECISION = "kiln.precision"
+TASK = "kiln.task"  # sequence-classification | causal-lm
+PARENT_VERSION = "kiln.parent_version"  # the source version an engine was built from
+DATASET = "kiln.dataset"  # the DatasetSpec (JSON) the version is judged on
+METRICS = "kiln.metrics"  # JSON: the candidate's measured metrics
+STAGES = "kiln.stages"  # JSON: each stage with its params and metrics
+SHA256 = "kiln.sha256"  # JSON: the package's file checksums (checked on every download)
+SOURCE_SHA256 = "kiln.source_sha256"  # checksum of a registered folder's weights
+ORIGIN = "kiln.origin"  # the local folder a source version was registered from
+GIT_COMMIT = "kiln.git_commit"  # Kiln's own commit that built the engine
+TRIGGERED_BY = "kiln.triggered_by"  # who or what started the work (four-eyes review reads it)
+RUN_ID = "kiln.run_id"  # the MLflow run that built or registered it
+DATASET_DIGEST = "kiln.dataset_digest"  # optimize: digest of the splits the gate measured
+BACKEND = "kiln.backend"  # optimize: engine backend (onnxruntime | tensorrt)
+ENGINE = "kiln.engine"  # optimize: JSON engine options and library versions
+BASELINE = "kiln.baseline"  # optimize: what the gate compared against (source or champion)
+DEMO_FAULTS = "kiln.demo_faults"  # the demo's sabotaged copy: the faults its server injects
+
+# ── model-version tags: the gate ─────────────────────────────────────────────────────────────────────
+GATE = "kiln.gate"  # GATE_PASSED | GATE_FAILED
+GATE_REASONS = "kiln.gate_reasons"  # JSON list: one reason per gate clause
+GATE_PASSED, GATE_FAILED = "passed", "failed"
+
+# ── model-version tags: the approval (``kiln approve``, the promote flow, the MLflow UI) ────────────
+APPROVAL = "kiln.approval"  # one of the approval values below
+APPROVER = "kiln.approver"
+APPROVAL_REASON = "kiln.approval_reason"
+APPROVAL_AT = "kiln.approval_at"
+PROMOTE_FLOW_RUN = "kiln.promote_flow_run"  # the paused promote flow run that waits on this version
+# Approval values; a decision is also logged as the audit event of the same name.
+APPROVED, REJECTED, NOT_APPROVED = "approved", "rejected", "not_approved"
+REFUSED = "refused"  # an approval by someone not allowed, reset by the promote flow
+
+# ── model-version tags: promotion and rollback (the latest of each per version) ─────────────────────
+PROMOTED_AT, PROMOTED_BY, PROMOTION_REASON = "kiln.promoted_at", "kiln.promoted_by", "kiln.promotion_reason"
+DEMOTED_AT, DEMOTED_BY, DEMOTION_REASON = "kiln.demoted_at", "kiln.demoted_by", "kiln.demotion_reason"
+ROLLED_BACK_AT, ROLLED_BACK_BY, ROLLBACK_REASON = "kiln.rolled_back_at", "kiln.rolled_back_by", "kiln.rollback_reason"
+RESTORED_AT = "kiln.restored_at"  # on the version a rollback made champion again (by/reason as above)
+
+# ── model-version tags: retraining from a pushed commit ─────────────────────────────────────────────
+GIT_SHA = "kiln.git_sha"
+GIT_REPO = "kiln.git_repo"
+GIT_BRANCH = "kiln.git_branch"
+CONFIG_PATH = "kiln.config_path"
+CONFIG_DIGEST = "kiln.config_digest"
+DATA_PATH = "kiln.data_path"
+DATA_DIGEST = "kiln.data_digest"
+BASE_MODEL = "kiln.base_model"  # the reference fine-tuned from (NAME@ALIAS or NAME/VERSION)
+BASE_VERSION = "kiln.base_version"  # the NAME/VERSION it resolved to
+TRAIN_METRICS = "kiln.train_metrics"
+
+# ── model-version tags: a canary rollout's summary and command channel, on the challenger ──────────
+ROLLOUT_PREFIX = "kiln.rollout."  # every rollout tag starts with it
+ROLLOUT_STATUS = ROLLOUT_PREFIX + "status"  # running | paused | promoted | rolled_back | aborted
+ROLLOUT_STEP = ROLLOUT_PREFIX + "step"  # "2/5"
+ROLLOUT_WEIGHT = ROLLOUT_PREFIX + "weight"  # percent of live traffic on the challenger
+ROLLOUT_MESSAGE = ROLLOUT_PREFIX + "message"
+ROLLOUT_REASON = ROLLOUT_PREFIX + "reason"  # why it was rolled back or aborted
+ROLLOUT_ENDED_AT = ROLLOUT_PREFIX + "ended_at"
+ROLLOUT_COMMAND = ROLLOUT_PREFIX + "command"  # pause | resume | promote | abort, consumed by the driver
+
+# ── registered-model tags: the promotion lock (a registered model named ``kiln-lock.NAME``) ─────────
+LOCK_OWNER = "kiln.lock_owner"
+LOCK_EXPIRES = "kiln.lock_expires"  # epoch seconds; an expired lock may be broken
+
+# ── run tags: MLflow runs of optimize and of rollouts ────────────────────────────────────────────────
+RUN_MODEL = "kiln.model"  # the model reference the run works on (set before any version exists)
+RUN_KIND = "kiln.kind"  # "rollout" for a rollout's run
+RUN_CHALLENGER = "kiln.challenger"  # a rollout run's challenger version
+RUN_CHAMPION = "kiln.champion"  # a rollout run's champion version ("" when there was none)
+
+# ── audit events (the ``event`` of a line in audit.jsonl, shown by ``kiln history``) ────────────────
+EVENT_REGISTERED = "registered"
+EVENT_GATE = "gate"
+EVENT_APPROVAL_REFUSED = "approval_refused"  # approvals themselves are logged as APPROVED / REJECTED / ...
+EVENT_PROMOTED = "promoted"
+EVENT_DEMOTED = "demoted"
+EVENT_ROLLED_BACK = "rolled_back"
+EVENT_RESTORED = "restored"
+EVENT_CANARY_PROMOTED = "canary_promoted"
+EVENT_CANARY_ROLLED_BACK = "canary_rolled_back"
+
+
+def rollout_command_event(command: str) -> str:
+    """The audit event of a rollout command (``rollout_pause``, ``rollout_abort``, ...)."""
+    return f"rollout_{command}"
+
+
+def gate_passed(tags: Mapping[str, str]) -> bool:
+    """Whether a version's tags say it passed its gate (a version without the tag did not)."""
+    return tags.get(GATE) == GATE_PASSED

@@ -1,0 +1,79 @@
+"""How a rollout starts, for the flow and the CLI: check everything that can be wrong before traffic moves
+(spec, token, gateway), wire the drift checks, then drive the rollout to its end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+from kiln.errors import ConfigError
+from kiln.settings import Settings
+from kiln.tasks.core import tags as vocab
+from kiln.tasks.registry import audit
+from kiln.tasks.registry import client as registry
+from kiln.tasks.rollout.driver import DriftJudge, RolloutDriver
+from kiln.tasks.rollout.gateway_client import GatewayRouter
+from kiln.tasks.rollout.judge import Check, RolloutSpec
+from kiln.tasks.rollout.params import RolloutParams, load_rollout_spec
+from kiln.tasks.rollout.state import RolloutState
+
+
+def preflight(params: RolloutParams, settings: Settings) -> tuple[RolloutSpec, GatewayRouter]:
+    """Everything that can be wrong before traffic moves: the spec, the token, the gateway. Raises KilnError."""
+    spec = load_rollout_spec(params.spec)
+    token = settings.gateway_token.get_secret_value() if settings.gateway_token else ""
+    router = GatewayRouter(params.gateway, token)
+    try:
+        router.read_split()  # reachable, and the token works
+    except BaseException:
+        router.close()
+        raise
+    return spec, router
+
+
+def run_rollout(params: RolloutParams, settings: Settings, *, drift: DriftJudge | None = None,
+                echo: Callable[[str], None] | None = None) -> RolloutState:
+    """Validate everything, then drive the rollout to its end; raises :class:`KilnError` on bad input."""
+    spec, router = preflight(params, settings)
+    try:
+        client = registry.connect(settings)
+        judge = drift if drift is not None else default_drift(spec, client, params.model, settings)
+        driver = RolloutDriver(settings, client, router, spec, params.model,
+                               actor=params.actor or audit.current_user(settings), poll_s=params.poll_s,
+                               drift=judge, echo=echo)
+        return driver.run()
+    finally:
+        router.close()
+
+
+def default_drift(spec: RolloutSpec, client: MlflowClient, model: str, settings: Settings) -> DriftJudge | None:
+    """Drift checks for each analysis window, when the spec asks for them; the reference is profiled once."""
+    cfg = spec.drift
+    if cfg is None:
+        return None
+    from kiln.tasks.rollout import drift
+
+    reference = drift.load_reference(cfg.reference) if cfg.reference else _recorded_reference(client, model)
+
+    def judge(window: dict[str, Any]) -> list[Check]:
+        return drift.drift_checks(cfg, reference, *drift.observed_from_state(window))
+
+    return judge
+
+
+def _recorded_reference(client: MlflowClient, model: str):  # noqa: ANN202 - tasks.drift is imported lazily
+    """The test split of the dataset recorded on the champion (what its quality was measured on)."""
+    from kiln.tasks.data.datasets import DatasetSpec, load_splits
+    from kiln.tasks.rollout import drift
+
+    aliases = registry.existing_aliases(client, model)
+    champion = aliases.get(vocab.CHAMPION) or aliases.get(vocab.CHALLENGER)
+    raw = client.get_model_version(model, champion).tags.get(vocab.DATASET) if champion else None
+    if not raw:
+        raise ConfigError(f"drift checks need a reference: {model} v{champion} records no dataset ({vocab.DATASET}); "
+                          "set drift.reference in the rollout spec to a CSV/Parquet/JSONL file with a text column")
+    test = load_splits(DatasetSpec(**json.loads(raw))).test
+    return drift.reference_profile(test["text"].tolist(), test["label"].tolist() if "label" in test else None)

@@ -1,0 +1,64 @@
+"""What a rollout needs from whatever splits live traffic between @champion and @challenger.
+
+    TrafficRouter   set the split, read it back, after a promotion send everything to the new champion,
+                    on a rollback send everything back to the champion
+    MetricsWindows  the evidence: each analysis window's per-upstream counts and latency samples, and
+                    which versions the upstreams serve
+
+The Kiln gateway is the first router (:class:`kiln.tasks.rollout.gateway_client.GatewayRouter`, both
+protocols at once). Another router (a Gateway API HTTPRoute, a KServe canary) implements
+:class:`TrafficRouter` and takes its windows from wherever its metrics live (e.g. Prometheus).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Split:
+    """How live traffic is shared between the champion and the challenger."""
+
+    weight: float = 0.0  # percent of live requests answered by the challenger (0-100)
+    shadow: float = 0.0  # fraction of the champion's requests mirrored to the challenger (0-1), answers discarded
+
+
+ALL_ON_CHAMPION = Split(0.0, 0.0)
+
+
+class TrafficRouter(Protocol):
+    """Moves live traffic between @champion and @challenger."""
+
+    url: str  # where the router is (shown in the rollout's state)
+
+    def set_split(self, split: Split) -> None:
+        """Route ``split`` from now on."""
+
+    def read_split(self) -> Split:
+        """The split the router applies now (also proves it is reachable and the credentials work)."""
+
+    def promote(self, version: str) -> str:
+        """After ``version`` became @champion: send it all traffic; returns what is left for an operator to
+        do ("" when nothing)."""
+
+    def roll_back(self) -> None:
+        """All traffic on the champion, no shadow."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+
+class MetricsWindows(Protocol):
+    """Where a rollout's evidence comes from."""
+
+    def next_window(self) -> dict[str, Any]:
+        """Close the current analysis window (returned: counts and latency samples per upstream) and open
+        the next one, so that analysis intervals never overlap."""
+
+    def served_versions(self) -> dict[str, str | None]:
+        """The model version each upstream role (champion, challenger) serves, when the upstream says."""
+
+
+class CanaryRouter(TrafficRouter, MetricsWindows, Protocol):
+    """A router that also measures what it routes (the Kiln gateway)."""

@@ -1,0 +1,261 @@
+"""Every exit status through the real ``kiln`` CLI, on ``optimize``, ``promote``, ``rollout`` and ``status``.
+
+    0 ok · 1 internal error (a bug: traceback, then one line) · 2 bad input (one ``error:`` line) · 3 a decision
+    said no (no candidate passed the gate, not approved, rolled back, a service not healthy)
+
+Exit 1 is provoked by making an internal function raise a plain ``RuntimeError``, as a bug would. Everything
+else is real: MLflow SQLite registries, Prefect flow runs on the session's test server, model servers and
+the gateway on loopback, the local stack's pid files and processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from kiln.cli.app import app
+from kiln.errors import ExitCode
+from kiln.infra.faults import Faults
+from kiln.settings import load_settings
+from kiln.tasks.core import tags as vocab
+from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.onboard import register_folder
+from tests.integration.helpers import registry_state
+from tests.integration.test_rollout import TOKEN, _spec, _stack, _Traffic
+
+runner = CliRunner()
+
+
+def kiln(*args: str) -> Result:
+    return runner.invoke(app, list(args))
+
+
+def assert_one_error_line(result: Result, code: ExitCode, expected: str, *, in_flow: bool = False) -> None:
+    """Exit ``code``, the output ending in the one ``error:`` line that names the problem.
+
+    ``in_flow``: the error was raised inside a Prefect flow run, whose own log of the failed run (traceback
+    included) comes before Kiln's line; otherwise the output holds no traceback at all.
+    """
+    assert result.exit_code == code, result.output
+    lines = result.output.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1] and expected in errors[0], result.output
+    assert "internal error" not in result.output and (in_flow or "Traceback" not in result.output), result.output
+
+
+def assert_bad_input(result: Result, expected: str, *, in_flow: bool = False) -> None:
+    assert_one_error_line(result, ExitCode.BAD_INPUT, expected, in_flow=in_flow)
+
+
+def assert_internal_error(result: Result) -> None:
+    """Exit 1 with the traceback of the bug and one line saying it is one."""
+    assert result.exit_code == ExitCode.INTERNAL, result.output
+    assert "Traceback (most recent call last)" in result.output and "RuntimeError: boom" in result.output
+    assert result.output.strip().splitlines()[-1].startswith("internal error: RuntimeError: boom — a bug in Kiln")
+
+
+def boom(*_args, **_kwargs):
+    raise RuntimeError("boom")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_logging():
+    """Prefect's logging set up before the first command, as in a real process: set up inside a CliRunner
+    call (the first flow run does it), its console handler would keep writing to that call's closed stream."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()
+
+
+# ── optimize ─────────────────────────────────────────────────────────────────────────────────────────
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_models, tiny_spec):
+    """One project for the module's optimize runs: the tiny classifier registered once as ``tiny`` v1
+    @champion (registering logs its artifacts: seconds), and one stage cache, so later runs reuse the export."""
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("exit-codes")
+        for key in [k for k in os.environ if k.startswith("KILN_")]:
+            mp.delenv(key)
+        mp.chdir(root)
+        mp.setenv("KILN_HOME", str(root / ".kiln"))
+        mp.setenv("KILN_BENCH_SECONDS", "0.2")
+        settings = load_settings()
+        settings.ensure_dirs()
+        register_folder(registry.connect(settings), settings, tiny_models["bert"], "tiny", "sequence-classification",
+                        tiny_spec)
+        yield settings
+
+
+OPTIMIZE = ("optimize", "--model", "tiny", "--recipes", "onnx-fp32", "--eval-limit", "20")
+
+
+def test_optimize_exit_3_when_no_candidate_passes_the_gate(project, tmp_path):
+    client = registry.connect(project)
+    before = registry_state(client, "tiny")
+    strict = tmp_path / "strict.yaml"
+    strict.write_text("clauses: ['size_mb <= 0.001']\n")
+    result = kiln(*OPTIMIZE, "--policy", str(strict))
+    assert_one_error_line(result, ExitCode.DECLINED, "no candidate passed the gate for tiny@champion; nothing "
+                          "registered. onnx-fp32: failed: size_mb", in_flow=True)
+    assert result.output.strip().endswith("<= 0.001: FAILED [size_mb <= 0.001]")
+    assert registry_state(client, "tiny") == before
+
+
+def test_optimize_exit_0_registers_a_challenger(project):
+    result = kiln(*OPTIMIZE)
+    assert result.exit_code == ExitCode.OK, result.output
+    assert "registered tiny v2" in result.output
+    assert registry.aliases_of(registry.connect(project), "tiny")["challenger"] == "2"
+
+
+def test_optimize_exit_2_on_bad_input(project, tmp_path):
+    assert_bad_input(kiln("optimize", "--model", "nope"), "registered model 'nope' does not exist")
+    assert_bad_input(kiln(*OPTIMIZE, "--config", str(tmp_path / "missing.yaml")), "does not exist")
+    assert kiln("optimize", "--model", "tiny", "--no-such-option").exit_code == 2  # click's usage errors too
+
+
+def test_optimize_exit_1_on_a_bug(project, monkeypatch):
+    monkeypatch.setattr("kiln.flows.optimize.preflight", boom)
+    assert_internal_error(kiln(*OPTIMIZE))
+
+
+# ── promote ──────────────────────────────────────────────────────────────────────────────────────────
+@pytest.fixture
+def gated(settings, tmp_path, empty_store):
+    """``tiny`` in a registry only: v1 @champion, v2 @challenger whose gate passed, built by carol.
+
+    Promotion and rollout read aliases and tags, not artifacts; alice may approve, through ``kiln.yaml``.
+    """
+    (tmp_path / "kiln.yaml").write_text("approvers: [alice]\n")
+    shutil.copy(empty_store, settings.home / "mlflow.db")
+    client = registry.connect(settings)
+    client.create_registered_model("tiny")
+    source = (tmp_path / "model").as_uri()
+    client.create_model_version("tiny", source, tags={"kiln.recipe": "source", "kiln.metrics": json.dumps(
+        {"accuracy": 0.82})})
+    client.create_model_version("tiny", source, tags={
+        "kiln.recipe": "int8-dynamic", "kiln.gate": "passed", "kiln.gate_reasons": json.dumps(["size_mb ok"]),
+        "kiln.metrics": json.dumps({"accuracy": 0.81}), "kiln.triggered_by": "carol"})
+    client.set_registered_model_alias("tiny", vocab.CHAMPION, "1")
+    client.set_registered_model_alias("tiny", vocab.CHALLENGER, "2")
+    return client
+
+
+PROMOTE = ("promote", "tiny", "--timeout", "0.5", "--poll", "0.1")
+
+
+def test_promote_exit_0_when_approved(gated):
+    approved = kiln("approve", "tiny", "2", "--approver", "alice", "--reason", "faster")
+    assert approved.exit_code == 0, approved.output
+    result = kiln(*PROMOTE)
+    assert result.exit_code == ExitCode.OK, result.output
+    assert result.output.strip().splitlines()[-1] == "promoted tiny v2 to @champion (approved by alice)"
+    assert registry.aliases_of(gated, "tiny") == {"champion": "2", "previous": "1"}
+
+
+def test_promote_exit_3_when_not_approved(gated):
+    rejected = kiln("reject", "tiny", "2", "--approver", "alice", "--reason", "accuracy drop")
+    assert rejected.exit_code == 0, rejected.output
+    result = kiln(*PROMOTE)
+    assert result.exit_code == ExitCode.DECLINED, result.output
+    assert result.output.strip().splitlines()[-1] == "tiny v2 not promoted: rejected (accuracy drop)"
+    assert registry.aliases_of(gated, "tiny") == {"champion": "1", "challenger": "2"}
+
+
+def test_promote_exit_2_on_bad_input(gated):
+    assert_bad_input(kiln("promote", "nope", "--timeout", "0.5"), "registered model 'nope' does not exist",
+                     in_flow=True)
+    # An approver who is not listed is bad input too (and nothing is approved).
+    assert_bad_input(kiln("approve", "tiny", "2", "--approver", "mallory", "--reason", "trust me"),
+                     "'mallory' may not approve (approvers: alice)")
+
+
+def test_promote_exit_1_on_a_bug(gated, monkeypatch):
+    monkeypatch.setattr("kiln.tasks.lifecycle.promotion.review_markdown", boom)  # deep inside the flow run
+    assert_internal_error(kiln(*PROMOTE))
+    assert registry.aliases_of(gated, "tiny") == {"champion": "1", "challenger": "2"}
+
+
+# ── rollout ──────────────────────────────────────────────────────────────────────────────────────────
+@pytest.fixture
+def canary(gated, monkeypatch):
+    """``gated``, and the gateway's admin token that ``kiln rollout`` reads from the settings."""
+    monkeypatch.setenv("KILN_GATEWAY_TOKEN", TOKEN)
+    return gated
+
+
+def _rollout(url: str, spec: str) -> Result:
+    return kiln("rollout", "tiny", "--spec", spec, "--gateway", url, "--poll", "0.2")
+
+
+def test_rollout_exit_0_when_promoted(canary, tmp_path):
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.5}])
+    with _stack() as stack, _Traffic(stack.url):
+        result = _rollout(stack.url, spec)
+    assert result.exit_code == ExitCode.OK, result.output
+    assert registry.aliases_of(canary, "tiny")["champion"] == "2"
+
+
+def test_rollout_exit_3_when_rolled_back(canary, tmp_path):
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.5}], failure_limit=0)
+    with _stack(Faults(errors=0.5)) as stack, _Traffic(stack.url):
+        result = _rollout(stack.url, spec)
+    assert result.exit_code == ExitCode.DECLINED, result.output
+    assert registry.aliases_of(canary, "tiny") == {"champion": "1"}
+    status = kiln("rollout", "status", "tiny")  # reporting a rolled-back rollout is no failure of the command
+    assert status.exit_code == ExitCode.OK and "ROLLED_BACK" in status.output, status.output
+
+
+def test_rollout_exit_2_on_bad_input(canary, tmp_path, monkeypatch):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: []\n")
+    assert_bad_input(kiln("rollout", "tiny", "--spec", str(bad)), "steps")
+    assert_bad_input(kiln("rollout", "tiny", "--gateway", "http://127.0.0.1:9"), "cannot reach the gateway")
+    monkeypatch.delenv("KILN_GATEWAY_TOKEN")
+    assert_bad_input(kiln("rollout", "tiny", "--gateway", "http://127.0.0.1:9"), "KILN_GATEWAY_TOKEN")
+    assert registry.aliases_of(canary, "tiny") == {"champion": "1", "challenger": "2"}
+
+
+def test_rollout_exit_1_on_a_bug(canary, monkeypatch):
+    monkeypatch.setattr("kiln.tasks.rollout.launch.preflight", boom)
+    assert_internal_error(kiln("rollout", "tiny", "--gateway", "http://127.0.0.1:9"))
+
+
+# ── status (the local stack) ─────────────────────────────────────────────────────────────────────────
+def test_status_exit_3_when_a_service_is_not_running(settings):
+    result = kiln("status")  # a fresh project: Prefect, MLflow, ... are installed but stopped
+    assert result.exit_code == ExitCode.DECLINED, result.output
+    assert "stopped" in result.output and "Traceback" not in result.output
+
+
+def test_status_exit_0_when_every_service_is_healthy(settings, monkeypatch):
+    from kiln.infra import stack
+
+    sleeper = stack.Service("sleeper", [sys.executable, "-c", "import time; time.sleep(120)"], dict(os.environ),
+                            probe=lambda _started: True)
+    local = stack.Stack(settings.home / "stack", [sleeper])
+    monkeypatch.setattr(stack, "for_settings", lambda *_args, **_kw: local)
+    local.up()
+    try:
+        result = kiln("status")
+    finally:
+        local.down()
+    assert result.exit_code == ExitCode.OK, result.output
+    assert "sleeper" in result.output and "healthy" in result.output
+
+
+def test_status_exit_2_on_bad_input(settings, monkeypatch, tmp_path):
+    assert_bad_input(kiln("status", "--config", str(tmp_path / "missing.yaml")), "missing.yaml does not exist")
+    monkeypatch.setenv("KILN_PREFECT_PORT", "0")
+    assert_bad_input(kiln("status"), "prefect_port")
+
+
+def test_status_exit_1_on_a_bug(settings, monkeypatch):
+    monkeypatch.setattr("kiln.infra.stack.Stack.status", boom)
+    assert_internal_error(kiln("status"))
