@@ -26,6 +26,7 @@ test: $(STAMP)  ## the test suite (starts and stops whatever servers the tests n
 
 lint: $(STAMP)
 	$(BIN)/ruff check kiln tasks flows infra tests
+	$(BIN)/lint-imports --no-logo
 
 bench: $(STAMP)
 	$(BIN)/kiln bench sentiment

@@ -80,9 +80,9 @@ def build_candidate(recipe: recipes.Recipe, source: cands.Source, splits: Splits
 
 
 @task(cache_policy=NONE)
-def evaluate(name: str, folder: Path, precision: str, key: str, frame: Any, cache: StageCache,
-             options: EngineOptions, bench: BenchConfig, reference: Any = None, keep_outputs: bool = False):
-    return cands.evaluate(name, folder, precision, key, frame, cache, options, bench, reference, keep_outputs)
+def evaluate_candidate(name: str, folder: Path, precision: str, key: str, frame: Any, cache: StageCache,
+                       options: EngineOptions, bench: BenchConfig, reference: Any = None, keep_outputs: bool = False):
+    return cands.evaluate_candidate(name, folder, precision, key, frame, cache, options, bench, reference, keep_outputs)
 
 
 @task(cache_policy=NONE)
@@ -91,9 +91,9 @@ def log_candidate(run_id: str, cand: cands.Evaluated, staging: Path) -> str:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NONE)
-def register(settings: Settings, source: cands.Source, cand: cands.Evaluated, model_id: str, run_id: str,
-             tags: dict[str, str]):
-    return publish.register(registry.connect(settings), source, cand, model_id, run_id, tags, settings.home)
+def register_candidate(settings: Settings, source: cands.Source, cand: cands.Evaluated, model_id: str, run_id: str,
+                       tags: dict[str, str]):
+    return publish.register_candidate(registry.connect(settings), source, cand, model_id, run_id, tags, settings.home)
 
 
 def preflight(params: OptimizeParams, settings: Settings) -> None:
@@ -139,16 +139,16 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         splits = check_data(source.data, run_id)
         frame = cands.eval_frame(splits, params.eval_limit, settings.seed)
 
-        src, reference = evaluate(f"source v{source.version.version}", source.folder, "fp32", source.key, frame,
-                                  cache, options, bench, keep_outputs=True)
+        src, reference = evaluate_candidate(f"source v{source.version.version}", source.folder, "fp32",
+                                            source.key, frame, cache, options, bench, keep_outputs=True)
         champion = _champion(client, settings, source, frame, cache, options, bench, src)
 
         built = [build_candidate(r, source, splits, cache, params.seq_len, settings, options.backend)
                  for r in chosen]
         evaluated = []
         for candidate, folder in built:
-            ev, _ = evaluate(candidate.recipe.name, folder, candidate.precision, candidate.key, frame, cache,
-                             options, bench, reference)
+            ev, _ = evaluate_candidate(candidate.recipe.name, folder, candidate.precision, candidate.key, frame,
+                                       cache, options, bench, reference)
             ev.stages = [r.__dict__ for r in candidate.records]
             evaluated.append(ev)
 
@@ -169,7 +169,7 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         best = next(c for c in evaluated if c.name == rank(policy, passing)[0])
         tags = {vocab.DATASET_DIGEST: splits.digest, vocab.BACKEND: options.backend,
                 vocab.ENGINE: json.dumps(options.model_dump() | engine_versions()), vocab.BASELINE: baseline_name}
-        version = register(settings, source, best, model_ids[best.name], run_id, tags)
+        version = register_candidate(settings, source, best, model_ids[best.name], run_id, tags)
         summary["registered"] = {"name": version.name, "version": version.version, "recipe": best.name}
         client.log_dict(run_id, summary, "summary.json")
         _log_report(client, run_id, summary, str(ref), splits, plot)
@@ -199,8 +199,8 @@ def _champion(client, settings, source, frame, cache, options, bench, src) -> ca
     version = client.get_model_version(source.version.name, aliases[vocab.CHAMPION])
     folder = registry.fetch_package(client, version, settings.home / "downloads")
     meta = PackageMeta.read(folder)
-    ev, _ = evaluate(f"champion v{version.version}", folder, meta.precision,
-                     f"{version.name}/{version.version}/{version.run_id}", frame, cache, options, bench)
+    ev, _ = evaluate_candidate(f"champion v{version.version}", folder, meta.precision,
+                               f"{version.name}/{version.version}/{version.run_id}", frame, cache, options, bench)
     return ev
 
 

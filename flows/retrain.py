@@ -46,8 +46,8 @@ def finetune(retrain_plan: RetrainPlan, settings: Settings) -> steps.Trained:
 
 
 @task(retries=2, retry_delay_seconds=2, cache_policy=NONE)
-def register(retrain_plan: RetrainPlan, trained: steps.Trained, settings: Settings):
-    return steps.register(retrain_plan, trained, settings, registry.connect(settings))
+def register_trained(retrain_plan: RetrainPlan, trained: steps.Trained, settings: Settings):
+    return steps.register_trained(retrain_plan, trained, settings, registry.connect(settings))
 
 
 # ── the flow ─────────────────────────────────────────────────────────────────────────────────────────
@@ -63,7 +63,7 @@ def run_retrain(params: RetrainParams, settings: Settings) -> dict[str, Any]:
     version = find_registered(retrain_plan, settings)
     reused = version is not None
     if version is None:
-        version = register(retrain_plan, finetune(retrain_plan, settings), settings)
+        version = register_trained(retrain_plan, finetune(retrain_plan, settings), settings)
     print(f"{'found' if reused else 'registered'} {version.name} v{version.version} for commit "
           f"{retrain_plan.tags[vocab.GIT_SHA][:12]} (base {retrain_plan.base})")
     summary: dict[str, Any] = {"name": version.name, "version": str(version.version), "reused": reused,

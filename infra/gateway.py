@@ -3,12 +3,8 @@
     KILN_GATEWAY_TOKEN=... python -m kiln.infra.gateway --champion http://127.0.0.1:8001 \
         --challenger http://127.0.0.1:8002 --port 8080
 
-Open Inference Protocol v2 requests (``/v2/...``) are forwarded unchanged to one upstream, chosen by
-the challenger's weight (0-100 %, exact proportion) or, with an ``X-Kiln-Sticky`` header, by a hash of
-its value (a user stays on one side while the weight holds). Every answer names its upstream in
-``X-Kiln-Upstream`` and carries an ``X-Kiln-Request-Id`` that ``POST /feedback`` can later score.
-Shadow mode mirrors a share of champion-answered requests to the challenger in the background and
-records whether the predicted labels agree; the client only ever sees the champion's answer.
+Open Inference Protocol v2 requests (``/v2/...``) go to champion or challenger by weight, sticky key or
+shadow mirror, as :mod:`kiln.infra.gateway_proxy` describes.
 
 The admin API (bearer token) changes the split at run time: ``POST /admin/weight {"weight": 25}``,
 ``POST /admin/shadow {"fraction": 0.5}``, ``GET /admin/state``, ``POST /admin/reset`` (new analysis
@@ -38,7 +34,7 @@ from kiln.infra.gateway_proxy import TOKEN_ENV, Gateway, Upstream, error_respons
 
 
 def create_app(gateway: Gateway) -> Starlette:
-    """The gateway as an ASGI app (run it with uvicorn, or :mod:`infra.background` in tests)."""
+    """The gateway as an ASGI app (run it with uvicorn, or :mod:`kiln.infra.background` in tests)."""
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -81,7 +81,7 @@ class RegistryEvents:
         return Outcome("started", f"{OPTIMIZE} for {name}/{version}", [started.flow_run_id])
 
     def _registered_by_kiln(self, name: str, version: str, tags: dict[str, str], run_id: str | None) -> bool:
-        # publish.register tags the version just after creating it, so the creation event may not carry
+        # publish.register_candidate tags the version just after creating it, so the creation event may not carry
         # the tag yet; the optimize flow's MLflow run is tagged before any version exists.
         if CANDIDATE_TAG in tags:
             return True

@@ -3,7 +3,7 @@
     python -m kiln.infra.server --model sentiment@champion --port 8001
     python -m kiln.infra.server --package ./pkg --name tiny --port 8001      # a Kiln package folder, no registry
 
-Each model version runs on its own engine thread behind a dynamic batcher (:mod:`infra.batching`):
+Each model version runs on its own engine thread behind a dynamic batcher (:mod:`kiln.infra.batching`):
 concurrent requests are merged into one engine call. Texts go in as a ``BYTES`` tensor named ``text``
 and come back as ``label``/``score``/``scores`` (classifiers) or ``generated_text`` (causal LMs); raw
 ``input_ids``/``attention_mask`` come back as ``logits``, so any v2 client of the bare engine works too.
@@ -43,7 +43,7 @@ _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "t
 
 @dataclass
 class ServedModel:
-    """One model version to serve. ``predictor`` is a :class:`tasks.predictor.Predictor` or look-alike."""
+    """One model version to serve. ``predictor`` is a :class:`kiln.tasks.models.predictor.Predictor` or look-alike."""
 
     name: str
     version: str

@@ -69,7 +69,7 @@ def finetune(spec: DatasetSpec, steps: int, settings: Settings) -> Path:
 
 
 @task(cache_policy=NONE)
-def register(model_dir: Path, spec: DatasetSpec, name: str, settings: Settings) -> str:
+def register_finetuned(model_dir: Path, spec: DatasetSpec, name: str, settings: Settings) -> str:
     client = registry.connect(settings)
     version = register_folder(client, settings, model_dir, name, "sequence-classification", spec)
     return version.version
@@ -81,7 +81,7 @@ def demo(params: DemoParams) -> dict[str, Any]:
     settings = load_settings()
     spec = DatasetSpec(limit=params.limit, seed=settings.seed)
     model_dir = finetune(spec, params.train_steps, settings)
-    register(model_dir, spec, params.name, settings)
+    register_finetuned(model_dir, spec, params.name, settings)
     summary = optimize(OptimizeParams(model=f"{params.name}@champion", recipes=params.recipes,
                                       eval_limit=params.eval_limit))
     if params.canary:

@@ -2,7 +2,7 @@
 
 A recipe turns the source model into one candidate, e.g. ``int8-dynamic`` = export → int8_dynamic.
 Named recipes live in ``presets/recipes.yaml``; a user's YAML file with the same shape works too. The
-runner caches every stage (see :mod:`tasks.cache`), so a re-run skips what is done.
+runner caches every stage (see :mod:`kiln.tasks.core.cache`), so a re-run skips what is done.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ def build(recipe: Recipe, source: Artifact, source_key: str, make_ctx: Any, cach
     Args:
         make_ctx: ``workdir -> StageContext`` (the runner owns work folders).
         assess: optional quality check of each stage's output (cached with it), e.g.
-            :func:`tasks.evaluate.assess_artifact`.
+            :func:`kiln.tasks.evaluate.quality.assess_artifact`.
     """
     artifact, precision, key, records = source, "fp32", source_key, []
     # The tokenizer travels with the model: a stage may rewrite it (prune_vocab), and every later stage,

@@ -359,7 +359,8 @@ def _label_order(base: list[str], data: tuple[str, ...], ref: str) -> tuple[str,
     return data
 
 
-def register(retrain_plan: RetrainPlan, trained: Trained, settings: Settings, client: MlflowClient) -> ModelVersion:
+def register_trained(retrain_plan: RetrainPlan, trained: Trained, settings: Settings,
+                     client: MlflowClient) -> ModelVersion:
     """Register the fine-tuned folder in ``name`` with the commit, digests and trigger as tags.
 
     The first version of a new name becomes its ``champion`` (as ``kiln register`` does); later ones get

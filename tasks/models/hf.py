@@ -58,7 +58,7 @@ def load_model(folder: Path, task: TaskType) -> PreTrainedModel:
     """Load the model in ``folder`` for ``task``, in eval mode, float32.
 
     Folders written by head pruning carry per-layer head counts that the stock classes cannot build;
-    those load through :mod:`tasks.pruned_modeling` directly, so no remote code is executed.
+    those load through :mod:`kiln.tasks.models.pruned_modeling` directly, so no remote code is executed.
     """
     config = AutoConfig.from_pretrained(folder)
     if pruned_modeling.is_head_pruned(config):

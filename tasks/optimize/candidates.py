@@ -135,9 +135,9 @@ def _load_outputs(path: Path) -> Outputs:
                    [data[f"i{i}"] for i in range(n)])
 
 
-def evaluate(name: str, folder: Path, precision: str, key: str, frame: pd.DataFrame, cache: StageCache,
-             options: EngineOptions, bench: BenchConfig, reference: Outputs | None = None,
-             keep_outputs: bool = False) -> tuple[Evaluated, Outputs | None]:
+def evaluate_candidate(name: str, folder: Path, precision: str, key: str, frame: pd.DataFrame, cache: StageCache,
+                       options: EngineOptions, bench: BenchConfig, reference: Outputs | None = None,
+                       keep_outputs: bool = False) -> tuple[Evaluated, Outputs | None]:
     """Quality (+ parity with ``reference``), latency, memory and size of the package at ``folder``.
 
     Cached by the package's key, the evaluation rows, the engine options and the code version, so a

@@ -18,7 +18,7 @@ from kiln.tasks.engines import EngineOptions
 from kiln.tasks.evaluate.benchmark import BenchConfig, measure
 from kiln.tasks.optimize.candidates import (
     eval_frame,
-    evaluate,
+    evaluate_candidate,
     package_candidate,
     resolve_source,
     stage_context_factory,
@@ -53,10 +53,10 @@ def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: 
         models.append((recipe.name, folder, built.precision, built.key))
 
     rows = []
-    _, reference = evaluate(models[0][0], source.folder, "fp32", source.key, frame, cache, options,
+    _, reference = evaluate_candidate(models[0][0], source.folder, "fp32", source.key, frame, cache, options,
                             quality_bench, keep_outputs=True)
     for name, folder, precision, key in models:
-        ev, _ = evaluate(name, folder, precision, key, frame, cache, options, quality_bench,
+        ev, _ = evaluate_candidate(name, folder, precision, key, frame, cache, options, quality_bench,
                          None if folder == source.folder else reference)
         speed = measure(folder, frame["text"].tolist()[:256], options, timing)
         rows.append({"model": name, "precision": precision, **{k: ev.metrics.get(k) for k in

@@ -51,8 +51,8 @@ def log_candidate(run_id: str, cand: Evaluated, staging: Path) -> str:
     return info.model_id
 
 
-def register(client: MlflowClient, source: Source, cand: Evaluated, model_id: str, run_id: str,
-             extra_tags: dict[str, str], home: Path) -> ModelVersion:
+def register_candidate(client: MlflowClient, source: Source, cand: Evaluated, model_id: str, run_id: str,
+                       extra_tags: dict[str, str], home: Path) -> ModelVersion:
     """Register ``cand`` (once) as a new version of the source's registered model; move ``challenger``."""
     name = source.version.name
     existing = registry.find_version(client, name, vocab.CANDIDATE_KEY, cand.key)

@@ -71,7 +71,7 @@ def verify_package(folder: Path, tags: Mapping[str, str] | None = None) -> Packa
     cannot rewrite, so swapping both a file and ``kiln.json`` in the bucket is caught too.
     """
     meta = PackageMeta.read(folder)
-    verify(folder, meta)  # the per-file check every load already runs (tasks/predictor.py)
+    verify(folder, meta)  # the per-file check every load already runs (tasks/models/predictor.py)
     unrecorded = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.name not in meta.sha256)
     if unrecorded:
         raise ArtifactError(f"{folder} holds weight files kiln.json does not record ({', '.join(unrecorded)}); "

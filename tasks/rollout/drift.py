@@ -8,7 +8,7 @@ Two checks, each a KL divergence judged by Great Expectations' ``ExpectColumnKLD
   same traffic, so a fair comparison), or against the reference file's labels when the champion saw too
   little (weight 100 %).
 
-Both return :class:`tasks.canary.Check` objects: ``failed`` above the threshold, ``inconclusive`` with fewer
+Both return :class:`kiln.tasks.rollout.judge.Check` objects: ``failed`` above the threshold, ``inconclusive`` with fewer
 than ``min_rows`` rows (never ``ok`` on too little data). The reference is summarised once by
 :func:`reference_profile` into a small JSON-serialisable :class:`DriftReference` the rollout can store.
 """

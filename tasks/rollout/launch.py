@@ -64,7 +64,7 @@ def default_drift(spec: RolloutSpec, client: MlflowClient, model: str, settings:
     return judge
 
 
-def _recorded_reference(client: MlflowClient, model: str):  # noqa: ANN202 - tasks.drift is imported lazily
+def _recorded_reference(client: MlflowClient, model: str):  # noqa: ANN202 - drift is imported lazily
     """The test split of the dataset recorded on the champion (what its quality was measured on)."""
     from kiln.tasks.data.datasets import DatasetSpec, load_splits
     from kiln.tasks.rollout import drift

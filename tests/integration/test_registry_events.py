@@ -183,7 +183,7 @@ def test_an_approval_tag_resumes_a_paused_promote_run(receiver, mlflow_server, m
     worker.start()
     _wait("the promote run to link itself to the version",
           lambda: client.get_model_version("approve-me", version).tags.get(PROMOTE_RUN_TAG))
-    # What `kiln approve` (tasks.promotion.decide) writes, in the order it writes it.
+    # What `kiln approve` (kiln.tasks.lifecycle.promotion.decide) writes, in the order it writes it.
     for key, value in {"kiln.approval": "approved", "kiln.approver": "alice", "kiln.approval_reason": "fast",
                        "kiln.approval_at": "2026-11-26T00:00:00Z"}.items():
         client.set_model_version_tag("approve-me", version, key, value)

@@ -24,6 +24,8 @@ VIOLATIONS = {
     "kiln-layers": ("kiln/settings.py", "import kiln.tasks.core.stages"),
     "tasks-layers": ("tasks/core/stages.py", "import kiln.tasks.registry.client"),
     "compress-techniques": ("tasks/compress/prune/scores.py", "import kiln.tasks.compress.quantization.dynamic"),
+    "engine-backends": ("tasks/engines/onnxruntime.py", "import kiln.tasks.engines.tensorrt.plan"),
+    "cli-commands": ("kiln/cli/promote.py", "import kiln.cli.app"),
     "tasks-plain-python": ("tasks/evaluate/gate.py", "import prefect"),
     "flows-no-servers": ("flows/rollout.py", "import kiln.infra.gateway"),
 }

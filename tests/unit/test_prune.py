@@ -24,7 +24,7 @@ TEXTS = [f"the {a} {b} felt {c} {d}" for a, b, c, d in itertools.product(
     ["cat", "dog", "bird", "fish", "cow", "owl"], ["red", "big", "old", "new", "shy"],
     ["happy", "sad", "angry", "calm"], ["today", "again"])]  # 240 texts
 TASKS = {"bert": "sequence-classification", "gpt2": "causal-lm", "llama": "causal-lm"}
-HIDDEN, LAYERS, HEAD = 64, 2, 16  # tasks.tiny: 4 heads of 16; Llama 2 KV heads; FFN 256 (Llama 192)
+HIDDEN, LAYERS, HEAD = 64, 2, 16  # tests/tiny.py: 4 heads of 16; Llama 2 KV heads; FFN 256 (Llama 192)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 Structured stages remove whole attention heads, FFN channels or layers. The weights are physically cut
 out, the config says the new sizes, and the folder reloads with ``from_pretrained``: the model is
 smaller and faster on any runtime. Every layer keeps the same number of heads / channels (a config
-holds one count), chosen per layer by importance (:mod:`tasks.prune_scores`). A short seeded recovery
+holds one count), chosen per layer by importance (:mod:`kiln.tasks.compress.prune.scores`). A short seeded recovery
 fine-tune may follow, or the recipe leaves recovery to ``distill``.
 
 ``prune_unstructured`` zeroes individual weights (global magnitude or Wanda). Zeros are stored densely,

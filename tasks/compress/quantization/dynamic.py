@@ -2,10 +2,10 @@
 
 ``int8_dynamic``: weights INT8 ahead of time, activations quantized per batch at run time
 (ONNX Runtime ``quantize_dynamic``) — no calibration data needed.
-``fp16``: a float16 graph for GPU engines (bf16 is refused by the recipe check; see tasks.recipes).
+``fp16``: a float16 graph for GPU engines (bf16 is refused by the recipe check; see kiln.tasks.compress.recipes).
 ``weight_only``: group-wise 4- or 8-bit weights in ``MatMulNBits`` nodes, for causal LMs whose time goes
 into reading weights (RTN or HQQ).
-Static INT8 with calibration and accuracy-aware fallback lives in :mod:`tasks.quantize_static`.
+Static INT8 with calibration and accuracy-aware fallback lives in :mod:`kiln.tasks.compress.quantization.static`.
 """
 
 from __future__ import annotations
