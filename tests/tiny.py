@@ -6,6 +6,7 @@ shrunk to a few hundred thousand parameters, so that a whole optimize flow runs 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,16 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 512, bert_style: 
     tok = Tokenizer(models.WordPiece(unk_token=specials[1]))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    texts = list(texts)
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    # The trainer learns the same tokens in every process, but numbers tokens of equal frequency in the order
+    # of a randomly seeded hash map, so ids (and every weight row they pick) changed from one run to the next,
+    # and so did the tiny models' outputs. Renumbering by frequency in the corpus, ties by text, gives the same
+    # tokenizer the same ids everywhere; WordPiece looks tokens up by text, so tokenization is unchanged.
+    counts = Counter(t for encoding in tok.encode_batch(texts) for t in encoding.tokens)
+    learned = [t for t in tok.get_vocab() if t not in specials]
+    ordered = specials + sorted(learned, key=lambda t: (-counts[t], t))
+    tok.model = models.WordPiece(vocab={t: i for i, t in enumerate(ordered)}, unk_token=specials[1])
     if bert_style:
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(

@@ -56,7 +56,7 @@ def _run(family: str, src: Path, params: dict, workdir: Path, **ctx_kwargs) -> S
 
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_distillation_moves_student_toward_teacher(teachers, tmp_path, family):
-    # tests/tiny.py's tokenizer ids vary between processes, so the teachers do too: margins are generous.
+    # Margins are generous: they should hold for any random tiny teacher, not only the one tests/tiny.py builds.
     params = {"layers": [0], "max_steps": 20, "batch_size": 16, "lr": 5e-4, "alpha": 0.0}
     result = _run(family, teachers[family], params, tmp_path)
     m = result.metrics

@@ -72,8 +72,8 @@ def _int8_gap(folder: Path, reference: Path, family: str, work: Path) -> tuple[f
 def test_qat_narrows_the_gap_to_the_float_model(trained, tmp_path, family):
     m = _qat(trained, family, CLOSE_GAP, tmp_path).metrics
     # The stage's contract: never hand back a model that quantizes worse than its input. Training usually
-    # narrows the gap; when it does not (tiny models differ between processes, since tests/tiny.py's tokenizer
-    # is not deterministic), the guard must keep the input weights.
+    # narrows the gap; when it does not (it depends on the random tiny model), the guard must keep the input
+    # weights.
     assert m["quant_kl_after"] <= m["quant_kl_before"] + 1e-9, m
     if m["training_kept"]:
         assert m["quant_kl_trained"] < m["quant_kl_before"], m
