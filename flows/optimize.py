@@ -27,6 +27,7 @@ from kiln.tasks.engines import EngineOptions, engine_versions, resolve_backend
 from kiln.tasks.evaluate.benchmark import BenchConfig
 from kiln.tasks.evaluate.gate import Policy, load_policy, pareto_front, rank
 from kiln.tasks.evaluate.quality import assess_artifact
+from kiln.tasks.lifecycle import approvals
 from kiln.tasks.models.predictor import PackageMeta
 from kiln.tasks.optimize import candidates as cands
 from kiln.tasks.optimize import publish
@@ -49,6 +50,8 @@ class OptimizeParams(BaseModel):
     backend: str = Field("onnxruntime", description="Engine backend: onnxruntime, tensorrt or auto.")
     seq_len: int = Field(64, ge=8, le=4096, description="Serving sequence length (latency inputs are padded to it).")
     bench: BenchConfig | None = Field(None, description="How latency is measured; default from settings.")
+    request: str | None = Field(None, description="Who asked for this work, signed (`kiln optimize --sign` makes "
+                                "it); four-eyes review then knows the requester. Without it nobody is.")
 
 
 # ── steps ────────────────────────────────────────────────────────────────────────────────────────────
@@ -123,6 +126,7 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
     client = registry.connect(settings)
     cache = StageCache(settings.cache_dir)
     ref = registry.ModelRef.parse(params.model)
+    requested = approvals.request_tags(params.request) if params.request else {}  # verified when decided on
     registry.resolve(client, ref)  # fail fast on a bad name or alias, before any other work
     source = resolve_source(settings, params.model, params.data)
     policy: Policy = load_policy(Path(params.policy) if params.policy else None, source.meta.task)
@@ -169,6 +173,7 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         best = next(c for c in evaluated if c.name == rank(policy, passing)[0])
         tags = {vocab.DATASET_DIGEST: splits.digest, vocab.BACKEND: options.backend,
                 vocab.ENGINE: json.dumps(options.model_dump() | engine_versions()), vocab.BASELINE: baseline_name}
+        tags |= requested
         version = register_candidate(settings, source, best, model_ids[best.name], run_id, tags)
         summary["registered"] = {"name": version.name, "version": version.version, "recipe": best.name}
         client.log_dict(run_id, summary, "summary.json")

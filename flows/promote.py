@@ -1,13 +1,15 @@
-"""The promote flow: show the challenger, wait for a person's decision, move the aliases.
+"""The promote flow: show the challenger, wait for an approver's signed decision, move the aliases.
 
-    review (gate + metrics table) ─► wait for approval (registry tag, or the Prefect UI form) ─► promote | stop
+    review (gate + metrics table) ─► wait for a signed decision (registry, or a token in the Prefect form)
+      ─► promote | stop
 
-Two ways to decide, one rule for both: the decision must come from a listed approver (and, with
-four-eyes review, not from whoever triggered the run). ``approval="registry"`` polls the challenger's
-``kiln.approval`` tag, set by ``kiln approve`` / ``kiln reject`` or by hand in the MLflow UI;
-``approval="ui"`` pauses the flow run with an :class:`ApprovalInput` form in the Prefect UI. Either way, an
-answer from someone not allowed is logged and refused, and the flow keeps waiting; no answer in time
-tags the challenger ``kiln.approval=not_approved`` and moves nothing.
+Two ways to decide, one proof for both: a decision statement signed with an approver's SSH key.
+``approval="registry"`` polls the challenger's signed decisions (``kiln approve`` / ``kiln reject`` write
+them); ``approval="ui"`` pauses the flow run with an :class:`ApprovalInput` form in the Prefect UI that
+takes the token ``kiln approve ... --print-token`` prints, verified and recorded exactly like a CLI
+decision. Tags typed into the MLflow UI never decide: an ``approved`` tag that no verified statement backs
+is logged, reset to ``refused``, and the flow keeps waiting. No decision in time tags the challenger
+``kiln.approval=not_approved`` and moves nothing; the promotion itself checks the decisions again.
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from pydantic import BaseModel, Field
 from kiln.settings import Settings, load_settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import promotion
+from kiln.tasks.lifecycle.approvals import Signed
 from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
-from kiln.tasks.registry.lock import PromotionError
+from kiln.tasks.registry.lease_record import PromotionError, refuse_if_held
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +46,16 @@ class PromoteParams(BaseModel):
     timeout_s: float = Field(3600, gt=0, description="Seconds to wait for a decision before giving up.")
     poll_interval_s: float = Field(5, gt=0, description="Seconds between looks at the registry (or the form).")
     approval: Literal["registry", "ui"] = Field(
-        "registry", description=f"registry: wait for the {vocab.APPROVAL} tag (kiln approve, MLflow UI); "
-                                "ui: pause this flow run with an approval form in the Prefect UI.")
+        "registry", description="registry: wait for a signed decision in the registry (kiln approve / kiln reject); "
+                                "ui: pause this flow run with a form that takes a signed decision token.")
 
 
 class ApprovalInput(RunInput):
-    """The form an approver fills in the Prefect UI to resume a paused promote run."""
+    """The form an approver fills in the Prefect UI to resume a paused promote run: a signed decision."""
 
-    decision: Literal["approve", "reject"] = Field("approve", description="Promote the challenger, or not.")
-    approver: str = Field(..., description="Your user name; must be listed in KILN_APPROVERS.")
-    reason: str = Field(..., min_length=1, description="Why; recorded on the version and in the audit log.")
+    token: str = Field(..., min_length=16, description=(
+        "Your signed decision: the line `kiln approve NAME VERSION --reason \"...\" --print-token` (or `kiln "
+        "reject ...`) prints. Who decided, approve or reject, and why are inside it, signed with your SSH key."))
 
 
 class Decision(BaseModel):
@@ -71,26 +74,36 @@ def review(settings: Settings, name: str) -> tuple[str, str]:
     challenger = registry.resolve(client, registry.ModelRef(name, alias=vocab.CHALLENGER))
     if not vocab.gate_passed(challenger.tags):
         raise PromotionError(f"{name} v{challenger.version} did not pass its gate; nothing to approve")
+    refuse_if_held(client, name)  # a running rollout (or another promotion) would refuse the move: say so now
     markdown = promotion.review_markdown(client, name, challenger)
     create_markdown_artifact(markdown, key=f"promote-{_slug(name)}", description=f"Review of {name}")
     return str(challenger.version), markdown
 
 
+def _decided(client, settings: Settings, name: str, version: str) -> Decision | None:
+    """The verified decision on ``name`` v``version``, or None while there is none (forged tags refused)."""
+    mv = client.get_model_version(name, version)
+    state = promotion.decision_on(client, name, version, settings)
+    if state.outcome == vocab.REJECTED:  # any valid rejection stops it, complete or not
+        return Decision(outcome="rejected", approver=state.deciders, reason="; ".join(state.reasons))
+    if state.outcome == vocab.APPROVED and promotion.refusal(state, mv) is None:
+        return Decision(outcome="approved", approver=state.deciders, reason="; ".join(state.reasons))
+    claimed = mv.tags.get(vocab.APPROVAL)
+    if claimed in (vocab.APPROVED, vocab.REJECTED) and state.outcome != claimed:
+        # Typed into the MLflow UI, or left by a decision that no longer counts: not a decision.
+        why = f"{vocab.APPROVAL}={claimed} is not backed by a valid signed decision: {state.explain()}"
+        _refuse(client, settings.home, name, version, mv.tags.get(vocab.APPROVER, ""), why, claimed)
+    return None
+
+
 def wait_on_registry(settings: Settings, name: str, version: str, timeout_s: float, poll_s: float) -> Decision:
-    """Poll the version's ``kiln.approval`` tag; a decision by someone not allowed is refused and reset."""
+    """Poll the version's signed decisions until they say approved or rejected, or the time is up."""
     client = registry.connect(settings)
-    policy = promotion.load_approval_policy(settings=settings)
     deadline = time.monotonic() + timeout_s
     while True:
-        mv = client.get_model_version(name, version)
-        tags = mv.tags
-        state, approver = tags.get(vocab.APPROVAL), tags.get(vocab.APPROVER, "")
-        if state in (vocab.APPROVED, vocab.REJECTED):
-            try:  # `kiln approve` checked this already; a tag set by hand in the MLflow UI was not
-                policy.check(approver, promotion.triggered_by(client, mv), decision=state)
-                return Decision(outcome=state, approver=approver, reason=tags.get(vocab.APPROVAL_REASON, ""))
-            except promotion.ApprovalRefused as exc:
-                _refuse(client, settings.home, name, version, approver, str(exc), state)
+        decision = _decided(client, settings, name, version)
+        if decision is not None:
+            return decision
         if time.monotonic() >= deadline:
             return Decision(outcome="not_approved", reason=f"no decision within {timeout_s:g} s")
         time.sleep(min(poll_s, max(deadline - time.monotonic(), 0.01)))
@@ -98,30 +111,30 @@ def wait_on_registry(settings: Settings, name: str, version: str, timeout_s: flo
 
 def wait_on_form(settings: Settings, name: str, version: str, markdown: str, timeout_s: float,
                  poll_s: float) -> Decision:
-    """Pause the flow run with :class:`ApprovalInput`; invalid answers (unknown approver) ask again."""
+    """Pause the flow run with :class:`ApprovalInput`; a token that does not verify, or is not enough yet (a
+    second approver under four-eyes), is recorded or refused and the form asks again."""
     client = registry.connect(settings)
-    if flow_run.id:  # lets a kiln.approval tag (registry webhook or poller) resume this paused run
+    if flow_run.id:  # lets a signed decision in the registry (webhook or poller) resume this paused run
         client.set_model_version_tag(name, version, vocab.PROMOTE_FLOW_RUN, flow_run.id)
-    policy = promotion.load_approval_policy(settings=settings)
     deadline = time.monotonic() + timeout_s
     note = ""
     while (left := deadline - time.monotonic()) > 0:
-        form = ApprovalInput.with_initial_data(description=note + markdown, decision="approve")
+        form = ApprovalInput.with_initial_data(description=note + markdown)
         try:
             answer = pause_flow_run(wait_for_input=form, timeout=max(int(left), 1), poll_interval=max(int(poll_s), 1))
         except FlowPauseTimeout:
             break
-        state = vocab.APPROVED if answer.decision == "approve" else vocab.REJECTED
-        mv = client.get_model_version(name, version)
         try:
-            policy.check(answer.approver, promotion.triggered_by(client, mv), decision=state)
+            state = promotion.record_decision(client, Signed.from_token(answer.token), settings=settings,
+                                              model=name, version=version)
         except promotion.ApprovalRefused as exc:
-            _refuse(client, settings.home, name, version, answer.approver, str(exc), state)
+            log.warning("refused a decision token for %s v%s: %s", name, version, exc)
             note = f"**Refused:** {exc}\n\n"
             continue
-        promotion.decide(client, name, version, decision=state, approver=answer.approver, reason=answer.reason,
-                         policy=policy, home=settings.home)
-        return Decision(outcome=state, approver=answer.approver, reason=answer.reason)
+        decision = _decided(client, settings, name, version)
+        if decision is not None:
+            return decision
+        note = f"**Recorded; not decided yet:** {state.explain()}\n\n"
     return Decision(outcome="not_approved", reason=f"no decision within {timeout_s:g} s")
 
 
@@ -129,7 +142,7 @@ def wait_on_form(settings: Settings, name: str, version: str, markdown: str, tim
 def promote_version(settings: Settings, name: str, version: str, decision: Decision) -> str:
     client = registry.connect(settings)
     return str(promotion.promote(client, name, approver=decision.approver, reason=decision.reason,
-                                 home=settings.home, expected_challenger=version).version)
+                                 home=settings.home, expected_challenger=version, settings=settings).version)
 
 
 @task(cache_policy=NONE)
@@ -142,7 +155,7 @@ def _refuse(client, home: Path, name: str, version: str, approver: str, why: str
     audit.record(client, audit.AuditLog.under(home),
                  audit.AuditEvent(name, version, vocab.EVENT_APPROVAL_REFUSED, approver, why,
                                   details={"decision": state}),
-                 {vocab.APPROVAL: vocab.REFUSED, vocab.APPROVAL_REASON: why})
+                 {vocab.APPROVAL: vocab.REFUSED, vocab.APPROVAL_REASON: why[:500]})
 
 
 def _slug(name: str) -> str:

@@ -16,6 +16,7 @@ from kiln.flows.optimize import OptimizeParams, optimize
 from kiln.settings import Settings, load_settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import retrain as steps
+from kiln.tasks.lifecycle.checkout import checkout, clone_credentials
 from kiln.tasks.lifecycle.retrain import RetrainParams, RetrainPlan
 from kiln.tasks.registry import client as registry
 
@@ -30,7 +31,8 @@ def read_commit(params: RetrainParams, settings: Settings) -> RetrainPlan:
     repo = params.repo or settings.repo
     if not repo:
         raise ConfigError("no repository to retrain from: pass repo (--repo) or set KILN_REPO")
-    with steps.checkout(repo, params.sha, settings.home / "checkouts") as tree:
+    # The run names the repository; the worker's own settings hold what it clones with.
+    with checkout(repo, params.sha, settings.home / "checkouts", clone_credentials(repo, settings)) as tree:
         return steps.plan(params, tree, settings, registry.connect(settings))
 
 

@@ -32,7 +32,8 @@ def _markdown(state: RolloutState) -> str:
 def rollout(params: RolloutParams) -> dict[str, Any]:
     """Canary @challenger against @champion, step by step; promote at the end or roll back on failure.
 
-    Settings (registry, gateway token ``KILN_GATEWAY_TOKEN``) come from the worker's environment.
+    Settings (registry, gateway token ``KILN_GATEWAY_TOKEN``, the ``rollout_gateways`` that ``params.gateway``
+    names) come from the worker's environment: the form chooses a configured gateway, never a URL.
     """
     state = run_rollout(params, load_settings(), echo=print)
     slug = "".join(c if c.isalnum() else "-" for c in params.model.lower())

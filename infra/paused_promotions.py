@@ -1,8 +1,8 @@
 """Paused ``promote`` flow runs on the Prefect server, and resuming one with an approval form's answer.
 
 A promote run with ``approval="ui"`` pauses for a reviewer; :mod:`kiln.infra.registry_actions` resumes it
-when the reviewed version's approval tags are complete. Prefect is imported inside each method, so the
-webhook receiver imports this module without starting a Prefect client.
+when the reviewed version carries a complete, signed decision (the form's answer is its token). Prefect is
+imported inside each method, so the webhook receiver imports this module without starting a Prefect client.
 """
 
 from __future__ import annotations

@@ -4,13 +4,16 @@
   whichever of webhook and poller comes second gets the run the first one created. Versions that Kiln
   registered itself (its optimize flow's challengers) never start optimize, or optimize would feed on its
   own output forever;
-- a complete approval decision on a version resumes the paused promote run that reviews it.
+- a complete, signed decision on a version resumes the paused promote run that reviews it, with the signed
+  statement as the form's answer (the flow verifies it again, exactly like a CLI decision). Tags alone,
+  without a statement whose signature verifies, resume nothing.
 
 The calls block (MLflow and Prefect clients); the webhook route runs them in a worker thread.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -26,11 +29,10 @@ log = logging.getLogger(__name__)
 CANDIDATE_TAG = vocab.CANDIDATE_KEY  # optimize's publish step tags every version it registers
 OPTIMIZE_RUN_TAG = vocab.RUN_MODEL  # flows/optimize.py tags its MLflow run; set before any version exists
 PROMOTE_RUN_TAG = vocab.PROMOTE_FLOW_RUN  # the paused promote flow run that reviews this version
-# `promotion.decide` sets these in this order; a decision is complete once approver and reason are there too.
+# `promotion.record_decision` writes the summary, then the signed statement, then kiln.approval last: a decision
+# is complete once kiln.approval names it. (The form's answer is built by hand: importing the promote flow
+# would pull Prefect's flow machinery into every receiver that mounts the route.)
 APPROVAL_KEYS = frozenset({vocab.APPROVAL, vocab.APPROVER, vocab.APPROVAL_REASON, vocab.APPROVAL_AT})
-# approval tag values → flows.promote.ApprovalInput.decision (a literal map: importing the promote flow would
-# pull Prefect's flow machinery into every receiver that mounts the route)
-FORM_ANSWER = {vocab.APPROVED: "approve", vocab.REJECTED: "reject"}
 
 
 class Starter(Protocol):
@@ -100,7 +102,7 @@ class RegistryEvents:
 
     def resume_decided(self, name: str | None = None, version: str | None = None) -> Outcome:
         """Resume every paused promote run whose version carries a complete decision (``kiln.approval`` etc.)."""
-        resumed, waiting = [], []
+        resumed, waiting, refused = [], [], []
         for run in self.promotions.paused(name):
             mv = self._reviewed_version(run)
             if mv is None or (version is not None and str(mv.version) != str(version)):
@@ -109,15 +111,37 @@ class RegistryEvents:
             if answer is None:
                 waiting.append(f"{run.model} v{mv.version}")
                 continue
+            why = self._unverified(answer, mv)
+            if why is not None:
+                log.warning("not resuming promote run %s for %s v%s: %s", run.flow_run_id, run.model, mv.version, why)
+                refused.append(f"{run.model} v{mv.version}: {why}")
+                continue
             if self.promotions.resume(run.flow_run_id, answer):
-                log.info("resumed promote run %s for %s v%s: %s by %s", run.flow_run_id, run.model, mv.version,
-                         answer["decision"], answer["approver"])
+                log.info("resumed promote run %s for %s v%s with a signed %s", run.flow_run_id, run.model,
+                         mv.version, mv.tags.get(vocab.APPROVAL))
                 resumed.append(run.flow_run_id)
         if resumed:
-            return Outcome("resumed", "approval tag", resumed)
+            return Outcome("resumed", "signed decision", resumed)
         what = f"{name} v{version}" if name else "any version"
+        if refused:
+            return Outcome("ignored", f"decision not verified on {'; '.join(refused)}")
         return Outcome("ignored", f"no decision yet on {', '.join(waiting)}" if waiting
                        else f"no paused promote run waits on {what}")
+
+    def _unverified(self, answer: dict[str, str], mv: Any) -> str | None:
+        """Why the signed decision in ``answer`` does not verify for ``mv`` (None: it does). The promote run
+        verifies it again, with every rule; this keeps forged tags from waking it at all."""
+        from kiln.tasks.lifecycle.approvals import DecisionStatement, Signed, Trust, open_signed
+        from kiln.tasks.lifecycle.approvers import ApprovalRefused
+
+        try:
+            statement = open_signed(Signed.from_token(answer["token"]), DecisionStatement,
+                                    Trust.from_settings(self.settings))
+        except ApprovalRefused as exc:
+            return str(exc)
+        if (statement.model, statement.version) != (mv.name, str(mv.version)):
+            return f"signed for {statement.model} v{statement.version}"
+        return None
 
     def _reviewed_version(self, run: PausedPromotion) -> Any:
         """The version a paused run reviews: the one linked to it by tag, else the model's current challenger."""
@@ -139,12 +163,22 @@ def optimize_key(name: str, version: str) -> str:
 
 
 def approval_answer(tags: dict[str, str]) -> dict[str, str] | None:
-    """The promote flow's ``ApprovalInput`` from a version's tags, or None while the decision is incomplete."""
-    decision = FORM_ANSWER.get(tags.get(vocab.APPROVAL, ""))
-    approver, reason = tags.get(vocab.APPROVER, "").strip(), tags.get(vocab.APPROVAL_REASON, "").strip()
-    if decision is None or not approver or not reason:
+    """The promote flow's ``ApprovalInput`` (``{"token": ...}``) from a version's tags: the signed statement of
+    the decision ``kiln.approval`` names, by the approver ``kiln.approver`` names; None while the decision is
+    incomplete or no signed statement backs it. Not verified here: see ``RegistryEvents._unverified``."""
+    from kiln.tasks.lifecycle.approvals import Signed
+
+    decision, approver = tags.get(vocab.APPROVAL, ""), tags.get(vocab.APPROVER, "").strip()
+    if decision not in (vocab.APPROVED, vocab.REJECTED) or not approver:
         return None
-    return {"decision": decision, "approver": approver, "reason": reason}
+    signed = Signed.from_tag(tags.get(vocab.decision_tag(approver), ""))
+    try:
+        claimed = json.loads(signed.statement) if signed is not None else {}
+    except ValueError:
+        return None
+    if not isinstance(claimed, dict) or (claimed.get("decision"), claimed.get("signer")) != (decision, approver):
+        return None
+    return {"token": signed.token()}
 
 
 def quote(text: str) -> str:

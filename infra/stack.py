@@ -5,6 +5,10 @@ stops what it spawned (MLflow's uvicorn worker, ...); it logs to ``<home>/stack/
 itself in ``<home>/stack/<name>.pid`` (pid, start time, URL), so that ``kiln down`` and ``kiln status`` —
 later, from another process — find it, and a pid the system has since reused is never taken for it.
 Services start in waves: a service waits until the ones it needs answer their readiness probe.
+
+Secrets reach a service through its environment only; the command line recorded in its pid file and log
+header, and whatever of another process or a log is quoted in a message, pass through
+:func:`kiln.credentials.redact_text` all the same. The folder is the owner's alone (0700).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import psutil
 
+from kiln.credentials import redact_text
 from kiln.errors import ConfigError, KilnError
 from kiln.infra.stack_services import Service, installed, services
 from kiln.settings import Settings
@@ -134,15 +139,17 @@ class Stack:
 
     def _spawn(self, svc: Service) -> None:
         log = self.log_path(svc.name)
-        log.parent.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        log.parent.mkdir(mode=0o700, exist_ok=True)
+        argv = [redact_text(arg) for arg in svc.argv]
         with log.open("ab") as fh:
-            fh.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(svc.argv)}\n".encode())
+            fh.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
             offset = fh.tell()
             proc = subprocess.Popen(svc.argv, env=svc.env, stdin=subprocess.DEVNULL, stdout=fh,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         self._procs[svc.name] = proc
         record = {"pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(), "started_at": time.time(),
-                  "url": svc.url, "port": svc.port, "log": str(log), "log_offset": offset, "argv": svc.argv}
+                  "url": svc.url, "port": svc.port, "log": str(log), "log_offset": offset, "argv": argv}
         self.pid_path(svc.name).write_text(json.dumps(record))
 
     def _wait(self, wave: list[Service], progress: Callable[[str], None]) -> None:
@@ -174,7 +181,7 @@ class Stack:
                 text = fh.read().decode(errors="replace")
         except OSError:
             return ""
-        return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])
+        return "\n".join("    " + redact_text(line) for line in text.strip().splitlines()[-lines:])
 
     # ---- down
 
@@ -256,7 +263,7 @@ def _holder(port: int) -> str:
     try:
         for conn in psutil.net_connections("tcp"):
             if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN and conn.pid:
-                return f" by pid {conn.pid} ({' '.join(psutil.Process(conn.pid).cmdline())[:80]})"
+                return f" by pid {conn.pid} ({redact_text(' '.join(psutil.Process(conn.pid).cmdline()))[:80]})"
     except (psutil.Error, OSError):
         pass
     return ""

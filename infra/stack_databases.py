@@ -3,23 +3,30 @@
 With ``database_url`` set, MLflow and Prefect use two databases on that PostgreSQL server (both keep their
 migrations in a table called ``alembic_version``, so they cannot share one): the database named in the URL
 for MLflow, ``<database>_prefect`` beside it for Prefect. ``kiln up`` creates them when missing.
+
+The URLs carry the password: they go to the servers in their environment (``MLFLOW_BACKEND_STORE_URI``,
+``PREFECT_SERVER_DATABASE_CONNECTION_URL``), and what is shown of them is redacted.
 """
 
 from __future__ import annotations
 
+from pydantic import SecretStr
+
 from kiln.errors import ConfigError
 
 
-def database_urls(database_url: str) -> tuple[str, str]:
+def database_urls(database_url: str | SecretStr) -> tuple[str, str]:
     """MLflow's URL (the database given) and Prefect's (``<database>_prefect`` on the same server, asyncpg)."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
 
+    if isinstance(database_url, SecretStr):
+        database_url = database_url.get_secret_value()
     try:
         url = make_url(database_url.replace("postgres://", "postgresql://", 1))
-    except ArgumentError as exc:
-        raise ConfigError(f"KILN_DATABASE_URL is not a database URL ({exc}); write "
-                          "postgresql://USER:PASSWORD@HOST:5432/DATABASE") from exc
+    except (ArgumentError, ValueError) as exc:  # the text would show the password: say what, not where
+        raise ConfigError(f"KILN_DATABASE_URL is not a database URL ({type(exc).__name__}); write "
+                          "postgresql://USER:PASSWORD@HOST:5432/DATABASE") from None
     if url.get_backend_name() != "postgresql" or not url.database:
         raise ConfigError("KILN_DATABASE_URL must name a PostgreSQL database: postgresql://USER:PASSWORD@HOST:5432/DB")
     query = dict(url.query)
@@ -30,7 +37,7 @@ def database_urls(database_url: str) -> tuple[str, str]:
     return mlflow.render_as_string(hide_password=False), prefect.render_as_string(hide_password=False)
 
 
-def ensure_databases(database_url: str) -> list[str]:
+def ensure_databases(database_url: str | SecretStr) -> list[str]:
     """Create MLflow's and Prefect's databases on the server when missing; returns the names created."""
     try:
         import psycopg
@@ -48,7 +55,7 @@ def ensure_databases(database_url: str) -> list[str]:
         conn = psycopg.connect(autocommit=True, **{k: v for k, v in params.items() if v is not None})
     except psycopg.Error as exc:
         raise ConfigError(f"cannot reach PostgreSQL at {url.host}:{url.port or 5432} as {url.username} "
-                          f"({str(exc).strip().splitlines()[0]}); check KILN_DATABASE_URL") from exc
+                          f"({_first_line(exc, url.password)}); check KILN_DATABASE_URL") from None
     try:  # autocommit: CREATE DATABASE cannot run in a transaction
         with conn.cursor() as cur:
             for name in names:
@@ -57,8 +64,14 @@ def ensure_databases(database_url: str) -> list[str]:
                     cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
                     created.append(name)
     except psycopg.Error as exc:
-        raise ConfigError(f"cannot create database(s) {', '.join(names)} ({str(exc).strip().splitlines()[0]}); "
-                          f"create them or grant {url.username} CREATEDB") from exc
+        raise ConfigError(f"cannot create database(s) {', '.join(names)} ({_first_line(exc, url.password)}); "
+                          f"create them or grant {url.username} CREATEDB") from None
     finally:
         conn.close()
     return created
+
+
+def _first_line(exc: Exception, password: str | None) -> str:
+    """The driver's message, first line, with the password masked should the driver echo it."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line.replace(password, "***") if password else line

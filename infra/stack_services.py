@@ -5,6 +5,10 @@ Prefect server, MLflow server, webhook receiver, registry poller and the served 
 Prefect's SQLite under ``<home>/prefect``), so ``kiln up`` shows what ``kiln demo`` made. With
 ``database_url`` set, MLflow and Prefect use two databases on that PostgreSQL server
 (:mod:`kiln.infra.stack_databases`); with ``s3_bucket`` set, MLflow proxies artifacts to S3.
+
+Secrets travel in each service's environment, never on its command line (``ps`` shows that to every user):
+the database URLs as ``MLFLOW_BACKEND_STORE_URI`` / ``PREFECT_SERVER_DATABASE_CONNECTION_URL``, only to the
+server that needs them; S3 keys, webhook secrets and tokens as the variables they were given in.
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ def services(settings: Settings, config: Path | None = None) -> list[Service]:
     prefect_url, mlflow_url = f"http://{host}:{settings.prefect_port}", f"http://{host}:{settings.mlflow_port}"
     webhook_url = f"http://{host}:{settings.webhook_port}"
     api_url = f"{prefect_url}/api"
-    env = dict(os.environ) | {
+    # KILN_DATABASE_URL stays with `kiln up`: each server gets the one URL it needs, nobody else the password.
+    env = {k: v for k, v in os.environ.items() if k != "KILN_DATABASE_URL"} | {
         "KILN_HOME": str(settings.home), "KILN_TRACKING_URI": mlflow_url, "MLFLOW_TRACKING_URI": mlflow_url,
         "PREFECT_API_URL": api_url, "KILN_PREFECT_API_URL": api_url, "PYTHONUNBUFFERED": "1",
         "PREFECT_HOME": os.environ.get("PREFECT_HOME", str(settings.home / "prefect")),
@@ -74,13 +79,14 @@ def services(settings: Settings, config: Path | None = None) -> list[Service]:
         or _webhook_key(settings.home / "stack"),
         # GenAI job runners (seven huey consumers, ~1.5 GB): Kiln runs none of them.
         "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        "MLFLOW_BACKEND_STORE_URI": backend,  # `mlflow server` reads it like --backend-store-uri, out of `ps`
     }
     return [
         Service("prefect", [py, "-m", "prefect", "server", "start", "--host", host, "--port",
                             str(settings.prefect_port)], prefect_env, prefect_url, settings.prefect_port,
                 "KILN_PREFECT_PORT", http_ok(f"{prefect_url}/api/health"), timeout_s=240),
-        Service("mlflow", [py, "-m", "mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination",
-                           artifacts, "--host", host, "--port", str(settings.mlflow_port), "--workers", "1"],
+        Service("mlflow", [py, "-m", "mlflow", "server", "--artifacts-destination", artifacts, "--host", host,
+                           "--port", str(settings.mlflow_port), "--workers", "1"],
                 mlflow_env, mlflow_url, settings.mlflow_port, "KILN_MLFLOW_PORT", http_ok(f"{mlflow_url}/health"),
                 timeout_s=240),
         Service("webhooks",
@@ -137,6 +143,8 @@ def _webhook_key(folder: Path) -> str:
     path = folder / "webhook-secret.key"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.urlsafe_b64encode(os.urandom(32)))  # a Fernet key
-        path.chmod(0o600)
+        # Created 0600, not chmod-ed after writing: no moment in which another user could read it.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(base64.urlsafe_b64encode(os.urandom(32)))  # a Fernet key
     return path.read_text().strip()

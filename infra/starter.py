@@ -3,15 +3,18 @@
 Every trigger goes through :class:`DeploymentStarter` so that all of them name deployments the same
 way (``<flow>/<deployment>``, e.g. ``retrain/kiln-retrain``), pass an idempotency key (a webhook
 delivery id, a model version) so that a redelivered event never starts a second run, and tag the run
-with what started it.
+with what started it. A run's parameters are stored for anyone with Prefect access to read: a parameter
+carrying credentials in a URL is refused here, whichever trigger built it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from kiln.credentials import redact_text
 from kiln.errors import KilnError
 
 log = logging.getLogger(__name__)
@@ -57,6 +60,7 @@ class DeploymentStarter:
         from prefect.exceptions import ObjectNotFound
         from prefect.settings import PREFECT_API_URL, temporary_settings
 
+        _refuse_credentials(deployment, parameters)
         scope = temporary_settings({PREFECT_API_URL: self.api_url}) if self.api_url else nullcontext()
         with scope:
             url = PREFECT_API_URL.value()
@@ -82,3 +86,12 @@ class DeploymentStarter:
         import asyncio
 
         return asyncio.run(self.start(deployment, parameters, idempotency_key=idempotency_key, tags=tags))
+
+
+def _refuse_credentials(deployment: str, parameters: dict[str, Any]) -> None:
+    """Raise :class:`TriggerError` when a parameter holds a URL with credentials (the run would store them)."""
+    text = json.dumps(parameters, default=str)
+    if redact_text(text) != text:
+        raise TriggerError(f"not starting {deployment}: a parameter carries credentials in a URL, which the flow "
+                           "run would store for anyone with Prefect access to read; pass the URL without them (the "
+                           "worker adds its own, e.g. KILN_REPO_TOKEN)")

@@ -14,6 +14,8 @@
     409 a delivery id seen before (kept in KILN_HOME/webhooks/deliveries.jsonl, so a restart remembers)
     202 {"ignored": "..."} an event that is not a push, another repository or branch, a branch deletion
     202 {"flow_run_id": ...} the retrain deployment was started (Prefect idempotency key: github:<delivery>)
+                             with the repository URL, never credentials, as a parameter: the worker clones
+                             with its own KILN_REPO_TOKEN
     503 the Prefect API could not start it (the delivery is not remembered: the sender may redeliver)
 
 GitHub's ``ping`` (sent when a hook is created) answers 200 once its signature checks out.
@@ -42,6 +44,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from kiln.credentials import split_credentials
 from kiln.errors import KilnError
 from kiln.infra.mlflow_webhook import mlflow_webhook_route
 from kiln.infra.starter import RETRAIN, DeploymentStarter, Started
@@ -261,7 +264,9 @@ class Receiver:
         if reason:
             self.deliveries.record(key, "ignored", reason=reason)
             return self._ignored(push.provider, push.delivery, reason)
-        params = RetrainParams(sha=push.sha, repo=self.settings.repo or push.clone_url,
+        # No credentials in a run's parameters: KILN_REPO's live in settings.repo_token, the worker adds them.
+        clone_url = split_credentials(push.clone_url)[0] if push.clone_url else None
+        params = RetrainParams(sha=push.sha, repo=self.settings.repo or clone_url,
                                branch=push.ref.removeprefix("refs/heads/"),
                                triggered_by=f"webhook:{push.provider}:{push.delivery}")
         try:

@@ -12,8 +12,10 @@ every ``kiln`` command (and in the README):
 Imports nothing of Kiln: every layer may import this module.
 """
 
+import difflib
+import types
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 
 class ExitCode(IntEnum):
@@ -25,9 +27,69 @@ class ExitCode(IntEnum):
     DECLINED = 3
 
 
-def validation_problems(exc: Any, root: str = "value") -> str:
-    """A pydantic ``ValidationError`` as one line: ``field.path: message; ...`` (``root`` for top-level)."""
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or root}: {e['msg']}" for e in exc.errors())
+def validation_problems(exc: Any, root: str = "value", model: Any = None) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field.path: message; ...`` (``root`` for top-level).
+
+    A key the model does not have (``extra="forbid"``) reads ``unknown key 'clause' (did you mean
+    'clauses'?)``, prefixed by where it sits when nested; pass the validated ``model`` class for the hint.
+    Unknown keys come first: a misspelt key is usually also why a required one is "missing".
+    """
+    problems = []
+    for e in sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden"):
+        loc = tuple(e["loc"])
+        if e["type"] == "extra_forbidden" and loc:
+            where = ".".join(map(str, loc[:-1]))
+            problems.append(f"{where + ': ' if where else ''}{unknown_key(loc[-1], known_keys(model, loc[:-1]))}")
+        else:
+            problems.append(f"{'.'.join(map(str, loc)) or root}: {e['msg']}")
+    return "; ".join(problems)
+
+
+def unknown_key(key: Any, known: list[str]) -> str:
+    """``unknown key 'clause' (did you mean 'clauses'?)``, or the known keys when none is close."""
+    close = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}" if known else ""
+    return f"unknown key {str(key)!r}" + (f" ({hint})" if hint else "")
+
+
+def known_keys(model: Any, path: tuple = ()) -> list[str]:
+    """The keys a pydantic ``model`` class accepts at ``path`` (an error's ``loc``), through nested models,
+    lists, dicts and unions; [] where that is not a model."""
+    types = [model]
+    for part in path:
+        types = [t for u in types for t in _step(u, part)]
+    return list(dict.fromkeys(key for t in types for u in _members(t) for key in _fields(u)))
+
+
+def _members(annotation: Any) -> list[Any]:
+    """``X | Y | None``, ``Annotated[X, ...]`` → [X, Y]."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for a in get_args(annotation) for m in _members(a)]
+    return [annotation]
+
+
+def _fields(cls: Any) -> list[str]:
+    fields = getattr(cls, "model_fields", None) if isinstance(cls, type) else None
+    return [a for name, f in (fields or {}).items() for a in (name, f.alias) if a]
+
+
+def _step(annotation: Any, part: Any) -> list[Any]:
+    """What sits under ``part`` of a value of type ``annotation``."""
+    out = []
+    for member in _members(annotation):
+        origin, args = get_origin(member), get_args(member)
+        if isinstance(part, str) and part in _fields(member):
+            out += [f.annotation for n, f in member.model_fields.items() if part in (n, f.alias)]
+        elif isinstance(part, str) and isinstance(member, type) and part == member.__name__:
+            out.append(member)  # pydantic names the union member it tried
+        elif isinstance(part, int) and origin in (list, tuple, set, frozenset) and args:
+            out.append(args[0])
+        elif isinstance(part, str) and origin is dict and len(args) == 2:
+            out.append(args[1])
+    return out
 
 
 class KilnError(Exception):

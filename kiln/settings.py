@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from kiln.errors import ConfigError, validation_problems
+from kiln.credentials import split_credentials
+from kiln.errors import ConfigError, unknown_key, validation_problems
+
+_GATEWAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
 class Settings(BaseSettings):
@@ -42,11 +46,16 @@ class Settings(BaseSettings):
     server_port: int = Field(8000, ge=1, le=65535, description="Model server port (OIP v2).")
     gateway_port: int = Field(8080, ge=1, le=65535, description="Canary gateway port.")
     gateway_token: SecretStr | None = Field(None, description="Bearer token of the gateway's admin API.")
+    # NoDecode: KILN_ROLLOUT_GATEWAYS=prod=http://gw:8080,staging=http://gw2:8080 (a JSON object works too).
+    rollout_gateways: Annotated[dict[str, AnyHttpUrl], NoDecode] = Field(default_factory=dict, description=(
+        "The gateways a rollout may drive (and send the admin token to), by name: a rollout names one "
+        "(`kiln rollout NAME --gateway prod`), never a URL. Empty: {default: http://127.0.0.1:<gateway_port>}."))
     prefect_api_url: str | None = Field(None, description="Prefect API for deployments; default: PREFECT_API_URL.")
 
     # ---- configured stores: PostgreSQL and S3 ----
-    database_url: str | None = Field(None, description=(
-        "PostgreSQL URL (postgresql://user:pass@host:5432/db) for MLflow and Prefect in `kiln up`; default SQLite."))
+    database_url: SecretStr | None = Field(None, description=(
+        "PostgreSQL URL (postgresql://user:pass@host:5432/db) for MLflow and Prefect in `kiln up`; default SQLite. "
+        "Its password reaches the servers through their environment, never their command line."))
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint for artifacts (SeaweedFS, MinIO); None = AWS.")
     s3_bucket: str | None = Field(None, description="Bucket for MLflow artifacts and engines; set to use S3.")
     s3_region: str = Field("us-east-1", description="S3 region name.")
@@ -58,7 +67,11 @@ class Settings(BaseSettings):
     webhook_repository: str | None = Field(None, description="Only pushes to this repository (owner/name) retrain.")
     webhook_branch: str = Field("main", description="Only pushes to this branch retrain.")
     webhook_max_body: int = Field(1_048_576, ge=1024, description="Largest webhook body accepted, bytes.")
-    repo: str | None = Field(None, description="Git repository (path or URL) holding the training config.")
+    repo: str | None = Field(None, description="Git repository (path or URL) holding the training config; "
+                             "credentials written into its URL move to repo_token.")
+    repo_token: SecretStr | None = Field(None, description=(
+        "Credentials the worker clones over http(s) with, sent only to KILN_REPO's host: USER:TOKEN, or a token "
+        "alone (sent as x-access-token:TOKEN, GitHub's form). Never part of a run's parameters."))
     watch_models: list[str] = Field(default_factory=list, description="Registered models whose new versions "
                                     "start the optimize flow.")
     poll_interval_s: float = Field(10.0, gt=0, description="Registry polling interval when webhooks are off.")
@@ -68,12 +81,20 @@ class Settings(BaseSettings):
                              "the login name. Set it in CI and on workers.")
     # NoDecode: KILN_APPROVERS=alice,bob stays a comma list, as it always was (JSON lists work too).
     approvers: Annotated[list[str] | None, NoDecode] = Field(None, description=(
-        "Users allowed to approve or reject a challenger (a list, or alice,bob); beats the approval policy "
-        "file. Unset there too: nobody may approve."))
-    four_eyes: bool | None = Field(None, description="An approver must not be who triggered the run that built "
-                                   "the version; beats the approval policy file (default there: false).")
+        "Principals of allowed_signers who may approve or reject a challenger (a list, or alice,bob); beats the "
+        "approval policy file. Unset there too: every principal allowed_signers lists for kiln-approval."))
+    four_eyes: bool | None = Field(None, description="Whoever requested the work (signed request) may not approve "
+                                   "it, and without a signed request two approvers must; beats the approval policy "
+                                   "file (default there: false).")
     approval_policy: Path | None = Field(None, description="Approval policy YAML (approvers:, four_eyes:); "
                                          "default: <home>/approvers.yaml when present.")
+    allowed_signers: Path | None = Field(None, description=(
+        "The approvers' public keys, ssh-keygen's allowed_signers format (`PRINCIPAL KEYTYPE PUBLICKEY` per line, "
+        "as git uses): a decision, request or rollout command counts only when its signature verifies against "
+        "it. Default: <home>/allowed_signers."))
+    signing_key: Path | None = Field(None, description=(
+        "Your SSH private key (or its .pub, with the key in ssh-agent), used by `kiln approve|reject`, "
+        "`kiln rollout pause|resume|promote|abort` and `kiln optimize --sign`; --key overrides it."))
 
     @field_validator("approvers", mode="before")
     @classmethod
@@ -83,6 +104,41 @@ class Settings(BaseSettings):
         if value.lstrip().startswith("["):
             return json.loads(value)  # invalid JSON: a ValueError, reported as one line naming the field
         return [v.strip() for v in value.split(",") if v.strip()]
+
+    @field_validator("rollout_gateways", mode="before")
+    @classmethod
+    def _name_equals_url(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        if value.lstrip().startswith("{"):
+            return json.loads(value)  # invalid JSON: a ValueError, reported as one line naming the field
+        pairs = [item.partition("=") for item in value.split(",") if item.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError("write name=URL pairs separated by commas, e.g. default=http://127.0.0.1:8080")
+        return {name.strip(): url.strip() for name, _, url in pairs}
+
+    @field_validator("rollout_gateways")
+    @classmethod
+    def _gateway_names(cls, value: dict[str, AnyHttpUrl]) -> dict[str, AnyHttpUrl]:
+        for name, url in value.items():
+            if not _GATEWAY_NAME.fullmatch(name):
+                raise ValueError(f"gateway name {name!r}: use letters, digits, '.', '_' or '-'")
+            if url.username or url.password:
+                raise ValueError(f"gateway {name!r}: no credentials in the URL; the admin token is "
+                                 "KILN_GATEWAY_TOKEN")
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _repo_credentials(cls, data: Any) -> Any:
+        """Credentials in KILN_REPO move to ``repo_token``: ``repo`` is shown and recorded, a SecretStr never."""
+        repo = data.get("repo") if isinstance(data, dict) else None
+        public, credentials = split_credentials(repo) if isinstance(repo, str) else (repo, None)
+        if credentials is None:
+            return data
+        if data.get("repo_token"):
+            raise ValueError("repo carries credentials and repo_token is set too; keep one (KILN_REPO_TOKEN)")
+        return data | {"repo": public, "repo_token": credentials}
 
     @field_validator("home")
     @classmethod
@@ -105,6 +161,25 @@ class Settings(BaseSettings):
     def embedded(self) -> bool:
         """True when Kiln owns the store (SQLite under ``home``) rather than a configured server."""
         return self.tracking_uri is None
+
+    def gateways(self) -> dict[str, str]:
+        """The rollout's allow-list, name → base URL (default: the local gateway on ``gateway_port``)."""
+        if self.rollout_gateways:
+            return {name: str(url).rstrip("/") for name, url in self.rollout_gateways.items()}
+        return {"default": f"http://127.0.0.1:{self.gateway_port}"}
+
+    def gateway_url(self, name: str) -> str:
+        """The URL of the gateway called ``name``; a :class:`ConfigError` listing the known names otherwise."""
+        known = self.gateways()
+        if name not in known:
+            raise ConfigError(f"unknown gateway {name!r}; a rollout may drive only the gateways named in the "
+                              f"rollout_gateways setting: {', '.join(sorted(known))} (add it in kiln.yaml or "
+                              "KILN_ROLLOUT_GATEWAYS)")
+        return known[name]
+
+    def signers_file(self) -> Path:
+        """The approvers' allowed_signers file: the ``allowed_signers`` setting, else ``<home>/allowed_signers``."""
+        return self.allowed_signers or self.home / "allowed_signers"
 
     def ensure_dirs(self) -> None:
         for path in (self.home, self.artifact_root, self.cache_dir):
@@ -129,6 +204,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
         if not isinstance(file_values, dict):
             raise ConfigError(f"config file {path} must be a mapping of setting: value")
+        unknown = [unknown_key(key, list(Settings.model_fields)) for key in file_values
+                   if key not in Settings.model_fields]
+        if unknown:  # a misspelt setting is an error, not a silent default
+            raise ConfigError(f"config file {path}: {'; '.join(unknown)}")
     env_keys = {name for name in Settings.model_fields if f"KILN_{name.upper()}" in os.environ}
     # Environment beats the file: drop file keys that the environment sets.
     merged = {k: v for k, v in file_values.items() if k not in env_keys} | {
@@ -137,5 +216,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     try:
         return Settings(**merged)
     except ValidationError as exc:
-        problems = validation_problems(exc)
+        problems = validation_problems(exc, model=Settings)
         raise ConfigError(f"invalid settings ({problems}); fix the KILN_* variable or config file") from exc

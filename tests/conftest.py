@@ -60,3 +60,12 @@ def settings(tmp_path, monkeypatch):
     s = load_settings()
     s.ensure_dirs()
     return s
+
+
+@pytest.fixture
+def keys(settings, tmp_path):
+    """SSH keys for alice, bob and carol, listed in ``<KILN_HOME>/allowed_signers`` (the settings' default), and
+    an unlisted one for mallory (:class:`tests.keys.Keyring`)."""
+    from tests.keys import Keyring
+
+    return Keyring(tmp_path / "keys", settings.signers_file())

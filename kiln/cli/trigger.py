@@ -24,7 +24,8 @@ _SUCCESS = "COMPLETED"  # the one final state type that --wait reports as succes
 @handle_errors
 def retrain(
     sha: Annotated[str, typer.Option(help="Commit to retrain at, e.g. $GITHUB_SHA (7-64 hex digits).")],
-    repo: Annotated[str | None, typer.Option(help="Git repository, path or URL (default: KILN_REPO).")] = None,
+    repo: Annotated[str | None, typer.Option(help="Git repository, path or URL without credentials (default: "
+                                             "KILN_REPO); the worker clones with its KILN_REPO_TOKEN.")] = None,
     branch: Annotated[str | None, typer.Option(help="Branch the commit is on (recorded on the version).")] = None,
     config_path: Annotated[str, typer.Option(help="Training config inside the repository.")] = "kiln-train.yaml",
     model: Annotated[str | None, typer.Option(help="Base model NAME@ALIAS, overriding the config's.")] = None,
@@ -40,7 +41,8 @@ def retrain(
 
     Needs a Prefect server serving `retrain/kiln-retrain` (`kiln up`, or `kiln serve-flows` with
     PREFECT_API_URL set), unless `--local`. Exits 0 once started (with --wait or --local: once completed);
-    no Prefect API to start it on is bad input (2).
+    no Prefect API to start it on is bad input (2), and so is a --repo URL with credentials: the flow run
+    would store them; the worker's KILN_REPO_TOKEN (or credentials in its KILN_REPO) is what it clones with.
     """
     settings = load(config)
     params = _params(sha=sha, repo=repo, branch=branch, config_path=config_path, model=model,

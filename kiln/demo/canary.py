@@ -1,7 +1,7 @@
 """The demo's last act: two canary rollouts on loopback, one that promotes and one that rolls back.
 
     model servers (champion, challenger) ─► gateway ─► load generator replaying the test split (+ feedback)
-    rollout 1: the optimize run's @challenger ─► every step passes ─► promoted to @champion
+    rollout 1: the optimize run's @challenger, approved with the demo's own key ─► every step passes ─► promoted
     rollout 2: the same engine registered again, served with injected faults ─► rolled back, champion untouched
 
 Everything runs in this process on 127.0.0.1 (servers in threads, as in the tests); in production the
@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
-from pydantic import SecretStr
+from pydantic import AnyHttpUrl, SecretStr
 
+from kiln.demo import approver
 from kiln.infra.background import serving
 from kiln.infra.faults import Faults
 from kiln.infra.gateway import create_app as gateway_app
@@ -46,7 +47,7 @@ DEMO_SPEC = PRESETS / "rollout-demo.yaml"
 # What the sabotaged server does: a bad deploy that answers a third of rows wrongly and slowly.
 DEMO_FAULTS = Faults(wrong=0.3, latency_ms=25.0, seed=1)
 _COPIED_TAGS = (vocab.CANDIDATE_KEY, vocab.RECIPE, vocab.PRECISION, vocab.TASK, vocab.PARENT_VERSION, vocab.DATASET,
-                vocab.GATE, vocab.GATE_REASONS, vocab.METRICS, vocab.SHA256, vocab.STAGES)
+                vocab.GATE, vocab.GATE_REASONS, vocab.METRICS, vocab.SHA256, vocab.PACKAGE_DIGEST, vocab.STAGES)
 
 
 @dataclass
@@ -86,8 +87,10 @@ def run_canary(settings: Settings, name: str, texts: list[str], labels: list[str
                                    name="demo-traffic")
         traffic.start()
         try:
-            run_settings = settings.model_copy(update={"gateway_token": SecretStr(token)})
-            state = run_rollout(RolloutParams(model=name, spec=str(spec), gateway=url, poll_s=0.5,
+            # The demo is the operator here: its gateway (random port) goes into the settings' allow-list.
+            run_settings = settings.model_copy(update={"gateway_token": SecretStr(token),
+                                                       "rollout_gateways": {"demo": AnyHttpUrl(url)}})
+            state = run_rollout(RolloutParams(model=name, spec=str(spec), gateway="demo", poll_s=0.5,
                                               actor="kiln-demo"), run_settings, echo=echo)
         finally:
             stop.set()
@@ -116,13 +119,15 @@ def register_broken_copy(client: MlflowClient, name: str, of_version: str, home:
 def canary_demo(settings: Settings, name: str, texts: list[str], labels: list[str], *, spec: Path = DEMO_SPEC,
                 rate_per_s: float = 40.0, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Both rollouts; returns their end states (and skips the first when there is nothing to roll out)."""
+    settings = approver.demo_settings(settings)  # the demo's own key is the only approver it trusts
     client = registry.connect(settings)
     aliases = registry.aliases_of(client, name)
     out: dict[str, Any] = {}
     engine = aliases.get(vocab.CHALLENGER)  # the gated engine the broken copy reuses
     if aliases.get(vocab.CHALLENGER) and aliases.get(vocab.CHALLENGER) != aliases.get(vocab.CHAMPION):
         echo(f"\n── canary 1: v{aliases[vocab.CHALLENGER]} (from optimize) against champion "
-             f"v{aliases.get(vocab.CHAMPION)} ──")
+             f"v{aliases.get(vocab.CHAMPION)}, approved with the demo's key ──")
+        approver.approve(client, settings, name, aliases[vocab.CHALLENGER])
         good = run_canary(settings, name, texts, labels, spec=spec, rate_per_s=rate_per_s, echo=echo)
         out["rollout"] = _summary(good)
     else:

@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from kiln.errors import ConfigError, validation_problems
+from kiln.errors import ConfigError, known_keys, unknown_key, validation_problems
 from kiln.tasks.core.cache import StageCache, code_version, make_key
 from kiln.tasks.core.stages import Artifact, Stage, StageContext, StageResult
 from kiln.tasks.presets import PRESETS as _PRESET_DIR
@@ -68,32 +68,42 @@ PARAMS: dict[str, str] = {
 }
 
 
-class StageSpec(BaseModel):
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # `stage:` for `stages:` is an error, not a recipe without stages
+
+
+class StageSpec(_Strict):
     """One step of a recipe."""
 
     stage: str = Field(..., description=f"Stage name, one of: {', '.join(sorted(STAGES))}.")
     params: dict[str, Any] = Field(default_factory=dict, description="The stage's parameters.")
 
 
-class Recipe(BaseModel):
+class Recipe(_Strict):
     """A named, ordered list of stages that turns the source model into one candidate."""
 
     name: str
     description: str = ""
     stages: list[StageSpec] = Field(..., min_length=1)
+    _file: Path | None = PrivateAttr(None)  # the YAML file it came from, named in errors
+
+    @property
+    def label(self) -> str:
+        """``recipe 'int8-dynamic'`` (``in FILE`` when read from a file)."""
+        return f"recipe {self.name!r}" + (f" in {self._file}" if self._file else "")
 
     def validate_stages(self) -> None:
         for spec in self.stages:
             if spec.stage in UNSUPPORTED:
-                raise ConfigError(f"recipe {self.name!r}: {UNSUPPORTED[spec.stage]}")
+                raise ConfigError(f"{self.label}: {UNSUPPORTED[spec.stage]}")
         unknown = [s.stage for s in self.stages if s.stage not in STAGES]
         if unknown:
-            raise ConfigError(f"recipe {self.name!r} uses unknown stage(s) {unknown}; known: {sorted(STAGES)}")
+            raise ConfigError(f"{self.label} uses unknown stage(s) {unknown}; known: {sorted(STAGES)}")
         if not any(s.stage == "export" for s in self.stages):
-            raise ConfigError(f"recipe {self.name!r} never exports: add an 'export' stage")
+            raise ConfigError(f"{self.label} never exports: add an 'export' stage")
         for i, spec in enumerate(self.stages):
             if spec.stage in PARAMS:
-                _parse_params(self.name, i, spec)
+                _parse_params(self.label, i, spec)
 
     def check_against(self, model_config: Any) -> None:
         """Refuse parameters the model cannot satisfy (more layers than it has, too many heads, …).
@@ -103,19 +113,24 @@ class Recipe(BaseModel):
         """
         shape = _Shape.of(model_config)
         for i, spec in enumerate(self.stages):
-            where = f"recipe {self.name!r}, stage {i + 1} ({spec.stage})"
+            where = f"{self.label}, stage {i + 1} ({spec.stage})"
             if spec.stage in PARAMS:
-                shape.apply(spec.stage, _parse_params(self.name, i, spec), where)
+                shape.apply(spec.stage, _parse_params(self.label, i, spec), where)
 
 
-def _parse_params(recipe: str, index: int, spec: StageSpec) -> BaseModel:
+def _parse_params(label: str, index: int, spec: StageSpec) -> BaseModel:
+    """The stage's params model; a key it does not have is an error (whether or not the model forbids extras)."""
     module, cls = PARAMS[spec.stage].split(":")
     model = getattr(importlib.import_module(module), cls)
+    where = f"{label}, stage {index + 1} ({spec.stage})"
+    known = known_keys(model)
+    unknown = [unknown_key(key, known) for key in spec.params if key not in known]
+    if unknown:
+        raise ConfigError(f"{where}: {'; '.join(unknown)}")
     try:
-        return model(**spec.params)
+        return model.model_validate(spec.params)
     except ValidationError as exc:
-        problems = validation_problems(exc, "params")
-        raise ConfigError(f"recipe {recipe!r}, stage {index + 1} ({spec.stage}): {problems}") from exc
+        raise ConfigError(f"{where}: {validation_problems(exc, 'params', model=model)}") from exc
 
 
 @dataclass
@@ -163,10 +178,21 @@ def library(path: Path = PRESETS) -> dict[str, Recipe]:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read recipe file {path}: {exc}") from exc
-    try:
-        return {name: Recipe(name=name, **body) for name, body in raw.items()}
-    except (ValidationError, TypeError) as exc:
-        raise ConfigError(f"recipe file {path} is invalid: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe file {path} must map recipe names to {{description: ..., stages: [...]}}")
+    recipes = {}
+    for name, body in raw.items():
+        if not isinstance(body, dict) or "name" in body:
+            raise ConfigError(f"recipe file {path}: recipe {name!r} must be a mapping with 'stages' (and "
+                              "optionally 'description'); its name is its key")
+        try:
+            recipe = Recipe.model_validate({**body, "name": str(name)})
+        except ValidationError as exc:
+            problems = validation_problems(exc, model=Recipe)
+            raise ConfigError(f"recipe file {path} is invalid: recipe {name!r}: {problems}") from exc
+        recipe._file = None if path == PRESETS else path  # Kiln's own presets need no file name
+        recipes[str(name)] = recipe
+    return recipes
 
 
 def resolve_recipes(names: list[str], extra: Path | None = None) -> list[Recipe]:

@@ -9,6 +9,7 @@ Imports nothing from Kiln: every layer may use it.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 # ── aliases: the state of a registered model ─────────────────────────────────────────────────────────
@@ -27,6 +28,7 @@ METRICS = "kiln.metrics"  # JSON: the candidate's measured metrics
 STAGES = "kiln.stages"  # JSON: each stage with its params and metrics
 SHA256 = "kiln.sha256"  # JSON: the package's file checksums (checked on every download)
 SOURCE_SHA256 = "kiln.source_sha256"  # checksum of a registered folder's weights
+PACKAGE_DIGEST = "kiln.package_digest"  # sha256 of the package's kiln.json bytes: pins the whole package
 ORIGIN = "kiln.origin"  # the local folder a source version was registered from
 GIT_COMMIT = "kiln.git_commit"  # Kiln's own commit that built the engine
 TRIGGERED_BY = "kiln.triggered_by"  # who or what started the work (four-eyes review reads it)
@@ -51,6 +53,16 @@ PROMOTE_FLOW_RUN = "kiln.promote_flow_run"  # the paused promote flow run that w
 # Approval values; a decision is also logged as the audit event of the same name.
 APPROVED, REJECTED, NOT_APPROVED = "approved", "rejected", "not_approved"
 REFUSED = "refused"  # an approval by someone not allowed, reset by the promote flow
+PENDING = "pending"  # signed approvals are in, but not yet enough (four-eyes without an authenticated trigger)
+# The summary above is for people; what counts is the signed decisions. One slot per signer (decision_tag),
+# each a JSON {statement, signature}; written before kiln.approval, which is written last.
+DECISION_PREFIX = "kiln.decision."
+
+# ── model-version tags: nominations (each time a version becomes @challenger) and signed requests ───
+NOMINATION = "kiln.nomination"  # id of the version's open nomination; a decision names the one it answers
+NOMINATED_AT = "kiln.nominated_at"
+REQUEST = "kiln.request"  # JSON {statement, signature}: the signed request that started the work (four-eyes)
+REQUEST_ID = "kiln.request_id"  # that request's id: one request authenticates one version
 
 # ── model-version tags: promotion and rollback (the latest of each per version) ─────────────────────
 PROMOTED_AT, PROMOTED_BY, PROMOTION_REASON = "kiln.promoted_at", "kiln.promoted_by", "kiln.promotion_reason"
@@ -78,11 +90,18 @@ ROLLOUT_WEIGHT = ROLLOUT_PREFIX + "weight"  # percent of live traffic on the cha
 ROLLOUT_MESSAGE = ROLLOUT_PREFIX + "message"
 ROLLOUT_REASON = ROLLOUT_PREFIX + "reason"  # why it was rolled back or aborted
 ROLLOUT_ENDED_AT = ROLLOUT_PREFIX + "ended_at"
-ROLLOUT_COMMAND = ROLLOUT_PREFIX + "command"  # pause | resume | promote | abort, consumed by the driver
+ROLLOUT_COMMAND = ROLLOUT_PREFIX + "command"  # a signed pause | resume | promote | abort, consumed by the driver
+ROLLOUT_ID = ROLLOUT_PREFIX + "id"  # the running rollout's id: a command names the rollout it is for
+ROLLOUT_NOTE = ROLLOUT_PREFIX + "note"  # the last command the driver ignored, and why
 
-# ── registered-model tags: the promotion lock (a registered model named ``kiln-lock.NAME``) ─────────
-LOCK_OWNER = "kiln.lock_owner"
-LOCK_EXPIRES = "kiln.lock_expires"  # epoch seconds; an expired lock may be broken
+# ── registered-model tags: the model's lease (a registered model named LEASE_MODEL_PREFIX + NAME) ──
+LEASE_MODEL_PREFIX = "kiln-lease."  # the registered model that is NAME's lease while it exists
+LEASE_OWNER = "kiln.lease_owner"  # host:pid:nonce of the holding process
+LEASE_PURPOSE = "kiln.lease_purpose"  # one of LEASE_PURPOSES
+LEASE_VERSION = "kiln.lease_version"  # the version the holder acts on ("" when none)
+LEASE_EXPIRES = "kiln.lease_expires"  # epoch seconds; renewed while held, an expired lease may be taken over
+LEASE_RENEWED_AT = "kiln.lease_renewed_at"  # epoch seconds of the last renewal
+LEASE_PURPOSES = ("publish", "promote", "rollout", "rollback")
 
 # ── run tags: MLflow runs of optimize and of rollouts ────────────────────────────────────────────────
 RUN_MODEL = "kiln.model"  # the model reference the run works on (set before any version exists)
@@ -100,11 +119,19 @@ EVENT_ROLLED_BACK = "rolled_back"
 EVENT_RESTORED = "restored"
 EVENT_CANARY_PROMOTED = "canary_promoted"
 EVENT_CANARY_ROLLED_BACK = "canary_rolled_back"
+EVENT_LEASE_BROKEN = "lease_broken"  # `kiln lease break`: an operator cleared a lease
+EVENT_ROLLOUT_COMMAND_IGNORED = "rollout_command_ignored"  # unsigned, foreign or replayed rollout command
 
 
 def rollout_command_event(command: str) -> str:
     """The audit event of a rollout command (``rollout_pause``, ``rollout_abort``, ...)."""
     return f"rollout_{command}"
+
+
+def decision_tag(principal: str) -> str:
+    """The tag holding ``principal``'s signed decision on a version (a hash: principals may hold characters
+    that tag names may not)."""
+    return DECISION_PREFIX + hashlib.sha256(principal.encode()).hexdigest()[:16]
 
 
 def gate_passed(tags: Mapping[str, str]) -> bool:

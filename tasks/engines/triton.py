@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import onnx
 
 from kiln.errors import ArtifactError, ConfigError
+from kiln.tasks.engines.base import sha256_file
 from kiln.tasks.engines.tensorrt.plan import metadata_path, read_metadata
 
 PLATFORMS = {".onnx": "onnxruntime_onnx", ".plan": "tensorrt_plan"}
@@ -106,7 +107,7 @@ def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
 def write_triton_repository(
     engine_path: Path, repo_dir: Path, model_name: str, version: int, *, max_batch_size: int = 0,
     instance_count: int = 1, instance_kind: str | None = None, dynamic_batching: bool = False,
-    source_onnx: Path | None = None,
+    source_onnx: Path | None = None, checksums: Mapping[str, str] | None = None,
 ) -> Path:
     """Put ``engine_path`` (``.onnx`` or ``.plan``) into a Triton repository as ``model_name/version``.
 
@@ -121,6 +122,9 @@ def write_triton_repository(
         instance_kind: ``KIND_GPU``, ``KIND_CPU`` or ``KIND_AUTO``; default GPU for plans, AUTO for ONNX.
         dynamic_batching: let Triton merge requests (needs ``max_batch_size`` > 0).
         source_onnx: for a plan, the ONNX it was built from, to read inputs/outputs from.
+        checksums: the sha256 of each file of the engine's folder by relative path (a Kiln package's verified
+            ``kiln.json``); when given, every file written into the repository must be listed there and match
+            it, read back from the repository, or the version folder is removed and :class:`ArtifactError` raised.
 
     Returns:
         The model's folder, ``repo_dir/model_name``.
@@ -148,9 +152,24 @@ def write_triton_repository(
     if dynamic_batching:
         config["dynamic_batching"] = {}
     version_dir.mkdir(parents=True)
-    _copy_engine(engine_path, version_dir, platform)
+    try:
+        copied = _copy_engine(engine_path, version_dir, platform)
+        if checksums is not None:
+            _check_copies(copied, checksums, engine_path.parent)
+    except Exception:
+        shutil.rmtree(version_dir, ignore_errors=True)  # no half-written or unverified version for Triton to load
+        raise
     (model_dir / "config.pbtxt").write_text(render_config_pbtxt(config))
     return model_dir
+
+
+def _check_copies(copied: dict[str, Path], checksums: Mapping[str, str], source: Path) -> None:
+    for name, target in copied.items():
+        if name not in checksums:
+            raise ArtifactError(f"{source / name} is not listed in the package's checksums; re-register the model")
+        if sha256_file(target) != checksums[name]:
+            raise ArtifactError(f"{name} copied from {source} does not match its recorded sha256 (changed during "
+                                "the export?); export again, or re-register the model")
 
 
 def _check_args(engine_path: Path, platform: str | None, model_name: str, version: int, max_batch_size: int,
@@ -181,20 +200,27 @@ def _tensor_config(tensor: TensorSpec, max_batch_size: int) -> dict[str, Any]:
     return {"name": tensor.name, "data_type": _Enum(TRITON_TYPES[tensor.dtype]), "dims": dims}
 
 
-def _copy_engine(engine_path: Path, version_dir: Path, platform: str) -> None:
+def _copy_engine(engine_path: Path, version_dir: Path, platform: str) -> dict[str, Path]:
+    """Copy the engine (and what travels with it) into ``version_dir``; returns source name (relative to the
+    engine's folder) → copy."""
     if platform == "tensorrt_plan":
-        shutil.copy2(engine_path, version_dir / "model.plan")
+        copied = {engine_path.name: version_dir / "model.plan"}
         if metadata_path(engine_path).is_file():  # Kiln re-checks GPU/TensorRT compatibility from it
-            shutil.copy2(metadata_path(engine_path), version_dir / "model.plan.json")
-        return
+            copied[metadata_path(engine_path).name] = version_dir / "model.plan.json"
+        for name, target in copied.items():
+            shutil.copy2(engine_path.parent / name, target)
+        return copied
     # Tensor locations are relative to the model file, so renaming it to model.onnx keeps them valid.
     shutil.copy2(engine_path, version_dir / "model.onnx")
+    copied = {engine_path.name: version_dir / "model.onnx"}
     for data in external_data_files(engine_path):
         if not data.is_file():
             raise ArtifactError(f"{engine_path.name} needs external data {data.name}, which is missing")
         target = version_dir / data.relative_to(engine_path.parent)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(data, target)
+        copied[data.relative_to(engine_path.parent).as_posix()] = target
+    return copied
 
 
 def render_config_pbtxt(config: dict[str, Any]) -> str:

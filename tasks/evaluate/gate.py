@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kiln.errors import ConfigError, validation_problems
 from kiln.tasks.core.stages import TaskType
@@ -77,17 +77,21 @@ class Clause:
         return base - k if op == "-" else base + k if op == "+" else base * k
 
 
-class ParityTolerance(BaseModel):
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # `clause:` for `clauses:` is an error, not a policy that passes all
+
+
+class ParityTolerance(_Strict):
     max_abs: float | None = Field(None, gt=0, description="Largest allowed |Δ| of any output value.")
     top1_agreement: float | None = Field(None, ge=0, le=1, description="Smallest allowed top-1 agreement.")
 
 
-class Objective(BaseModel):
+class Objective(_Strict):
     metric: str = "latency_p50_ms"
     goal: Literal["minimize", "maximize"] = "minimize"
 
 
-class Policy(BaseModel):
+class Policy(_Strict):
     """A gate policy: which candidates may become challenger, and which of them is best."""
 
     objective: Objective = Field(default_factory=Objective, description="How to rank passing candidates.")
@@ -129,9 +133,9 @@ def load_policy(path: Path | None, task: TaskType) -> Policy:
     if not isinstance(raw, dict):
         raise ConfigError(f"policy file {path} must be a mapping with 'clauses', 'objective', 'parity'")
     try:
-        policy = Policy(**raw)
+        policy = Policy.model_validate(raw)
     except ValidationError as exc:
-        problems = validation_problems(exc)
+        problems = validation_problems(exc, model=Policy)
         raise ConfigError(f"policy file {path} is invalid: {problems}") from exc
     policy.check_metrics(task)
     return policy

@@ -1,141 +1,167 @@
-"""Promotion: who may approve a challenger, recording the decision, and promoting or rolling back.
+"""Promotion: signed decisions on a challenger, and promoting or rolling back.
 
-    approve / reject (policy-checked, recorded) ─► promote: champion → previous, challenger → champion
+    sign_decision ─► record_decision: verified as any reader verifies it, then written (kiln.approval last)
+    promote: the registry's signed decisions say approved ─► champion → previous, challenger → champion
     rollback: previous → champion (the demoted version keeps no alias; it is tagged rolled back)
 
-This module decides whether a move may happen (gate passed, approved) and records it (tags and audit
-log); the move itself is :mod:`kiln.tasks.registry.aliases`, under the model's lock, with an optimistic
-check that the aliases read here before deciding are still the aliases when the lock is taken.
+Whether a move may happen is read from the registry alone, by every path that moves an alias toward
+champion (the promote flow and CLI, the end of a canary, a manual ``kiln rollout promote``):
+:func:`~kiln.tasks.lifecycle.approvals.decision_state` verifies each signed decision against the approvers'
+keys and counts only those on the version's current nomination, for its pinned package. Tags typed by
+hand never approve. The move itself is :mod:`kiln.tasks.registry.aliases`, under the model's lease, with
+an optimistic check that the aliases read here before deciding are still the aliases when it is taken.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import mlflow
-import yaml
 from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel, Field, ValidationError, field_validator
 
-from kiln.errors import ConfigError, validation_problems
+from kiln.errors import ConfigError
 from kiln.settings import Settings, load_settings
 from kiln.tasks.core import tags as vocab
+from kiln.tasks.lifecycle import approvals
+from kiln.tasks.lifecycle.approvals import DecisionState, DecisionStatement, Signed, Trust
+from kiln.tasks.lifecycle.approvers import ApprovalPolicy, ApprovalRefused, load_approval_policy
+from kiln.tasks.lifecycle.review import champion_metrics, metrics_table, review_markdown
 from kiln.tasks.registry import aliases, audit
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.audit import AuditEvent, AuditLog
-from kiln.tasks.registry.lock import PromotionConflict, PromotionError
+from kiln.tasks.registry.lease import ModelLease
+from kiln.tasks.registry.lease_record import PromotionConflict, PromotionError
+from kiln.tasks.registry.nominations import close_nomination, current_nomination
+from kiln.tasks.registry.pins import pinned_digest
 
-log = logging.getLogger(__name__)
-
-
-class ApprovalRefused(PromotionError):
-    """The approver is not allowed to decide on this version."""
-
-
-# ── who may approve ──────────────────────────────────────────────────────────────────────────────────
-class ApprovalPolicy(BaseModel):
-    """Who may approve or reject a challenger."""
-
-    approvers: list[str] = Field(default_factory=list, description="Users allowed to decide; empty: nobody.")
-    four_eyes: bool = Field(False, description="The approver must not be who triggered the run that built it.")
-
-    @field_validator("approvers", mode="before")
-    @classmethod
-    def _split(cls, value: Any) -> Any:
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
-
-    def check(self, approver: str, triggered_by: str | None, *, decision: str = vocab.APPROVED) -> None:
-        """Raise :class:`ApprovalRefused` naming the rule broken. Four-eyes applies to approvals only:
-        rejecting your own work is always safe."""
-        if not self.approvers:
-            raise ApprovalRefused("no approvers are configured; list them in KILN_APPROVERS=alice,bob, "
-                                  "in kiln.yaml (approvers: [alice, bob]) or in <KILN_HOME>/approvers.yaml")
-        if approver not in self.approvers:
-            raise ApprovalRefused(f"{approver!r} may not approve (approvers: {', '.join(self.approvers)})")
-        if self.four_eyes and decision == vocab.APPROVED:
-            if not triggered_by:
-                raise ApprovalRefused("four-eyes review is on but nobody is recorded as having triggered this "
-                                      f"version (tag {vocab.TRIGGERED_BY}); set the tag or KILN_FOUR_EYES=false")
-            if triggered_by == approver:
-                raise ApprovalRefused(f"four-eyes review: {approver!r} triggered this version and may not "
-                                      "approve it; ask another approver")
-
-
-def load_approval_policy(home: Path | None = None, path: Path | None = None, *,
-                         settings: Settings | None = None) -> ApprovalPolicy:
-    """The policy from a YAML file, with the ``approvers`` / ``four_eyes`` settings on top when they are set.
-
-    Args:
-        home: Project folder whose ``approvers.yaml`` is the default file; default: ``settings.home``.
-        path: The policy file; default: the ``approval_policy`` setting, else ``<home>/approvers.yaml``.
-        settings: Where ``approvers``, ``four_eyes`` and ``approval_policy`` come from (``KILN_APPROVERS``,
-            ``KILN_FOUR_EYES``, ``KILN_APPROVAL_POLICY`` or kiln.yaml); default: :func:`load_settings`.
-            Settings beat the file, as the environment beats kiln.yaml.
-    """
-    settings = settings or load_settings()
-    home = home or settings.home
-    path = path or settings.approval_policy
-    if path is None and (home / "approvers.yaml").is_file():
-        path = home / "approvers.yaml"
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"approval policy {path} is unreadable ({exc}); fix or remove it") from exc
-        if not isinstance(values, dict):
-            raise ConfigError(f"approval policy {path} must be a mapping with approvers: and four_eyes:")
-    values |= {key: value for key in ("approvers", "four_eyes") if (value := getattr(settings, key)) is not None}
-    try:
-        return ApprovalPolicy(**values)
-    except ValidationError as exc:
-        problems = validation_problems(exc)
-        raise ConfigError(f"invalid approval policy {path} ({problems}); fix the file") from exc
-
-
-def triggered_by(client: MlflowClient, version: ModelVersion) -> str | None:
-    """Who started the work that built ``version``: tag ``kiln.triggered_by``, else its run's user."""
-    if version.tags.get(vocab.TRIGGERED_BY):
-        return version.tags[vocab.TRIGGERED_BY]
-    run_id = version.tags.get(vocab.RUN_ID) or version.run_id
-    if run_id:
-        with contextlib.suppress(MlflowException):
-            user = client.get_run(run_id).data.tags.get("mlflow.user")
-            if user and user != "unknown":
-                return user
-    return None
+__all__ = ["ApprovalPolicy", "ApprovalRefused", "DecisionState", "PromotionConflict", "PromotionError",
+           "champion_metrics", "decide", "decision_on", "load_approval_policy", "mark_not_approved",
+           "metrics_table", "promote", "record_decision", "refusal", "refuse_if_rejected", "review_markdown",
+           "rollback", "sign_decision"]
 
 
 # ── decisions ────────────────────────────────────────────────────────────────────────────────────────
-def decide(client: MlflowClient, name: str, version: str, *, decision: Literal["approved", "rejected"],
-           approver: str, reason: str, policy: ApprovalPolicy | None = None, home: Path | None = None) -> ModelVersion:
-    """Approve or reject ``name`` v``version`` after checking ``policy``; refusals are logged too."""
-    home = home or load_settings().home
-    book = AuditLog.under(home)
+def decision_on(client: MlflowClient, name: str, version: str, settings: Settings | None = None) -> DecisionState:
+    """What the verified decisions on ``name`` v``version``'s current nomination add up to."""
+    settings = settings or load_settings()
+    return approvals.decision_state(client, client.get_model_version(name, str(version)),
+                                    Trust.from_settings(settings))
+
+
+def sign_decision(client: MlflowClient, name: str, version: str, *, decision: Literal["approved", "rejected"],
+                  reason: str, key: Path | None = None, settings: Settings | None = None,
+                  approver: str | None = None) -> Signed:
+    """Sign a decision on ``name`` v``version``'s current nomination with ``key`` (default: the ``signing_key``
+    setting), after the checks its readers will make; writes nothing to the registry.
+
+    The signer is whoever the approvers' allowed_signers file lists for the key; ``approver`` only
+    cross-checks it (:class:`ApprovalRefused` when it differs). Refusals are logged.
+    """
+    settings = settings or load_settings()
     if not reason.strip():
         raise ConfigError("give a --reason: the decision is recorded for whoever reads the history")
+    key = key or settings.signing_key
+    if key is None:
+        raise ConfigError("no signing key: set KILN_SIGNING_KEY (or signing_key in kiln.yaml) to your SSH private "
+                          "key, or pass --key PATH; decisions are signed statements, not names")
+    trust = Trust.from_settings(settings)
     mv = registry.resolve(client, registry.ModelRef(name, version=str(version)))
     version = str(mv.version)  # the SQL store answers with an int
-    policy = policy or load_approval_policy(home)
+    digest = pinned_digest(mv.tags, f"{name} v{version}")
+    nomination = current_nomination(mv.tags)
+    if nomination is None:
+        raise PromotionError(f"{name} v{version} has no open nomination, so there is nothing to decide: only a "
+                             "version Kiln nominated as @challenger (and not promoted or rolled back since) can be")
+    with _refusals_logged(settings.home, name, version, approver or str(key), decision, reason):
+        principal = approvals.whose_key(key, trust, approver)
+    with _refusals_logged(settings.home, name, version, principal, decision, reason):
+        _check(client, mv, trust, principal, decision)
+    return approvals.sign(DecisionStatement(model=name, version=version, digest=digest, decision=decision,
+                                            reason=reason.strip(), at=audit.now_iso(), nomination=nomination,
+                                            signer=principal), key)
+
+
+def record_decision(client: MlflowClient, signed: Signed, *, settings: Settings | None = None,
+                    model: str | None = None, version: str | None = None) -> DecisionState:
+    """Verify ``signed`` exactly as promotion will, then write it; returns where the decisions now stand.
+
+    ``model`` / ``version``: what the caller waits on (a promote run's form); a decision on anything else is
+    refused. Write order: approver, reason and time, then the signed statement (one tag: statement and
+    signature together), then ``kiln.approval`` last, so a crash half-way leaves no decision readers accept.
+    """
+    settings = settings or load_settings()
+    trust = Trust.from_settings(settings)
+    claimed = _claimed(signed)
+    if claimed is None:
+        raise ApprovalRefused("not a signed decision statement")
+    with _refusals_logged(settings.home, claimed.model, claimed.version, f"{claimed.signer} (unverified)",
+                          claimed.decision, claimed.reason):
+        statement = approvals.open_signed(signed, DecisionStatement, trust)
+        if model is not None and (statement.model, statement.version) != (model, str(version)):
+            raise ApprovalRefused(f"this decision is on {statement.model} v{statement.version}, not {model} "
+                                  f"v{version}")
+    name, version = statement.model, statement.version
+    mv = registry.resolve(client, registry.ModelRef(name, version=version))
+    with _refusals_logged(settings.home, name, version, statement.signer, statement.decision, statement.reason):
+        digest = pinned_digest(mv.tags, f"{name} v{version}")
+        if statement.digest != digest:
+            raise ApprovalRefused(f"this decision was signed for package {statement.digest[:12]}…, but {name} "
+                                  f"v{version} is pinned to {digest[:12]}…; decide on what the registry holds")
+        if statement.nomination != current_nomination(mv.tags):
+            raise ApprovalRefused(f"this decision answers nomination {statement.nomination[:8]}…, not {name} "
+                                  f"v{version}'s current one (it was re-nominated, promoted or rolled back "
+                                  "since); decide again")
+        _check(client, mv, trust, statement.signer, statement.decision)
+    for key, value in ((vocab.APPROVER, statement.signer), (vocab.APPROVAL_REASON, statement.reason),
+                       (vocab.APPROVAL_AT, statement.at), (vocab.decision_tag(statement.signer), signed.tag())):
+        client.set_model_version_tag(name, version, key, value)
+    state = approvals.decision_state(client, client.get_model_version(name, version), trust)
+    audit.record(client, AuditLog.under(settings.home),
+                 AuditEvent(name, version, statement.decision, statement.signer, statement.reason, statement.at,
+                            {"nomination": statement.nomination, "outcome": state.outcome}),
+                 {vocab.APPROVAL: state.outcome})  # last: the decision is complete once this is written
+    return state
+
+
+def _claimed(signed: Signed) -> DecisionStatement | None:
+    """What ``signed`` claims, before it is verified: only to say, in the audit log, what was refused."""
     try:
-        policy.check(approver, triggered_by(client, mv), decision=decision)
-    except ApprovalRefused as exc:
-        book.append(AuditEvent(name, version, vocab.EVENT_APPROVAL_REFUSED, approver, str(exc),
-                               details={"decision": decision, "given_reason": reason}))
-        raise
+        return DecisionStatement.model_validate_json(signed.statement)
+    except ValueError:
+        return None
+
+
+def decide(client: MlflowClient, name: str, version: str, *, decision: Literal["approved", "rejected"],
+           reason: str, key: Path | None = None, settings: Settings | None = None,
+           approver: str | None = None) -> DecisionState:
+    """Sign a decision with ``key`` and record it (:func:`sign_decision`, then :func:`record_decision`)."""
+    settings = settings or load_settings()
+    signed = sign_decision(client, name, version, decision=decision, reason=reason, key=key, settings=settings,
+                           approver=approver)
+    return record_decision(client, signed, settings=settings)
+
+
+def _check(client: MlflowClient, mv: ModelVersion, trust: Trust, principal: str, decision: str) -> None:
+    """The approval policy (may ``principal`` decide; four-eyes) and, for approvals, the gate."""
+    requester, _ = approvals.requester_of(client, mv, trust)
+    trust.policy.check(principal, requester, decision=decision)
     if decision == vocab.APPROVED and not vocab.gate_passed(mv.tags):
-        raise PromotionError(f"{name} v{mv.version} did not pass its gate ({vocab.GATE}="
-                             f"{mv.tags.get(vocab.GATE, 'missing')}); only a gated challenger can be approved")
-    audit.record(client, book, AuditEvent(name, version, decision, approver, reason),
-                 {vocab.APPROVAL: decision, vocab.APPROVER: approver, vocab.APPROVAL_REASON: reason,
-                  vocab.APPROVAL_AT: audit.now_iso()})
-    return client.get_model_version(name, version)
+        raise ApprovalRefused(f"{mv.name} v{mv.version} did not pass its gate ({vocab.GATE}="
+                              f"{mv.tags.get(vocab.GATE, 'missing')}); only a gated challenger can be approved")
+
+
+@contextmanager
+def _refusals_logged(home: Path, name: str, version: str, actor: str, decision: str, reason: str) -> Iterator[None]:
+    """Log an :class:`ApprovalRefused` raised inside the block as an ``approval_refused`` audit event."""
+    try:
+        yield
+    except ApprovalRefused as exc:
+        AuditLog.under(home).append(AuditEvent(name, version, vocab.EVENT_APPROVAL_REFUSED, actor, str(exc),
+                                               details={"decision": decision, "given_reason": reason}))
+        raise
 
 
 def mark_not_approved(client: MlflowClient, name: str, version: str, reason: str, home: Path) -> None:
@@ -145,16 +171,46 @@ def mark_not_approved(client: MlflowClient, name: str, version: str, reason: str
                   vocab.APPROVAL_AT: audit.now_iso()})
 
 
+def refusal(state: DecisionState, mv: ModelVersion) -> str | None:
+    """Why ``mv`` may not be promoted on ``state`` (None: it may). Besides approved signed decisions, the
+    decision must be complete: ``kiln.approval``, written last, must say so too."""
+    name, version = mv.name, mv.version
+    if state.outcome == vocab.REJECTED:
+        return f"{name} v{version} was rejected ({state.why}); a rejected version is never promoted"
+    if state.outcome != vocab.APPROVED:
+        return f"{name} v{version} is not approved: {state.explain()}; run `kiln approve {name} {version}`"
+    if mv.tags.get(vocab.APPROVAL) != vocab.APPROVED:
+        return (f"the decision on {name} v{version} is incomplete ({vocab.APPROVAL}="
+                f"{mv.tags.get(vocab.APPROVAL, 'none')}: its recording stopped half-way); run `kiln approve` again")
+    return None
+
+
+def refuse_if_rejected(client: MlflowClient, name: str, settings: Settings | None = None) -> None:
+    """:class:`PromotionError` when ``name``'s @challenger carries a valid signed rejection (a rollout of it
+    must not start); nothing when there is no challenger (whoever needs one says so)."""
+    version = registry.existing_aliases(client, name).get(vocab.CHALLENGER)
+    if version is None:
+        return
+    state = decision_on(client, name, version, settings)
+    if state.outcome == vocab.REJECTED:
+        raise PromotionError(f"{name} v{version} was rejected ({state.why}); a rejected version is never rolled "
+                             "out or promoted")
+
+
 # ── promotion and rollback ───────────────────────────────────────────────────────────────────────────
 def promote(client: MlflowClient, name: str, *, approver: str, reason: str, home: Path | None = None,
-            expected_challenger: str | None = None, require_approval: bool = True) -> ModelVersion:
+            expected_challenger: str | None = None, lease: ModelLease | None = None,
+            settings: Settings | None = None) -> ModelVersion:
     """``champion`` → ``previous``, ``challenger`` → ``champion``, ``challenger`` removed; returns the new champion.
 
-    Refuses (:class:`PromotionError`) without a challenger, with a challenger that failed its gate or is
-    not approved, and (:class:`PromotionConflict`) when another promotion holds the lock or the aliases
-    changed since they were read (e.g. a new challenger arrived while an approver was looking at the old one).
+    Refuses (:class:`PromotionError`) without a challenger, with a challenger that failed its gate, and unless
+    the signed decisions on its current nomination say approved (:func:`refusal`); and
+    (:class:`PromotionConflict`) when someone else holds the model's lease (a running rollout, another
+    promotion) or the aliases changed since they were read. ``lease``: the caller's own, already held (a
+    rollout's). ``approver``: who is recorded as promoting. The promoted version's nomination is closed.
     """
-    home = home or load_settings().home
+    settings = settings or load_settings()
+    home = home or settings.home
     before = registry.existing_aliases(client, name)
     target = before.get(vocab.CHALLENGER)
     if target is None:
@@ -167,10 +223,11 @@ def promote(client: MlflowClient, name: str, *, approver: str, reason: str, home
     if not vocab.gate_passed(mv.tags):
         raise PromotionError(f"{name} v{target} did not pass its gate "
                              f"({vocab.GATE}={mv.tags.get(vocab.GATE, 'missing')})")
-    if require_approval and mv.tags.get(vocab.APPROVAL) != vocab.APPROVED:
-        raise PromotionError(f"{name} v{target} is not approved ({vocab.APPROVAL}="
-                             f"{mv.tags.get(vocab.APPROVAL, 'none')}); run `kiln approve {name} {target}`")
-    old = aliases.promote(client, name, home=home, expected=before)
+    why = refusal(approvals.decision_state(client, mv, Trust.from_settings(settings)), mv)
+    if why is not None:
+        raise PromotionError(why)
+    old = aliases.promote(client, name, home=home, expected=before, lease=lease)
+    close_nomination(client, name, target)  # answered: its decisions never count again
     book, at = AuditLog.under(home), audit.now_iso()
     if old and old != target:
         audit.record(client, book, AuditEvent(name, old, vocab.EVENT_DEMOTED, approver, reason, at, {"by": target}),
@@ -180,71 +237,27 @@ def promote(client: MlflowClient, name: str, *, approver: str, reason: str, home
     return client.get_model_version(name, target)
 
 
-def rollback(client: MlflowClient, name: str, *, actor: str, reason: str, home: Path | None = None) -> ModelVersion:
+def rollback(client: MlflowClient, name: str, *, actor: str, reason: str, home: Path | None = None,
+             lease: ModelLease | None = None) -> ModelVersion:
     """Put ``previous`` back as ``champion`` in one move; returns the restored champion.
 
-    The demoted champion gets no alias (a version that was rolled back is not a rollback target, so a
-    second rollback fails rather than flipping back to it); ``previous`` is removed, ``challenger`` is
-    left alone. Both versions are tagged and logged.
+    The demoted champion gets no alias and its nomination is closed (a version that was rolled back is not
+    a rollback target, so a second rollback fails rather than flipping back to it, and its old approval never
+    promotes it again); ``previous`` is removed, ``challenger`` is left alone. Both versions are tagged and
+    logged.
     """
     home = home or load_settings().home
     before = registry.existing_aliases(client, name)
     target = before.get(vocab.PREVIOUS)
     if target is None:
         raise PromotionError(f"{name!r} has no @previous to roll back to (aliases: {aliases.describe(before)})")
-    bad = aliases.restore_previous(client, name, home=home, expected=before)
+    bad = aliases.restore_previous(client, name, home=home, expected=before, lease=lease)
     book, at = AuditLog.under(home), audit.now_iso()
     tags = {vocab.ROLLED_BACK_BY: actor, vocab.ROLLBACK_REASON: reason}
     if bad and bad != target:
+        close_nomination(client, name, bad)
         audit.record(client, book, AuditEvent(name, bad, vocab.EVENT_ROLLED_BACK, actor, reason, at,
                                               {"restored": target}), tags | {vocab.ROLLED_BACK_AT: at})
     audit.record(client, book, AuditEvent(name, target, vocab.EVENT_RESTORED, actor, reason, at, {"replaced": bad}),
                  tags | {vocab.RESTORED_AT: at})
     return client.get_model_version(name, target)
-
-
-# ── what the approver sees ───────────────────────────────────────────────────────────────────────────
-def metrics_table(champion: dict[str, float] | None, challenger: dict[str, float], champion_label: str = "champion",
-                  challenger_label: str = "challenger") -> str:
-    """A Markdown table: one row per metric, champion vs challenger, relative change."""
-    rows = [f"| metric | {champion_label} | {challenger_label} | change |", "|---|---:|---:|---:|"]
-    for key in sorted(set(challenger) | set(champion or {})):
-        new, old = challenger.get(key), (champion or {}).get(key)
-        change = f"{(new - old) / abs(old):+.1%}" if new is not None and old not in (None, 0) else "—"
-        rows.append(f"| {key} | {_num(old)} | {_num(new)} | {change} |")
-    return "\n".join(rows)
-
-
-def _num(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4g}"
-
-
-def champion_metrics(client: MlflowClient, challenger: ModelVersion, champion: ModelVersion | None) -> dict | None:
-    """The champion's metrics as measured in the challenger's own optimize run (same data, same machine),
-    else the champion's ``kiln.metrics`` tag."""
-    run_id = challenger.tags.get(vocab.RUN_ID)
-    if run_id:
-        with contextlib.suppress(Exception):  # no run, no summary: fall back to the tag
-            summary = mlflow.artifacts.load_dict(f"{client.get_run(run_id).info.artifact_uri}/summary.json")
-            if summary.get("champion"):
-                return summary["champion"]
-    if champion is not None and vocab.METRICS in champion.tags:
-        return json.loads(champion.tags[vocab.METRICS])
-    return None
-
-
-def review_markdown(client: MlflowClient, name: str, challenger: ModelVersion) -> str:
-    """What an approver needs: gate verdict with its reasons and the metric comparison."""
-    now = registry.aliases_of(client, name)
-    champion = client.get_model_version(name, now[vocab.CHAMPION]) if vocab.CHAMPION in now else None
-    tags = challenger.tags
-    reasons = json.loads(tags.get(vocab.GATE_REASONS, "[]"))
-    table = metrics_table(champion_metrics(client, challenger, champion), json.loads(tags.get(vocab.METRICS, "{}")),
-                          f"champion v{champion.version}" if champion else "champion (none)",
-                          f"challenger v{challenger.version}")
-    lines = [f"## Promote {name} v{challenger.version} ({tags.get(vocab.RECIPE, '?')}) to champion?", "",
-             f"Gate: **{tags.get(vocab.GATE, 'unknown')}**", ""] + [f"- {r}" for r in reasons] + ["", table]
-    if tags.get(vocab.RUN_ID):
-        report = f"{client.get_run(tags[vocab.RUN_ID]).info.artifact_uri}/report.html"
-        lines += ["", f"Full review (candidates, gate clauses, Pareto plots, data checks): [report.html]({report})"]
-    return "\n".join(lines)

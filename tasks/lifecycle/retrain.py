@@ -2,6 +2,8 @@
 
     commit ─► checkout (temp clone) ─► kiln-train.yaml ─► data (copied, digested) ─► fine-tune ─► register
 
+(The clone, and the credentials it is made with, are :mod:`kiln.tasks.lifecycle.checkout`.)
+
 A version is identified by what asked for it: the commit, the sha256 of the config file, the sha256 of
 the data file and the base model reference (``sentiment@champion``). A re-run with the same four finds
 the version it registered before instead of training again, even after the alias moved (``kiln.git_sha``
@@ -16,20 +18,17 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kiln.credentials import redact, split_credentials
 from kiln.errors import ConfigError, DataError, validation_problems
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.data.checks import DataCheckConfig
+from kiln.tasks.lifecycle.checkout import Checkout, public_repo
 from kiln.yamlfile import parse_yaml
 
 if TYPE_CHECKING:
@@ -52,7 +51,8 @@ class RetrainParams(BaseModel):
     """Which commit to retrain at (the Prefect UI draws this as a form)."""
 
     sha: str = Field(..., description="Commit to train at: a full or abbreviated (7+ hex digits) commit SHA.")
-    repo: str | None = Field(None, description="Git repository, path or URL; default: KILN_REPO.")
+    repo: str | None = Field(None, description="Git repository, path or URL without credentials (the worker "
+                             "adds its KILN_REPO_TOKEN); default: KILN_REPO.")
     branch: str | None = Field(None, description="Branch the commit was pushed to (recorded, not checked out).")
     config_path: str = Field(CONFIG_FILE, description="Training config inside the repository.")
     model: str | None = Field(None, description="Base model (NAME@ALIAS or NAME/VERSION), overriding the config's.")
@@ -66,6 +66,14 @@ class RetrainParams(BaseModel):
         if not _SHA.fullmatch(value):  # also keeps option-like strings away from the git command line
             raise ValueError(f"{value!r} is not a commit SHA; pass 7 to 64 hex digits, e.g. $GITHUB_SHA")
         return value.lower()
+
+    @field_validator("repo")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value is not None and split_credentials(value)[1] is not None:  # a run's parameters are for all to read
+            raise ValueError(f"{redact(value)} carries credentials, which would be stored with the flow run; pass "
+                             "the URL without them and give them to the worker as KILN_REPO_TOKEN")
+        return value
 
     @field_validator("config_path")
     @classmethod
@@ -107,15 +115,6 @@ class TrainConfig(BaseModel):
 
 
 @dataclass(frozen=True)
-class Checkout:
-    """A commit checked out in a temporary folder."""
-
-    path: Path
-    sha: str  # full SHA
-    repo: str
-
-
-@dataclass(frozen=True)
 class RetrainPlan:
     """Everything read from the commit, resolved before any training: the recipe of one version."""
 
@@ -128,65 +127,6 @@ class RetrainPlan:
     @property
     def identity(self) -> dict[str, str]:
         return {k: self.tags[k] for k in IDENTITY_TAGS}
-
-
-# ── git ──────────────────────────────────────────────────────────────────────────────────────────────
-def _git(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = os.environ | {
-        "GIT_TERMINAL_PROMPT": "0",  # a worker must fail, not wait for a password nobody will type
-        "GIT_ALLOW_PROTOCOL": "file:git:http:https:ssh",  # no ext:: (runs commands) in a repo URL
-    }
-    return subprocess.run(["git", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
-
-
-def public_repo(repo: str) -> str:
-    """``repo`` without credentials (``https://user:token@host/x`` → ``https://host/x``), for tags and logs."""
-    parts = urlsplit(repo)
-    if parts.scheme and "@" in parts.netloc:
-        return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-    return repo
-
-
-@contextmanager
-def checkout(repo: str, sha: str, root: Path) -> Iterator[Checkout]:
-    """Clone ``repo`` into a temporary folder under ``root`` and check out ``sha`` (detached); removed after."""
-    remote = "://" in repo or re.match(r"^[\w.-]+@[\w.-]+:", repo) is not None
-    if not remote:
-        repo = str(Path(repo).expanduser().resolve())  # recorded in kiln.git_repo: no relative paths
-    root.mkdir(parents=True, exist_ok=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{sha[:12]}-", dir=root))
-    try:
-        # Remote: fetch trees now, blobs on checkout (only the commit's files cross the network).
-        clone = _git("clone", "--quiet", "--no-checkout", *(["--filter=blob:none"] if remote else []), "--",
-                     repo, path)
-        if clone.returncode != 0:
-            raise ConfigError(f"cannot clone {public_repo(repo)}: {_last_line(clone.stderr)}; set --repo or "
-                              "KILN_REPO to a git repository this worker can read")
-        full = _resolve_commit(path, sha)
-        if full is None:
-            _git("fetch", "--quiet", "origin", sha, cwd=path)  # commits outside branches and tags, by full SHA
-            full = _resolve_commit(path, sha)
-        if full is None:
-            raise ConfigError(f"commit {sha} does not exist in {public_repo(repo)} (searched its branches and "
-                              "tags); push it first, or pass the SHA of an existing commit")
-        done = _git("checkout", "--quiet", "--detach", full, cwd=path)
-        if done.returncode != 0:
-            raise ConfigError(f"cannot check out {full} of {public_repo(repo)}: {_last_line(done.stderr)}")
-        log.info("checked out %s of %s", full[:12], public_repo(repo))
-        yield Checkout(path, full, repo)
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _resolve_commit(path: Path, sha: str) -> str | None:
-    got = _git("rev-parse", "--verify", "--quiet", f"{sha}^{{commit}}", cwd=path)
-    return got.stdout.strip() if got.returncode == 0 else None
-
-
-def _last_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "no message from git"
 
 
 # ── the config and the data at that commit ───────────────────────────────────────────────────────────
@@ -206,9 +146,10 @@ def load_config(path: Path, where: str) -> TrainConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of field: value (name, data, steps, ...)")
     try:
-        return TrainConfig(**raw)
+        return TrainConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{where} is invalid ({validation_problems(exc)}); fix it and push again") from exc
+        problems = validation_problems(exc, model=TrainConfig)
+        raise ConfigError(f"{where} is invalid: {problems}; fix it and push again") from exc
 
 
 def _sha256(path: Path) -> str:

@@ -1,9 +1,10 @@
 """A packaged model on disk, ready to predict: Hugging Face weights (PyTorch) or an ONNX engine.
 
-A *package* is a folder with ``kiln.json`` (format, task, labels, sequence length, file checksums), the
-tokenizer files, and either the Hugging Face weights or ``model.onnx``. The MLflow pyfunc, the
-evaluator and the benchmarks all open packages through :class:`Predictor`, so every path predicts
-the same way.
+A *package* is a folder with ``kiln.json`` (format, task, labels, sequence length, and the sha256 of every
+other file in the folder), the tokenizer files, and either the Hugging Face weights or ``model.onnx``. Since
+``kiln.json`` lists every file, its own digest pins the whole package (:mod:`kiln.tasks.registry.pins`), and a
+folder holding a file ``kiln.json`` does not list is refused. The MLflow pyfunc, the evaluator and the
+benchmarks all open packages through :class:`Predictor`, so every path predicts the same way.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ META_FILE = "kiln.json"
 ENGINE_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+WEIGHT_SUFFIXES = frozenset({".onnx", ".safetensors", ".data", ".bin", ".plan"})  # what size_mb counts
 
 Runner = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
@@ -42,7 +44,7 @@ class PackageMeta:
     precision: str = "fp32"
     recipe: str = "source"
     engine: dict[str, Any] = field(default_factory=dict)
-    sha256: dict[str, str] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)  # every file but kiln.json, by path relative to the folder
 
     @classmethod
     def read(cls, folder: Path) -> PackageMeta:
@@ -80,10 +82,16 @@ def package(artifact: Artifact, tokenizer_dir: Path, out_dir: Path, meta: Packag
 
 
 def record_checksums(folder: Path, meta: PackageMeta) -> None:
-    """Write ``kiln.json`` with the sha256 of every weight and engine file now in ``folder``."""
-    weights = [p for p in folder.iterdir() if p.suffix in {".onnx", ".safetensors", ".data", ".bin", ".plan"}]
-    meta.sha256 = {p.name: sha256_file(p) for p in sorted(weights)}
+    """Write ``kiln.json`` with the sha256 of every file now in ``folder`` (tokenizer, config, labels, weights,
+    engine, plan metadata): the manifest whose own digest the registry pins."""
+    meta.sha256 = {name: sha256_file(folder / name) for name in package_files(folder)}
     meta.write(folder)
+
+
+def package_files(folder: Path) -> list[str]:
+    """Every file in the package folder except ``kiln.json``, as sorted paths relative to ``folder``."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and p.relative_to(folder).as_posix() != META_FILE)
 
 
 def add_tensorrt_plan(folder: Path, build_config: Any = None) -> Path:
@@ -103,19 +111,28 @@ def add_tensorrt_plan(folder: Path, build_config: Any = None) -> Path:
 
 
 def verify(folder: Path, meta: PackageMeta) -> None:
-    """Refuse a package whose weight files are missing or differ from the recorded checksums."""
+    """Refuse a package whose files are missing, differ from the recorded checksums, or are not recorded at all.
+
+    ``meta`` must be what ``folder``'s ``kiln.json`` says; whether that ``kiln.json`` is the one the registry
+    pinned is :func:`kiln.tasks.registry.storage.verify_package`'s check.
+    """
     for name, digest in meta.sha256.items():
         path = folder / name
         if not path.is_file():
             raise ArtifactError(f"model file {name} is missing from {folder}; re-register the model")
         if sha256_file(path) != digest:
             raise ArtifactError(f"model file {name} in {folder} is corrupt (sha256 mismatch); re-register it")
+    unrecorded = [name for name in package_files(folder) if name not in meta.sha256]
+    if unrecorded:
+        raise ArtifactError(f"{folder} holds files kiln.json does not record ({', '.join(unrecorded[:5])}"
+                            f"{', …' if len(unrecorded) > 5 else ''}); the package was changed after packaging: "
+                            "re-register the model")
 
 
 def size_mb(folder: Path) -> float:
-    """On-disk size of the weights (not the tokenizer), in MB (10^6 bytes)."""
+    """On-disk size of the weights and engine files (not the tokenizer, config or plan metadata), in MB (10^6 bytes)."""
     meta = PackageMeta.read(folder)
-    return sum((folder / name).stat().st_size for name in meta.sha256) / 1e6
+    return sum((folder / name).stat().st_size for name in meta.sha256 if Path(name).suffix in WEIGHT_SUFFIXES) / 1e6
 
 
 class Predictor:

@@ -103,7 +103,8 @@ def stage_context_factory(source: Source, splits: Splits, settings: Settings, se
 def package_candidate(built: BuiltCandidate, source: Source, cache: StageCache, seq_len: int,
                       backend: str = "onnxruntime") -> Path:
     """The candidate's Kiln package (engine + tokenizer + checksums), made once per backend."""
-    folder = cache.folder(built.key) / f"package-{backend}-seq{seq_len}"
+    # "m2": packages whose kiln.json lists every file; a cached older one (weights only) would be refused.
+    folder = cache.folder(built.key) / f"package-{backend}-seq{seq_len}-m2"
     if not (folder / "kiln.json").exists():
         meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels),
                            seq_len=seq_len, precision=built.precision, recipe=built.recipe.name)

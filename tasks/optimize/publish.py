@@ -2,9 +2,10 @@
 
 Every candidate is logged as an MLflow model (pyfunc around its engine) with its metrics and gate
 decision; only the best passing one becomes a model version, tagged with its lineage and verdict, and
-only then does the ``challenger`` alias move (through :mod:`kiln.tasks.registry.aliases`, under the model's
-lock). Re-running the same work finds the version it registered before (tag ``kiln.candidate_key``) instead of
-registering a duplicate.
+only then does the ``challenger`` alias move (through :mod:`kiln.tasks.registry.aliases`). The whole
+registration runs under the model's ``publish`` lease, so it refuses (and registers nothing) while a
+rollout, a promotion or a rollback of the model holds it. Re-running the same work finds the version it
+registered before (tag ``kiln.candidate_key``) instead of registering a duplicate.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from kiln.tasks.core import tags as vocab
 from kiln.tasks.optimize.candidates import Evaluated, Source, git_commit
 from kiln.tasks.registry import aliases, audit
 from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.lease import ModelLease
+from kiln.tasks.registry.pins import package_digest
 from kiln.tasks.registry.pyfunc import log_package
 
 log = logging.getLogger(__name__)
@@ -53,7 +56,17 @@ def log_candidate(run_id: str, cand: Evaluated, staging: Path) -> str:
 
 def register_candidate(client: MlflowClient, source: Source, cand: Evaluated, model_id: str, run_id: str,
                        extra_tags: dict[str, str], home: Path) -> ModelVersion:
-    """Register ``cand`` (once) as a new version of the source's registered model; move ``challenger``."""
+    """Register ``cand`` (once) as a new version of the source's registered model; move ``challenger``.
+
+    Under the model's ``publish`` lease: :class:`~kiln.tasks.registry.lease_record.LeaseHeld` while someone
+    else acts.
+    """
+    with ModelLease(client, source.version.name, home, purpose="publish") as lease:
+        return _register(client, source, cand, model_id, run_id, extra_tags, home, lease)
+
+
+def _register(client: MlflowClient, source: Source, cand: Evaluated, model_id: str, run_id: str,
+              extra_tags: dict[str, str], home: Path, lease: ModelLease) -> ModelVersion:
     name = source.version.name
     existing = registry.find_version(client, name, vocab.CANDIDATE_KEY, cand.key)
     if existing is not None:
@@ -68,16 +81,21 @@ def register_candidate(client: MlflowClient, source: Source, cand: Evaluated, mo
                  existing.version)
         version = existing
     else:
-        # The candidate key goes on at creation, so a registry event about this version already says it is
-        # Kiln's own (and does not start another optimize run).
-        version = mlflow.register_model(f"models:/{model_id}", name, tags={vocab.CANDIDATE_KEY: cand.key})
-        registry.set_tags(client, version, tags_for(source, cand, run_id) | extra_tags)
-        # Read back what the store now holds, checked against the tags just written, before the alias moves:
-        # an upload that went wrong leaves a tagged version without an alias, never a corrupt challenger.
-        registry.fetch_package(client, client.get_model_version(name, version.version), home / "downloads")
+        # The candidate key and the pin go on at creation, in the same write: a registry event about this version
+        # already says it is Kiln's own (and starts no other optimize run), and a crash before the other tags
+        # leaves a version the retry finds by its key, completes and checks against its pin.
+        version = mlflow.register_model(f"models:/{model_id}", name, tags={
+            vocab.CANDIDATE_KEY: cand.key, vocab.PACKAGE_DIGEST: package_digest(cand.folder)})
+    # Missing tags are written (the gate decision last), present ones never rewritten; then what the store holds
+    # is read back and checked against the pin, before the alias moves: a partial publish, retried, ends fully
+    # tagged and verified; an upload that went wrong leaves a version without an alias, never a corrupt challenger.
+    version, written = registry.complete_tags(client, version, tags_for(source, cand, run_id) | extra_tags)
+    registry.fetch_package(client, version, home / "downloads")
     # The alias moves last: a crash before this line leaves a tagged version with no alias, never the reverse.
-    aliases.nominate(client, name, version.version, home=home)
-    if existing is None:
+    # A re-run that finds its version already @challenger leaves it (and the nomination decisions answer) alone.
+    if registry.aliases_of(client, name).get(vocab.CHALLENGER) != str(version.version):
+        aliases.nominate(client, name, version.version, home=home, lease=lease)
+    if vocab.GATE in written:  # this run completed the publication (a retry after a crash included)
         audit.AuditLog.under(home).append(audit.AuditEvent(
             model=name, version=str(version.version), event=vocab.EVENT_GATE, actor=audit.current_user(),
             reason=cand.decision.summary() if cand.decision else "", details={"recipe": cand.name, "run_id": run_id}))
@@ -98,6 +116,7 @@ def tags_for(source: Source, cand: Evaluated, run_id: str) -> dict[str, Any]:
         vocab.GATE_REASONS: json.dumps([r.reason for r in decision.results]) if decision else "[]",
         vocab.METRICS: json.dumps({k: round(v, 6) for k, v in cand.metrics.items()}),
         vocab.SHA256: json.dumps(json.loads((cand.folder / "kiln.json").read_text())["sha256"]),
+        vocab.PACKAGE_DIGEST: package_digest(cand.folder),
         vocab.STAGES: json.dumps([{"stage": s["stage"], "params": s["params"],
                                    "metrics": {k: round(v, 4) for k, v in s["metrics"].items()}}
                                   for s in cand.stages])[:5000],

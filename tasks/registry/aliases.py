@@ -1,4 +1,4 @@
-"""The only code that moves aliases: each move runs under the model's :class:`ModelLock` and checks the
+"""The only code that moves aliases: each move runs under the model's :class:`ModelLease` and checks the
 aliases it expects before and after.
 
     nominate          any → @challenger                  (optimize's winner, the demo's broken copy)
@@ -10,20 +10,29 @@ aliases it expects before and after.
 MLflow moves one alias per call, so a promotion is three calls; they are ordered so that a crash
 half-way leaves a state the next ``promote`` finishes (``champion`` and ``challenger`` on the same
 version), never two champions. A caller that decided on the aliases it read earlier (an approver looked
-at one challenger) passes them as ``expected``: if they changed before the lock was taken, nothing moves
-and :class:`PromotionConflict` says so. Anyone moving aliases outside Kiln (MLflow UI) bypasses the lock;
+at one challenger) passes them as ``expected``: if they changed before the lease was taken, nothing moves
+and :class:`PromotionConflict` says so. Anyone moving aliases outside Kiln (MLflow UI) bypasses the lease;
 the check after each move reports such a change instead of hiding it.
+
+Each function takes the lease itself (for the purpose named in its docstring), or moves under the
+``lease`` its caller already holds: a rollout holds the model's lease from its first step and promotes or
+withdraws under it at its end. Either way the lease is confirmed from the registry before the first move
+and checked again (locally) before each further move; a lost lease (:class:`LeaseLost`) moves nothing more.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.registry.client import aliases_of
-from kiln.tasks.registry.lock import ModelLock, PromotionConflict
+from kiln.tasks.registry.lease import ModelLease
+from kiln.tasks.registry.lease_record import PromotionConflict, Purpose
+from kiln.tasks.registry.nominations import open_nomination
 
 
 def describe(aliases: dict[str, str]) -> str:
@@ -31,17 +40,34 @@ def describe(aliases: dict[str, str]) -> str:
     return ", ".join(f"@{a}→v{v}" for a, v in sorted(aliases.items())) or "none"
 
 
-def nominate(client: MlflowClient, name: str, version: str, *, home: Path) -> None:
-    """Make ``version`` the @challenger of ``name``, replacing any other challenger."""
-    with ModelLock(client, name, home):
+@contextmanager
+def under_lease(client: MlflowClient, name: str, home: Path, lease: ModelLease | None, purpose: Purpose,
+                version: str | None = None) -> Iterator[ModelLease]:
+    """The caller's ``lease``, else a new one for ``purpose``; either confirmed from the registry just before
+    the first move (a lease taken over at the same instant by someone else is found out here)."""
+    if lease is None:
+        with ModelLease(client, name, home, purpose=purpose, version=version) as own:
+            own.check()
+            yield own
+        return
+    if lease.name != name:
+        raise ValueError(f"the lease of {lease.name!r} cannot move the aliases of {name!r}")
+    lease.check()
+    yield lease
+
+
+def nominate(client: MlflowClient, name: str, version: str, *, home: Path, lease: ModelLease | None = None) -> None:
+    """Make ``version`` the @challenger of ``name``, replacing any other challenger (a ``publish`` lease)."""
+    with under_lease(client, name, home, lease, "publish", version):
         before = aliases_of(client, name)
+        open_nomination(client, name, version)  # before the alias: earlier decisions never count for this one
         client.set_registered_model_alias(name, vocab.CHALLENGER, str(version))
         _expect(client, name, before | {vocab.CHALLENGER: str(version)}, after=True)
 
 
-def withdraw(client: MlflowClient, name: str, version: str, *, home: Path) -> bool:
-    """Remove @challenger when it still names ``version``; returns whether it did."""
-    with ModelLock(client, name, home):
+def withdraw(client: MlflowClient, name: str, version: str, *, home: Path, lease: ModelLease | None = None) -> bool:
+    """Remove @challenger when it still names ``version``; returns whether it did (a ``rollback`` lease)."""
+    with under_lease(client, name, home, lease, "rollback", version):
         before = aliases_of(client, name)
         if before.get(vocab.CHALLENGER) != str(version):
             return False
@@ -50,12 +76,14 @@ def withdraw(client: MlflowClient, name: str, version: str, *, home: Path) -> bo
     return True
 
 
-def claim_first(client: MlflowClient, name: str, version: str, *, home: Path, alias: str = vocab.CHAMPION) -> bool:
+def claim_first(client: MlflowClient, name: str, version: str, *, home: Path, alias: str = vocab.CHAMPION,
+                lease: ModelLease | None = None) -> bool:
     """Point ``alias`` (normally @champion) at ``version`` when ``name`` has no such alias yet; returns whether
-    it did. A model's first registration makes it champion; later ones leave the alias to promotion."""
-    if alias in aliases_of(client, name):  # the usual case needs no lock
+    it did (a ``publish`` lease). A model's first registration makes it champion; later ones leave the alias
+    to promotion."""
+    if alias in aliases_of(client, name):  # the usual case needs no lease
         return False
-    with ModelLock(client, name, home):
+    with under_lease(client, name, home, lease, "publish", version):
         before = aliases_of(client, name)
         if alias in before:
             return False
@@ -64,21 +92,24 @@ def claim_first(client: MlflowClient, name: str, version: str, *, home: Path, al
     return True
 
 
-def promote(client: MlflowClient, name: str, *, home: Path, expected: dict[str, str]) -> str | None:
+def promote(client: MlflowClient, name: str, *, home: Path, expected: dict[str, str],
+            lease: ModelLease | None = None) -> str | None:
     """``champion`` → ``previous``, ``challenger`` → ``champion``, ``challenger`` removed; returns the old champion.
 
     ``expected`` are the aliases the caller read before deciding (it must name a challenger); when they
-    changed meanwhile, :class:`PromotionConflict` is raised and nothing moves.
+    changed meanwhile, :class:`PromotionConflict` is raised and nothing moves. Takes a ``promote`` lease.
     """
     target = expected[vocab.CHALLENGER]
-    with ModelLock(client, name, home):
+    with under_lease(client, name, home, lease, "promote", target) as held:
         _expect(client, name, expected)
         old = expected.get(vocab.CHAMPION)
         demotes = bool(old) and old != target
         # Order matters: previous first (harmless alone), then champion, then drop challenger.
         if demotes:
             client.set_registered_model_alias(name, vocab.PREVIOUS, old)
+            held.ensure()
         client.set_registered_model_alias(name, vocab.CHAMPION, target)
+        held.ensure()
         client.delete_registered_model_alias(name, vocab.CHALLENGER)
         after = _without(expected, vocab.CHALLENGER) | {vocab.CHAMPION: target}
         if demotes:
@@ -87,15 +118,18 @@ def promote(client: MlflowClient, name: str, *, home: Path, expected: dict[str, 
     return old
 
 
-def restore_previous(client: MlflowClient, name: str, *, home: Path, expected: dict[str, str]) -> str | None:
+def restore_previous(client: MlflowClient, name: str, *, home: Path, expected: dict[str, str],
+                     lease: ModelLease | None = None) -> str | None:
     """Put ``previous`` back as ``champion`` in one move and remove ``previous``; returns the replaced champion.
 
     ``challenger`` is left alone; ``expected`` (which must name a previous) works as in :func:`promote`.
+    Takes a ``rollback`` lease.
     """
     target = expected[vocab.PREVIOUS]
-    with ModelLock(client, name, home):
+    with under_lease(client, name, home, lease, "rollback", target) as held:
         _expect(client, name, expected)
         client.set_registered_model_alias(name, vocab.CHAMPION, target)
+        held.ensure()
         client.delete_registered_model_alias(name, vocab.PREVIOUS)
         _expect(client, name, _without(expected, vocab.PREVIOUS) | {vocab.CHAMPION: target}, after=True)
     return expected.get(vocab.CHAMPION)
@@ -108,6 +142,6 @@ def _without(aliases: dict[str, str], alias: str) -> dict[str, str]:
 def _expect(client: MlflowClient, name: str, expected: dict[str, str], *, after: bool = False) -> None:
     now = aliases_of(client, name)
     if now != expected:
-        when = "after moving them" if after else "while waiting for the lock"
+        when = "after moving them" if after else "before the lease was taken"
         raise PromotionConflict(f"aliases of {name!r} changed {when} (expected {describe(expected)}, found "
                                 f"{describe(now)}); someone else moved them: check `kiln history` and retry")

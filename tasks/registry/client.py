@@ -12,6 +12,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
@@ -21,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from kiln.errors import ArtifactError, ConfigError, ModelNotFoundError
 from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab
+from kiln.tasks.registry.pins import pinned_digest
 from kiln.tasks.registry.pyfunc import PACKAGE_ARTIFACT
 from kiln.tasks.registry.storage import verify_package
 
@@ -109,16 +111,21 @@ def existing_aliases(client: MlflowClient, name: str) -> dict[str, str]:
 
 
 def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Path:
-    """Download a version's Kiln package into ``dst`` and verify its checksums against ``kiln.json`` and the tags.
+    """Download a version's Kiln package into ``dst``; refuse it unless it is exactly what the registry pinned.
 
-    A cached copy that no longer verifies (rotted, or left by an earlier registry that reused this version
-    number) is downloaded again once; a fresh download that does not verify is an error.
+    The version's ``kiln.package_digest`` must be present and well-formed (checked before anything is
+    downloaded), ``kiln.json`` must have that digest, and every file must match ``kiln.json`` with none left
+    unlisted (:func:`~kiln.tasks.registry.storage.verify_package`). A cached copy that no longer verifies
+    (rotted, or left by an earlier registry that reused this version number) is downloaded again once; a fresh
+    download that does not verify is an error.
     """
+    what = f"{version.name} v{version.version}"
+    pinned_digest(version.tags, what)  # no pin: nothing to check a download against, so nothing is fetched
     root = dst / f"{version.name}-v{version.version}"
     folder = root / "artifacts" / PACKAGE_ARTIFACT
     if (folder / "kiln.json").is_file():
         try:
-            verify_package(folder, version.tags)
+            verify_package(folder, version.tags, what)
             return folder
         except ArtifactError as exc:
             log.warning("cached package of %s v%s does not verify (%s); downloading it again", version.name,
@@ -142,7 +149,7 @@ def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Pat
     got.rename(root)
     shutil.rmtree(tmp, ignore_errors=True)
     # The registry's database, not the artifact store, says what the files must be.
-    verify_package(folder, version.tags)
+    verify_package(folder, version.tags, what)
     return folder
 
 
@@ -155,6 +162,26 @@ def find_version(client: MlflowClient, name: str, tag: str, value: str) -> Model
 def set_tags(client: MlflowClient, version: ModelVersion, tags: dict[str, str]) -> None:
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, str(value)[:5000])
+
+
+def complete_tags(client: MlflowClient, version: ModelVersion, tags: dict[str, Any]) -> tuple[ModelVersion, set[str]]:
+    """Write those of ``tags`` that ``version`` lacks, the gate decision last; returns the version read back and
+    the keys written.
+
+    Idempotent, so a publish or register retried after a crash finishes its own version: tags already there
+    are never rewritten (a retry does not change the story, or the pin, of a version someone may have decided
+    on). Raises :class:`ArtifactError` when a tag is still missing afterwards: such a version gets no alias.
+    """
+    have = version.tags or {}
+    missing = {k: v for k, v in tags.items() if k not in have}
+    ordered = dict(sorted(missing.items(), key=lambda kv: kv[0] == vocab.GATE))  # the decision goes on last
+    set_tags(client, version, ordered)
+    fresh = client.get_model_version(version.name, version.version)
+    absent = sorted(k for k in tags if k not in (fresh.tags or {}))
+    if absent:
+        raise ArtifactError(f"{version.name} v{version.version} is missing the tags {', '.join(absent)} after "
+                            "writing them; it gets no alias: run the same command again")
+    return fresh, set(ordered)
 
 
 def model_exists(client: MlflowClient, name: str) -> bool:

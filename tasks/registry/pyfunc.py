@@ -1,5 +1,18 @@
 """Kiln packages as MLflow pyfunc models, so ``mlflow.pyfunc.load_model("models:/NAME@champion")``
-predicts with the version's own engine and tokenizer, and MLflow's tools work on it."""
+predicts with the version's own engine and tokenizer, and MLflow's tools work on it.
+
+Loading verifies the package against the registry's pin before anything is opened (fail closed):
+
+- loaded through the registry (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``): MLflow 3 writes the name and
+  version it resolved into ``registered_model_meta`` beside ``MLmodel``; that version's ``kiln.package_digest``
+  must be present, well-formed and equal to the sha256 of the downloaded ``kiln.json``, and the version must
+  have been registered from the very LoggedModel that was downloaded (its source is ``models:/<model_id>``);
+- loaded any other way (``models:/<model_id>``, a copied folder): the pin is the tag ``log_package`` put on the
+  MLflow LoggedModel named by ``MLmodel``'s ``model_id``, read through the tracking server.
+
+Either way every file is then checked against ``kiln.json``. A version or LoggedModel without a pin, a model
+without a ``model_id``, or a tracking server that cannot be asked, refuses to load (:class:`ArtifactError`).
+"""
 
 from __future__ import annotations
 
@@ -10,25 +23,79 @@ from typing import Any
 
 import mlflow
 import pandas as pd
-from mlflow.models import ModelSignature
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 
+from kiln.errors import ArtifactError
+from kiln.tasks.core import tags as vocab
 from kiln.tasks.models.predictor import PackageMeta, Predictor
+from kiln.tasks.registry.pins import check_pin, package_digest
 
 PACKAGE_ARTIFACT = "model"
+MLMODEL = "MLmodel"
+REGISTERED_MODEL_META = "registered_model_meta"  # written by MLflow's ModelsArtifactRepository on download
 
 
 class KilnModel(mlflow.pyfunc.PythonModel):
     """Predicts with the Kiln package stored as the ``model`` artifact."""
 
     def load_context(self, context: Any) -> None:
-        self.predictor = Predictor(Path(context.artifacts[PACKAGE_ARTIFACT]))
+        folder = Path(context.artifacts[PACKAGE_ARTIFACT])
+        verify_loaded(folder)
+        self.predictor = Predictor(folder)  # checks every file against the pinned kiln.json
 
     # No type hints on predict: MLflow would try to derive a signature from them; ours is explicit.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         texts = _texts(model_input)
         max_new = int((params or {}).get("max_new_tokens", 16))
         return self.predictor.predict(texts, max_new_tokens=max_new)
+
+
+def verify_loaded(folder: Path, client: Any = None) -> str:
+    """Check the package MLflow put at ``folder`` (``<model>/artifacts/model``) against its registry pin; returns
+    the pin. See the module docstring for where the pin comes from."""
+    model_dir = folder.parent.parent
+    if not (model_dir / MLMODEL).is_file():
+        raise ArtifactError(f"{folder} is not inside an MLflow model (no {MLMODEL} at {model_dir}); load the model "
+                            "with mlflow.pyfunc.load_model('models:/NAME/VERSION')")
+    try:
+        model_id = Model.load(str(model_dir / MLMODEL)).model_id
+    except (MlflowException, OSError, yaml.YAMLError) as exc:
+        raise ArtifactError(f"{model_dir / MLMODEL} is unreadable ({exc.__class__.__name__}); re-register the model"
+                            ) from exc
+    if not model_id:
+        raise ArtifactError(f"the MLflow model at {model_dir} records no model_id, so its registry pin cannot be "
+                            "found; re-register the model")
+    client = client or mlflow.MlflowClient()
+    name, version = _registered_as(model_dir)
+    try:
+        if name and version:
+            what = f"{name} v{version}"
+            entry = client.get_model_version(name, version)
+            if entry.source != f"models:/{model_id}":
+                raise ArtifactError(f"{what} was registered from {entry.source}, not from the downloaded model "
+                                    f"{model_id}; re-register the model")
+            return check_pin(folder, entry.tags, what)
+        what = f"logged model {model_id}"
+        return check_pin(folder, client.get_logged_model(model_id).tags, what)
+    except MlflowException as exc:
+        raise ArtifactError(f"cannot read the registry pin of {name or model_id} ({str(exc).splitlines()[0][:160]}); "
+                            "a Kiln model loads only where its MLflow tracking server can be asked") from exc
+
+
+def _registered_as(model_dir: Path) -> tuple[str | None, str | None]:
+    """The registered model name and version MLflow downloaded ``model_dir`` as, or (None, None)."""
+    path = model_dir / REGISTERED_MODEL_META
+    if not path.is_file():
+        return None, None
+    try:
+        meta = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ArtifactError(f"{path} is unreadable ({exc.__class__.__name__}); load the model again") from exc
+    name, version = meta.get("model_name"), meta.get("model_version")
+    return (str(name), str(version)) if name and version else (None, None)
 
 
 def _texts(model_input: Any) -> list[str]:
@@ -63,7 +130,11 @@ def signature(task: str) -> ModelSignature:
 
 
 def log_package(folder: Path, name: str, staging: Path) -> Any:
-    """Log the package at ``folder`` as a pyfunc model ``name`` in the active run; returns ModelInfo."""
+    """Log the package at ``folder`` as a pyfunc model ``name`` in the active run; returns ModelInfo.
+
+    The LoggedModel is created with its pin (``kiln.package_digest``), so that a retry can repair a version's
+    tags from it and the pyfunc loader can check a model loaded without the registry.
+    """
     meta = PackageMeta.read(folder)
     # pyfunc stores an artifact folder under its own base name: stage it as ".../model".
     staged = staging / PACKAGE_ARTIFACT
@@ -75,6 +146,7 @@ def log_package(folder: Path, name: str, staging: Path) -> Any:
             artifacts={PACKAGE_ARTIFACT: str(staged)},
             pip_requirements=_requirements(), signature=signature(meta.task),
             code_paths=None, metadata={"kiln_format": meta.format, "kiln_task": meta.task},
+            tags={vocab.PACKAGE_DIGEST: package_digest(staged)},
         )
     finally:
         shutil.rmtree(staged, ignore_errors=True)

@@ -1,8 +1,8 @@
 """Engines and artifacts in an S3 bucket (AWS, SeaweedFS, MinIO): the client, the bucket, and the package check.
 
 MLflow moves the bytes (the bucket is its artifact store); Kiln checks them. A package (``kiln.json`` +
-files) is verified against its ``kiln.json`` and, given a registry version's tags, ``kiln.json`` against
-the registry, before an engine is loaded from it.
+files) is verified against the registry's pin on its ``kiln.json`` and every file against ``kiln.json``,
+before an engine is loaded from it.
 
 Credentials come from the standard AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles,
 instance roles); the endpoint and region from Kiln's settings.
@@ -10,7 +10,6 @@ instance roles); the endpoint and region from Kiln's settings.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,10 +19,9 @@ from kiln.errors import ArtifactError, ConfigError
 from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.models.predictor import PackageMeta, verify
+from kiln.tasks.registry.pins import check_pin
 
 log = logging.getLogger(__name__)
-
-WEIGHT_SUFFIXES = {".onnx", ".safetensors", ".data", ".bin", ".plan"}  # what record_checksums covers
 
 
 def s3_client(settings: Settings) -> Any:
@@ -63,35 +61,23 @@ def ensure_bucket(client: Any, bucket: str, region: str = "us-east-1") -> bool:
     return True
 
 
-def verify_package(folder: Path, tags: Mapping[str, str] | None = None) -> PackageMeta:
-    """Refuse a package whose files differ from ``kiln.json``, or whose ``kiln.json`` differs from the registry.
+def verify_package(folder: Path, tags: Mapping[str, str], what: str | None = None) -> PackageMeta:
+    """Refuse a package unless its ``kiln.json`` is the one the registry pinned and every file matches ``kiln.json``.
 
-    ``tags`` are the registry version's: an engine's ``kiln.sha256`` must equal ``kiln.json``'s checksums, and
-    a registered source's ``kiln.source_sha256`` must be one of them. The registry is a database the bucket
-    cannot rewrite, so swapping both a file and ``kiln.json`` in the bucket is caught too.
+    ``tags`` are the registry version's (``what`` names it in messages). Fail closed: a missing or malformed
+    ``kiln.package_digest`` refuses, so does any file ``kiln.json`` does not list. The registry is a database the
+    bucket cannot rewrite, so swapping files and ``kiln.json`` together in the bucket is caught. The pin covers
+    ``kiln.json``'s checksum list, so ``kiln.sha256`` (kept as a tag for people reading the registry) is not
+    compared again; a registered source's ``kiln.source_sha256`` (what ``kiln register`` finds it again by) must
+    still be one of the pinned files.
     """
+    check_pin(folder, tags, what or str(folder))
     meta = PackageMeta.read(folder)
-    verify(folder, meta)  # the per-file check every load already runs (tasks/models/predictor.py)
-    unrecorded = sorted(p.name for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.name not in meta.sha256)
-    if unrecorded:
-        raise ArtifactError(f"{folder} holds weight files kiln.json does not record ({', '.join(unrecorded)}); "
-                            "the package was changed after packaging: re-register the model")
-    tags = tags or {}
-    if vocab.SHA256 in tags and _json(tags[vocab.SHA256]) not in (None, meta.sha256):
-        raise ArtifactError(f"{folder}/kiln.json does not match the checksums the registry recorded ({vocab.SHA256}); "
-                            "the stored package was replaced: re-register the model")
+    verify(folder, meta)  # every file against kiln.json, and no file kiln.json does not list
     if vocab.SOURCE_SHA256 in tags and tags[vocab.SOURCE_SHA256] not in meta.sha256.values():
         raise ArtifactError(f"{folder} does not hold the weights the registry recorded ({vocab.SOURCE_SHA256}); "
                             "the stored package was replaced: re-register the model")
     return meta
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:  # a tag cut at MLflow's length limit says nothing either way
-        log.warning("registry tag %s is not JSON (%d characters); checked kiln.json alone", vocab.SHA256, len(text))
-        return None
 
 
 def _code(exc: Any) -> str:

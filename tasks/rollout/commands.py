@@ -1,65 +1,109 @@
-"""The command channel of a running rollout: pause, resume, promote and abort, as a tag on the challenger.
+"""The command channel of a running rollout: pause, resume, promote and abort, as signed statements.
 
-``kiln rollout pause NAME`` (from any machine that reaches the registry) writes the tag
-``kiln.rollout.command`` on the challenger version; the driver polls it, acts on it and deletes it, so
-each command is acted on exactly once. Someone with only the MLflow UI can stop a rollout too, by
-typing ``pause`` or ``abort`` as the tag's value.
+``kiln rollout pause NAME`` (from any machine that reaches the registry) signs a
+:class:`~kiln.tasks.lifecycle.approvals.CommandStatement` with the sender's SSH key, naming the model, the
+challenger and the rollout's id (``kiln.rollout.id``, set by the driver when it starts), and writes it as the
+tag ``kiln.rollout.command`` on the challenger. The driver's :class:`CommandReader` takes the tag (deletes
+it), verifies the signature against the approvers' keys, checks that the signer may decide and that the
+command is for this very rollout and not seen before, and only then acts. Anything else (a value typed
+into the MLflow UI, a signature that does not verify, a command for another rollout, a replay) is
+ignored, with a note in the rollout's status and the audit log.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import uuid
-from typing import Literal
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from kiln.errors import ConfigError, KilnError
+from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab
+from kiln.tasks.lifecycle import approvals
+from kiln.tasks.lifecycle.approvals import CommandStatement, Signed, Trust
 from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
 from kiln.tasks.rollout.params import RolloutError
 
 log = logging.getLogger(__name__)
 
-Command = Literal["pause", "resume", "promote", "abort"]
 COMMANDS = ("pause", "resume", "promote", "abort")
 
 
-def send_command(client: MlflowClient, model: str, command: Command, *, actor: str, reason: str = "") -> str:
+def send_command(client: MlflowClient, model: str, command: str, *, settings: Settings, reason: str = "",
+                 key: Path | None = None, approver: str | None = None) -> str:
     """Ask the running rollout of ``model`` to pause, resume, promote or abort; returns the challenger version.
 
-    The command is a tag on the challenger version; the driver acts on it within ``poll_s`` seconds.
+    The command is signed with ``key`` (default: the ``signing_key`` setting) by whoever allowed_signers lists
+    for it (``approver`` only cross-checks that), who must be one of the approvers; the driver acts on it
+    within its ``poll_s``.
     """
+    if command not in COMMANDS:
+        raise ConfigError(f"unknown rollout command {command!r}; use one of {', '.join(COMMANDS)}")
     aliases = registry.existing_aliases(client, model)
     version = aliases.get(vocab.CHALLENGER)
     if version is None:
         raise RolloutError(f"{model!r} has no @challenger, so no rollout can be running (aliases: {aliases})")
-    status = client.get_model_version(model, version).tags.get(vocab.ROLLOUT_STATUS)
+    tags = client.get_model_version(model, version).tags
+    status = tags.get(vocab.ROLLOUT_STATUS)
     if status not in ("running", "paused"):
         raise RolloutError(f"no rollout of {model} v{version} is running ({vocab.ROLLOUT_STATUS}={status or 'none'}); "
                            f"start one with `kiln rollout {model}`")
-    payload = {"command": command, "by": actor, "reason": reason, "id": uuid.uuid4().hex, "at": audit.now_iso()}
-    client.set_model_version_tag(model, version, vocab.ROLLOUT_COMMAND, json.dumps(payload))
+    rollout = tags.get(vocab.ROLLOUT_ID)
+    if not rollout:
+        raise RolloutError(f"the rollout of {model} v{version} names no id ({vocab.ROLLOUT_ID}), so no command can be "
+                           "bound to it; it was started by an older Kiln: let it finish or restart it")
+    key = key or settings.signing_key
+    if key is None:
+        raise ConfigError("no signing key: set KILN_SIGNING_KEY (or signing_key in kiln.yaml) to your SSH private "
+                          "key, or pass --key PATH; rollout commands are signed statements")
+    trust = Trust.from_settings(settings)
+    signer = approvals.whose_key(key, trust, approver)
+    trust.policy.may_decide(signer)
+    statement = CommandStatement(model=model, version=version, rollout=rollout, command=command, reason=reason,
+                                 at=audit.now_iso(), id=uuid.uuid4().hex, signer=signer)
+    client.set_model_version_tag(model, version, vocab.ROLLOUT_COMMAND, approvals.sign(statement, key).tag())
     return version
 
 
-def take_command(client: MlflowClient, model: str, version: str) -> dict[str, str] | None:
-    """The command waiting on ``model`` v``version``, consumed (deleted), or None; unknown commands are ignored."""
-    raw = client.get_model_version(model, version).tags.get(vocab.ROLLOUT_COMMAND)
-    if not raw:
-        return None
-    with contextlib.suppress(MlflowException):
-        client.delete_model_version_tag(model, version, vocab.ROLLOUT_COMMAND)  # consumed: acted on exactly once
-    try:
-        command = json.loads(raw)
-    except json.JSONDecodeError:
-        command = {"command": raw.strip()}  # typed by hand in the MLflow UI: "pause"
-    if command.get("command") not in COMMANDS:
-        log.warning("ignoring unknown rollout command %r on %s v%s", raw[:80], model, version)
-        return None
-    command.setdefault("by", "mlflow-ui")
-    command.setdefault("reason", "")
-    return command
+@dataclass
+class CommandReader:
+    """The commands of one rollout: verified, meant for it, each acted on at most once."""
+
+    client: MlflowClient
+    trust: Trust
+    model: str
+    version: str
+    rollout: str
+    seen: set[str] = field(default_factory=set)
+
+    def take(self) -> tuple[dict[str, str] | None, str | None]:
+        """The command waiting for this rollout, consumed, as ``{command, by, reason}``; or (None, why it was
+        ignored) when one was there but does not count; (None, None) when there was none."""
+        raw = self.client.get_model_version(self.model, self.version).tags.get(vocab.ROLLOUT_COMMAND)
+        if not raw:
+            return None, None
+        try:
+            self.client.delete_model_version_tag(self.model, self.version, vocab.ROLLOUT_COMMAND)  # consumed
+        except MlflowException:
+            return None, None  # taken by someone else meanwhile
+        signed = Signed.from_tag(raw)
+        if signed is None:
+            return None, (f"ignored an unsigned rollout command ({raw[:40]!r}): commands are signed statements "
+                          f"(`kiln rollout pause|resume|promote|abort {self.model}`)")
+        try:
+            statement = approvals.open_signed(signed, CommandStatement, self.trust)
+            self.trust.policy.may_decide(statement.signer)
+        except KilnError as exc:  # a signature that does not verify, a signer who may not decide, no signers file
+            return None, f"ignored a rollout command: {exc}"
+        if (statement.model, statement.version, statement.rollout) != (self.model, self.version, self.rollout):
+            return None, (f"ignored {statement.signer}'s {statement.command}: it is for rollout "
+                          f"{statement.rollout[:8]}… of {statement.model} v{statement.version}, not this one")
+        if statement.id in self.seen:
+            return None, f"ignored a replay of {statement.signer}'s {statement.command} (command {statement.id[:8]}…)"
+        self.seen.add(statement.id)
+        return {"command": statement.command, "by": statement.signer, "reason": statement.reason}, None

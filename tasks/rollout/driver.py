@@ -5,12 +5,18 @@
       promote (after the last step) → lifecycle.promotion (aliases moved by registry.aliases)
       rollback → weight 0, @challenger withdrawn, version tagged
 
+The rollout holds the model's lease (:class:`~kiln.tasks.registry.lease.ModelLease`, purpose ``rollout``)
+from its first step to its end, and promotes or withdraws under that same lease: no publish, promotion
+or rollback of the model overtakes it meanwhile. A lease lost on the way (not renewed, broken) stops the
+rollout with traffic back on the champion.
+
 Where its state lives, and why:
 - the full state (every verdict with its reasons) in ``<KILN_HOME>/rollouts/<model>.json``
   (:mod:`~kiln.tasks.rollout.state`), so ``kiln rollout status`` can show the whole story;
 - a summary on the challenger version's tags (:mod:`~kiln.tasks.rollout.status`), so the MLflow UI and
   any machine sharing the registry sees where a rollout stands;
-- commands (pause, resume, promote, abort) as a tag on the challenger (:mod:`~kiln.tasks.rollout.commands`);
+- commands (pause, resume, promote, abort) as a signed statement in a tag on the challenger, bound to this
+  rollout's id (:mod:`~kiln.tasks.rollout.commands`); unsigned or foreign ones are ignored with a note;
 - each verdict's figures as metrics of one MLflow run per rollout (:mod:`~kiln.tasks.rollout.tracking`).
 
 Traffic moves through a :class:`~kiln.tasks.rollout.router.CanaryRouter` (the Kiln gateway today); its
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -30,10 +37,13 @@ from mlflow.tracking import MlflowClient
 from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import promotion
+from kiln.tasks.lifecycle.approvals import DecisionState, Trust
 from kiln.tasks.registry import aliases, audit
 from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.lease import ModelLease
+from kiln.tasks.registry.nominations import close_nomination
 from kiln.tasks.rollout import tracking
-from kiln.tasks.rollout.commands import take_command
+from kiln.tasks.rollout.commands import CommandReader
 from kiln.tasks.rollout.judge import (
     CHALLENGER,
     CHAMPION,
@@ -66,6 +76,8 @@ class RolloutDriver:
         self._last_command: dict[str, str] = {"by": actor, "reason": ""}  # the command that ended a wait
         self.echo = echo or log.info
         self.store = RolloutStore(settings.home)
+        self.lease: ModelLease | None = None  # held while run() runs
+        self.commands: CommandReader | None = None  # bound to this rollout's id once run() starts
         now = registry.existing_aliases(client, model)
         challenger = now.get(vocab.CHALLENGER)
         if challenger is None:
@@ -100,9 +112,15 @@ class RolloutDriver:
 
     # -- the run --
     def run(self) -> RolloutState:
-        """Drive the rollout to its end under the per-machine rollout lock; returns the final state."""
-        with RolloutLock(self.settings.home, self.state.model):
+        """Drive the rollout to its end under the per-machine rollout lock and the model's lease; returns the
+        final state."""
+        s = self.state
+        with RolloutLock(self.settings.home, s.model), ModelLease(self.client, s.model, self.settings.home,
+                                                                  purpose="rollout", version=s.challenger) as lease:
+            self.lease = lease
             tracking.open_run(self.client, self.settings, self.state, self.spec)
+            self.commands = CommandReader(self.client, Trust.from_settings(self.settings), s.model, s.challenger,
+                                          s.run_id or uuid.uuid4().hex)
             try:
                 self._loop()
             except BaseException as exc:
@@ -120,8 +138,9 @@ class RolloutDriver:
     def _loop(self) -> None:
         spec, s = self.spec, self.state
         history: list[StepVerdict] = []
+        self._check_versions(require_known=False)  # a gateway in front of other versions: refuse before traffic moves
         self._say(f"rolling out v{s.challenger} against champion v{s.champion} in {len(spec.steps)} steps")
-        self._save("starting")
+        self._save("starting", **{vocab.ROLLOUT_ID: self.commands.rollout})
         if spec.steps[0].manual_gate:
             outcome = self._paused("step 1 has a manual gate: waiting for `kiln rollout resume`")
             if outcome != "resume":
@@ -154,7 +173,7 @@ class RolloutDriver:
                 failed = [c.reason for c in verdict.checks if c.status == "failed"]
                 return self._rollback("; ".join([action.reasons[0], *failed]), by="kiln-canary")
             if action.kind == "promote":
-                return self._promote(f"canary passed all {len(spec.steps)} steps", by=self.actor)
+                return self._promote_when_approved(f"canary passed all {len(spec.steps)} steps")
             if action.kind == "pause":
                 s.step = action.step
                 outcome = self._paused(action.reasons[0])
@@ -166,6 +185,7 @@ class RolloutDriver:
             s.step = action.step
 
     def _judge(self, window: dict[str, Any]) -> StepVerdict:
+        self.lease.ensure()  # a rollout that lost its lease stops (traffic back on the champion)
         self._check_versions()
         stats = stats_from_state(window)
         step = self.spec.steps[self.state.step]
@@ -175,8 +195,12 @@ class RolloutDriver:
             verdict = with_checks(verdict, self.drift(window))
         return verdict
 
-    def _check_versions(self) -> None:
-        """The router must send traffic to the versions this rollout judges, or its evidence is about another model."""
+    def _check_versions(self, *, require_known: bool = True) -> None:
+        """The router must send traffic to the versions this rollout judges, or its evidence is about another model.
+
+        Fails closed: once a window was judged (``require_known``), an upstream that does not say which
+        version it serves stops the rollout too. Before any traffic moved, versions not learnt yet may be missing.
+        """
         served = self.router.served_versions()
         expected = {CHALLENGER: self.state.challenger, CHAMPION: self.state.champion}
         for role, version in expected.items():
@@ -184,13 +208,17 @@ class RolloutDriver:
             if serving and version and str(serving) != str(version):
                 raise RolloutError(f"the gateway's {role} upstream serves v{serving}, but @{role} of "
                                    f"{self.state.model} is v{version}; point the gateway at the right model server")
+            if require_known and version and not serving:
+                raise RolloutError(f"the gateway does not say which version its {role} upstream serves (expected "
+                                   f"v{version} of {self.state.model}), so its evidence cannot be trusted; put a Kiln "
+                                   "model server there (it names its version in every answer)")
 
     def _wait(self, seconds: float) -> str:
         """Sleep through an analysis interval, acting on commands; returns done, restart, abort or promote."""
         deadline = time.monotonic() + seconds
         while (left := deadline - time.monotonic()) > 0:
             time.sleep(min(self.poll_s, left))
-            command = take_command(self.client, self.state.model, self.state.challenger)
+            command = self._take_command()
             if command is None or command["command"] == "resume":
                 continue
             self._audit_command(command)
@@ -200,14 +228,18 @@ class RolloutDriver:
             return self._as_outcome(command)
         return "done"
 
-    def _paused(self, why: str) -> str:
-        """Hold the current traffic split until someone resumes, promotes or aborts."""
+    def _paused(self, why: str, *, until: Callable[[], bool] | None = None) -> str:
+        """Hold the current traffic split until someone resumes, promotes or aborts (or ``until()`` says
+        "decided", which returns ``decided``)."""
         self.state.status = "paused"
         self._save(why)
         self._say(f"PAUSED: {why}; `kiln rollout resume|promote|abort {self.state.model}`")
         while True:
             time.sleep(self.poll_s)
-            command = take_command(self.client, self.state.model, self.state.challenger)
+            if until is not None and until():
+                self.state.status = "running"
+                return "decided"
+            command = self._take_command()
             if command is None or command["command"] == "pause":
                 continue
             self._audit_command(command)
@@ -217,6 +249,51 @@ class RolloutDriver:
                 self._say(f"resumed by {command['by']}")
                 return "resume"
             return self._as_outcome(command)
+
+    def _take_command(self) -> dict[str, str] | None:
+        """The next verified command for this rollout; ignored ones leave a note. A ``promote`` counts only
+        when the challenger's signed decisions already say approved: the command skips steps, never approval."""
+        self.lease.ensure()  # every poll: a rollout that lost its lease stops, even while paused
+        command, ignored = self.commands.take()
+        if ignored is None and command is not None and command["command"] == "promote":
+            refusal = self._decision()[1]
+            if refusal is not None:
+                command, ignored = None, f"ignored {command['by']}'s promote: {refusal}"
+        if ignored is not None:
+            self._note(ignored)
+        return command
+
+    def _note(self, note: str) -> None:
+        """Say why a command was ignored: in the status (state, tags), the audit log and the output."""
+        s = self.state
+        s.notes.append(f"{audit.now_iso()} {note}")
+        self._save(None, **{vocab.ROLLOUT_NOTE: note[:500]})
+        audit.AuditLog.under(self.settings.home).append(audit.AuditEvent(
+            s.model, s.challenger, vocab.EVENT_ROLLOUT_COMMAND_IGNORED, "kiln-canary", note))
+        self._say(f"NOTE: {note}")
+
+    def _decision(self) -> tuple[DecisionState, str | None]:
+        """Where the challenger's signed decisions stand, and why it may not be promoted now (None: it may)."""
+        s = self.state
+        state = promotion.decision_on(self.client, s.model, s.challenger, self.settings)
+        return state, promotion.refusal(state, self.client.get_model_version(s.model, s.challenger))
+
+    def _promote_when_approved(self, reason: str) -> None:
+        """The canary passed: promote once the signed decisions say approved; roll back if they say rejected."""
+        def decided() -> bool:
+            state, refusal = self._decision()
+            return refusal is None or state.outcome == vocab.REJECTED
+
+        while True:
+            state, refusal = self._decision()
+            if refusal is None:
+                return self._promote(reason, by=self.actor)
+            if state.outcome == vocab.REJECTED:
+                return self._rollback(f"{reason}, but {refusal}", by=state.deciders)
+            outcome = self._paused(f"{reason}; waiting for a signed approval: {refusal} (then it promotes)",
+                                   until=decided)
+            if outcome not in ("decided", "resume", "promote"):
+                return self._finish(outcome)
 
     def _as_outcome(self, command: dict[str, str]) -> str:
         self._last_command = command
@@ -235,10 +312,10 @@ class RolloutDriver:
         return self._rollback(f"aborted by {command['by']}: {reason}", by=command["by"], status="aborted")
 
     def _promote(self, reason: str, *, by: str) -> None:
-        """Promotion checks and records; the aliases move under the model's lock in registry.aliases."""
+        """Promotion checks and records; the aliases move under the rollout's lease in registry.aliases."""
         s = self.state
         promotion.promote(self.client, s.model, approver=by, reason=reason, home=self.settings.home,
-                          expected_challenger=s.challenger, require_approval=False)
+                          expected_challenger=s.challenger, lease=self.lease, settings=self.settings)
         s.status = "promoted"
         note = self.router.promote(s.challenger)
         self._save(f"promoted: {reason}" + (f". {note}" if note else ""))
@@ -255,7 +332,8 @@ class RolloutDriver:
         self._save(f"{status.replace('_', ' ')}: {reason}", **{vocab.ROLLOUT_REASON: reason[:500],
                                                                 vocab.ROLLOUT_ENDED_AT: audit.now_iso()})
         # A challenger that failed its canary must not be promoted by accident later.
-        aliases.withdraw(self.client, s.model, s.challenger, home=self.settings.home)
+        aliases.withdraw(self.client, s.model, s.challenger, home=self.settings.home, lease=self.lease)
+        close_nomination(self.client, s.model, s.challenger)  # its decisions never count again
         audit.AuditLog.under(self.settings.home).append(
             audit.AuditEvent(s.model, s.challenger, vocab.EVENT_CANARY_ROLLED_BACK, by, reason,
                              details={"status": status, "verdicts": len(s.verdicts), "champion": s.champion}))

@@ -4,8 +4,10 @@
     GET  /admin/state                   (the split, and the version each upstream serves)
     POST /admin/reset                   (closes the analysis window, returned with latency samples)
 
-Errors say what to fix (start the gateway, set the token). See :mod:`kiln.tasks.rollout.router` for the
-interface other routers implement.
+Errors say what to fix (start the gateway, set the token). The URL comes from the ``rollout_gateways``
+setting, never from a run parameter (:meth:`kiln.settings.Settings.gateway_url`), so the admin token is only
+ever sent to a gateway the operator configured. See :mod:`kiln.tasks.rollout.router` for the interface other
+routers implement.
 """
 
 from __future__ import annotations
@@ -40,14 +42,20 @@ class GatewayRouter:
             response = self._client.request(method, path, json=body)
         except httpx.HTTPError as exc:
             raise RolloutError(f"cannot reach the gateway at {self.url} ({exc.__class__.__name__}); start it "
-                               "with `python -m kiln.infra.gateway --champion URL --challenger URL` or pass --gateway"
-                               ) from exc
+                               "with `python -m kiln.infra.gateway --champion URL --challenger URL`, or name "
+                               "another one of the rollout_gateways setting with --gateway") from exc
         if response.status_code in (401, 403):
             raise RolloutError(f"the gateway at {self.url} refused the admin token; set KILN_GATEWAY_TOKEN to the "
                                "token it was started with")
         if response.status_code >= 400:
             raise RolloutError(f"gateway {method} {path} answered {response.status_code}: {response.text[:200]}")
-        return response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise RolloutError(f"gateway {method} {path} did not answer a JSON object; is {self.url} a Kiln gateway?")
+        return body
 
     # -- TrafficRouter --
     def set_split(self, split: Split) -> None:
@@ -76,6 +84,17 @@ class GatewayRouter:
         return self._call("POST", "/admin/reset")
 
     def served_versions(self) -> dict[str, str | None]:
-        """``{role: version}`` as the gateway's upstreams report them (None when one does not say)."""
-        upstreams = self._call("GET", "/admin/state").get("upstreams", {})
-        return {role: (info or {}).get("version") for role, info in upstreams.items()}
+        """``{role: version}`` as the gateway's upstreams report them (None when one does not say yet).
+
+        A gateway that reports no upstreams at all is refused: what it serves cannot be checked.
+        """
+        upstreams = self._call("GET", "/admin/state").get("upstreams")
+        if not isinstance(upstreams, dict) or not upstreams:
+            raise RolloutError(f"the gateway at {self.url} reports no upstreams, so the versions it serves cannot "
+                               "be checked; run Kiln's gateway (`python -m kiln.infra.gateway`) there")
+        return {str(role): _version(info) for role, info in upstreams.items()}
+
+
+def _version(info: Any) -> str | None:
+    version = info.get("version") if isinstance(info, dict) else None
+    return str(version) if version not in (None, "") else None

@@ -119,9 +119,9 @@ def load_spec(source: Path | str | dict[str, Any]) -> RolloutSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping with 'steps' (and optionally 'metrics', 'failure_limit', ...)")
     try:
-        return RolloutSpec(**raw)
+        return RolloutSpec.model_validate(raw)
     except ValidationError as exc:
-        problems = validation_problems(exc, "spec")
+        problems = validation_problems(exc, "spec", model=RolloutSpec)
         raise ConfigError(f"{where} is invalid: {problems}") from exc
 
 

@@ -1,5 +1,6 @@
 """How a rollout starts, for the flow and the CLI: check everything that can be wrong before traffic moves
-(spec, token, gateway), wire the drift checks, then drive the rollout to its end."""
+(spec, token, gateway, the model's lease, a rejected challenger), wire the drift checks, then drive the
+rollout to its end."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from mlflow.tracking import MlflowClient
 from kiln.errors import ConfigError
 from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab
+from kiln.tasks.lifecycle import promotion
 from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
+from kiln.tasks.registry.lease_record import refuse_if_held
 from kiln.tasks.rollout.driver import DriftJudge, RolloutDriver
 from kiln.tasks.rollout.gateway_client import GatewayRouter
 from kiln.tasks.rollout.judge import Check, RolloutSpec
@@ -22,12 +25,17 @@ from kiln.tasks.rollout.state import RolloutState
 
 
 def preflight(params: RolloutParams, settings: Settings) -> tuple[RolloutSpec, GatewayRouter]:
-    """Everything that can be wrong before traffic moves: the spec, the token, the gateway. Raises KilnError."""
+    """Everything that can be wrong before traffic moves: the spec, the gateway's name, the token, the gateway.
+    Raises KilnError."""
     spec = load_rollout_spec(params.spec)
+    url = settings.gateway_url(params.gateway)  # a name from the allow-list in settings, never a URL from the form
     token = settings.gateway_token.get_secret_value() if settings.gateway_token else ""
-    router = GatewayRouter(params.gateway, token)
+    router = GatewayRouter(url, token)
     try:
         router.read_split()  # reachable, and the token works
+        refuse_if_held(registry.connect(settings), params.model)  # a publish, promotion or rollout is acting
+        promotion.refuse_if_rejected(registry.connect(settings), params.model, settings)  # never a rejected one
+        router.served_versions()  # it says what it serves (the driver checks which versions)
     except BaseException:
         router.close()
         raise

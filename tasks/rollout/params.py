@@ -1,11 +1,14 @@
 """What a rollout is asked to do: :class:`RolloutParams` (``kiln rollout NAME``, the kiln-rollout deployment's
-form), the spec file it names, and :class:`RolloutError` for everything that stops a rollout."""
+form), the spec file it names, and :class:`RolloutError` for everything that stops a rollout.
+
+The gateway is a *name* from the worker's ``rollout_gateways`` setting, never a URL: whoever fills in the form
+chooses among the gateways the operator configured, and the admin token goes nowhere else."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from kiln.errors import KilnError
 from kiln.tasks.presets import PRESETS
@@ -25,9 +28,18 @@ class RolloutParams(BaseModel):
                        "its @champion.")
     spec: str | None = Field(None, description="Rollout spec YAML file (default: Kiln's preset "
                              "tasks/presets/rollout-default.yaml).")
-    gateway: str = Field("http://127.0.0.1:8080", description="Base URL of the Kiln gateway in front of both.")
+    gateway: str = Field("default", description="Name of the Kiln gateway in front of both, from the worker's "
+                         "rollout_gateways setting (a name, not a URL).")
     poll_s: float = Field(1.0, gt=0, le=60, description="How often commands (pause, abort...) are checked.")
     actor: str | None = Field(None, description="Who runs the rollout (default: $KILN_USER or the login name).")
+
+    @field_validator("gateway")
+    @classmethod
+    def _a_name(cls, value: str) -> str:
+        if "/" in value or ":" in value:
+            raise ValueError(f"{value!r} looks like a URL; name a gateway from the rollout_gateways setting "
+                             "instead (e.g. 'default'), and give its URL there")
+        return value
 
 
 def load_rollout_spec(path: str | None) -> RolloutSpec:

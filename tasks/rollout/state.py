@@ -53,6 +53,7 @@ class RolloutState(BaseModel):
     started_at: str = Field(default_factory=audit.now_iso)
     updated_at: str = Field(default_factory=audit.now_iso)
     verdicts: list[Verdict] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)  # commands the driver ignored (unsigned, foreign...) and why
 
 
 def _slug(model: str) -> str:

@@ -25,6 +25,7 @@ def describe(state: RolloutState) -> list[str]:
     for v in state.verdicts:
         out.append(f"  #{v.analysis + 1} step {v.step + 1} ({v.weight:g}%): {v.outcome} → {v.action}")
         out.extend(f"      {r}" for r in v.reasons)
+    out.extend(f"  note: {n}" for n in state.notes)
     if state.plot:
         out.append(f"  plot: {state.plot}")
     return out
@@ -41,4 +42,5 @@ def describe_version(version: ModelVersion) -> str:
     tags = version.tags
     return (f"{version.name} v{version.version}: {tags[vocab.ROLLOUT_STATUS].upper()} at step "
             f"{tags.get(vocab.ROLLOUT_STEP)}, weight {tags.get(vocab.ROLLOUT_WEIGHT)}% — "
-            f"{tags.get(vocab.ROLLOUT_MESSAGE, '')}")
+            f"{tags.get(vocab.ROLLOUT_MESSAGE, '')}"
+            + (f" (note: {tags[vocab.ROLLOUT_NOTE]})" if vocab.ROLLOUT_NOTE in tags else ""))

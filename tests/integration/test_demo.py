@@ -35,6 +35,10 @@ def test_demo_promotes_the_challenger_through_a_canary_and_rolls_back_a_broken_o
     # The promoted challenger is champion; the broken copy left it alone and lost its @challenger alias.
     assert aliases == {"champion": "2", "previous": "1"}
     assert client.get_model_version("sentiment", "3").tags["kiln.rollout.status"] == "rolled_back"
+    # Unattended, yet signed: the demo's own key (under .kiln/demo-approver) approved v2 before its canary.
+    approved = client.get_model_version("sentiment", "2").tags
+    assert approved["kiln.approval"] == "approved" and approved["kiln.approver"] == "kiln-demo"
+    assert (settings.home / "demo-approver" / "allowed_signers").read_text().startswith("kiln-demo ssh-ed25519 ")
     champion = client.get_model_version("sentiment", "1")  # the fine-tuned source
     assert champion.tags["kiln.recipe"] == "source" and '"limit":600' in champion.tags["kiln.dataset"]
     # The fine-tuned PyTorch model is served through the same pyfunc as the engines.

@@ -24,10 +24,14 @@ from kiln.errors import ExitCode
 from kiln.infra.faults import Faults
 from kiln.settings import load_settings
 from kiln.tasks.core import tags as vocab
+from kiln.tasks.lifecycle import approvals
+from kiln.tasks.lifecycle.approvals import Trust
+from kiln.tasks.registry import aliases
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.onboard import register_folder
 from tests.integration.helpers import registry_state
 from tests.integration.test_rollout import TOKEN, _spec, _stack, _Traffic
+from tests.keys import DIGEST, Keyring
 
 runner = CliRunner()
 
@@ -107,15 +111,27 @@ def test_optimize_exit_3_when_no_candidate_passes_the_gate(project, tmp_path):
     assert registry_state(client, "tiny") == before
 
 
-def test_optimize_exit_0_registers_a_challenger(project):
-    result = kiln(*OPTIMIZE)
+def test_optimize_exit_0_registers_a_challenger(project, tmp_path):
+    keys = Keyring(tmp_path / "keys", project.signers_file())
+    result = kiln(*OPTIMIZE, "--sign", "--key", str(keys.key("carol")))  # who asked, signed: four-eyes knows
     assert result.exit_code == ExitCode.OK, result.output
-    assert "registered tiny v2" in result.output
-    assert registry.aliases_of(registry.connect(project), "tiny")["challenger"] == "2"
+    assert "request signed by carol" in result.output and "registered tiny v2" in result.output
+    client = registry.connect(project)
+    assert registry.aliases_of(client, "tiny")["challenger"] == "2"
+    requester, _ = approvals.requester_of(client, client.get_model_version("tiny", "2"), Trust.from_settings(project))
+    assert requester == "carol"
 
 
 def test_optimize_exit_2_on_bad_input(project, tmp_path):
     assert_bad_input(kiln("optimize", "--model", "nope"), "registered model 'nope' does not exist")
+    # A misspelt policy key is an error, not a policy without clauses that every candidate passes.
+    client = registry.connect(project)
+    before = registry_state(client, "tiny")
+    misspelt = tmp_path / "bad.yaml"
+    misspelt.write_text("clause: ['size_mb <= 0.001']\n")
+    assert_bad_input(kiln(*OPTIMIZE, "--policy", str(misspelt)),
+                     f"policy file {misspelt} is invalid: unknown key 'clause' (did you mean 'clauses'?)")
+    assert registry_state(client, "tiny") == before
     assert_bad_input(kiln(*OPTIMIZE, "--config", str(tmp_path / "missing.yaml")), "does not exist")
     assert kiln("optimize", "--model", "tiny", "--no-such-option").exit_code == 2  # click's usage errors too
 
@@ -127,12 +143,14 @@ def test_optimize_exit_1_on_a_bug(project, monkeypatch):
 
 # ── promote ──────────────────────────────────────────────────────────────────────────────────────────
 @pytest.fixture
-def gated(settings, tmp_path, empty_store):
-    """``tiny`` in a registry only: v1 @champion, v2 @challenger whose gate passed, built by carol.
+def gated(settings, tmp_path, empty_store, keys):
+    """``tiny`` in a registry only: v1 @champion, v2 @challenger whose gate passed (pinned, nominated), built by
+    carol.
 
-    Promotion and rollout read aliases and tags, not artifacts; alice may approve, through ``kiln.yaml``.
+    Promotion and rollout read aliases and tags, not artifacts; alice may approve, through ``kiln.yaml``, and
+    signs with her key (``keys``: tests/keys.py).
     """
-    (tmp_path / "kiln.yaml").write_text("approvers: [alice]\n")
+    (tmp_path / "kiln.yaml").write_text(f"approvers: [alice]\nsigning_key: {keys.key('alice')}\n")
     shutil.copy(empty_store, settings.home / "mlflow.db")
     client = registry.connect(settings)
     client.create_registered_model("tiny")
@@ -141,9 +159,9 @@ def gated(settings, tmp_path, empty_store):
         {"accuracy": 0.82})})
     client.create_model_version("tiny", source, tags={
         "kiln.recipe": "int8-dynamic", "kiln.gate": "passed", "kiln.gate_reasons": json.dumps(["size_mb ok"]),
-        "kiln.metrics": json.dumps({"accuracy": 0.81}), "kiln.triggered_by": "carol"})
+        "kiln.metrics": json.dumps({"accuracy": 0.81}), "kiln.triggered_by": "carol", "kiln.package_digest": DIGEST})
     client.set_registered_model_alias("tiny", vocab.CHAMPION, "1")
-    client.set_registered_model_alias("tiny", vocab.CHALLENGER, "2")
+    aliases.nominate(client, "tiny", "2", home=settings.home)
     return client
 
 
@@ -151,7 +169,7 @@ PROMOTE = ("promote", "tiny", "--timeout", "0.5", "--poll", "0.1")
 
 
 def test_promote_exit_0_when_approved(gated):
-    approved = kiln("approve", "tiny", "2", "--approver", "alice", "--reason", "faster")
+    approved = kiln("approve", "tiny", "2", "--reason", "faster")  # with signing_key from kiln.yaml
     assert approved.exit_code == 0, approved.output
     result = kiln(*PROMOTE)
     assert result.exit_code == ExitCode.OK, result.output
@@ -160,7 +178,7 @@ def test_promote_exit_0_when_approved(gated):
 
 
 def test_promote_exit_3_when_not_approved(gated):
-    rejected = kiln("reject", "tiny", "2", "--approver", "alice", "--reason", "accuracy drop")
+    rejected = kiln("reject", "tiny", "2", "--reason", "accuracy drop")
     assert rejected.exit_code == 0, rejected.output
     result = kiln(*PROMOTE)
     assert result.exit_code == ExitCode.DECLINED, result.output
@@ -168,12 +186,20 @@ def test_promote_exit_3_when_not_approved(gated):
     assert registry.aliases_of(gated, "tiny") == {"champion": "1", "challenger": "2"}
 
 
-def test_promote_exit_2_on_bad_input(gated):
+def test_promote_exit_2_on_bad_input(gated, keys):
+    before = registry_state(gated, "tiny")
     assert_bad_input(kiln("promote", "nope", "--timeout", "0.5"), "registered model 'nope' does not exist",
                      in_flow=True)
-    # An approver who is not listed is bad input too (and nothing is approved).
-    assert_bad_input(kiln("approve", "tiny", "2", "--approver", "mallory", "--reason", "trust me"),
-                     "'mallory' may not approve (approvers: alice)")
+    # An approver who is not listed is bad input too (and nothing is approved): the key decides who it is.
+    assert_bad_input(kiln("approve", "tiny", "2", "--key", str(keys.key("bob")), "--reason", "trust me"),
+                     "'bob' may not approve (approvers: alice)")
+    assert_bad_input(kiln("approve", "tiny", "2", "--key", str(keys.key("mallory")), "--approver", "alice",
+                          "--reason", "trust me"), f"the key {keys.key('mallory')} is not in {keys.signers}")
+    assert_bad_input(kiln("approve", "tiny", "2", "--key", str(keys.key("bob")), "--approver", "alice",
+                          "--reason", "trust me"), "--approver 'alice' does not match the key")
+    assert_bad_input(kiln("approve", "tiny", "2", "--key", str(keys.folder / "nope"), "--reason", "x"),
+                     "signing key")
+    assert registry_state(gated, "tiny") == before
 
 
 def test_promote_exit_1_on_a_bug(gated, monkeypatch):
@@ -187,14 +213,19 @@ def test_promote_exit_1_on_a_bug(gated, monkeypatch):
 def canary(gated, monkeypatch):
     """``gated``, and the gateway's admin token that ``kiln rollout`` reads from the settings."""
     monkeypatch.setenv("KILN_GATEWAY_TOKEN", TOKEN)
+    monkeypatch.setenv("KILN_ROLLOUT_GATEWAYS", json.dumps({"down": "http://127.0.0.1:9"}))
     return gated
 
 
 def _rollout(url: str, spec: str) -> Result:
-    return kiln("rollout", "tiny", "--spec", spec, "--gateway", url, "--poll", "0.2")
+    """``kiln rollout`` against the gateway at ``url`` (a random port), named in the settings' allow-list."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KILN_ROLLOUT_GATEWAYS", json.dumps({"canary": url}))
+        return kiln("rollout", "tiny", "--spec", spec, "--gateway", "canary", "--poll", "0.2")
 
 
 def test_rollout_exit_0_when_promoted(canary, tmp_path):
+    assert kiln("approve", "tiny", "2", "--reason", "canary it, then ship it").exit_code == 0
     spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.5}])
     with _stack() as stack, _Traffic(stack.url):
         result = _rollout(stack.url, spec)
@@ -216,15 +247,20 @@ def test_rollout_exit_2_on_bad_input(canary, tmp_path, monkeypatch):
     bad = tmp_path / "bad.yaml"
     bad.write_text("steps: []\n")
     assert_bad_input(kiln("rollout", "tiny", "--spec", str(bad)), "steps")
-    assert_bad_input(kiln("rollout", "tiny", "--gateway", "http://127.0.0.1:9"), "cannot reach the gateway")
+    assert_bad_input(kiln("rollout", "tiny", "--gateway", "down"), "cannot reach the gateway")
+    # Only a gateway named in the settings: an unknown name, or a URL typed in, is refused before any request.
+    assert_bad_input(kiln("rollout", "tiny", "--gateway", "elsewhere"),
+                     "unknown gateway 'elsewhere'; a rollout may drive only the gateways named in the "
+                     "rollout_gateways setting: down")
+    assert_bad_input(kiln("rollout", "tiny", "--gateway", "http://127.0.0.1:9"), "looks like a URL")
     monkeypatch.delenv("KILN_GATEWAY_TOKEN")
-    assert_bad_input(kiln("rollout", "tiny", "--gateway", "http://127.0.0.1:9"), "KILN_GATEWAY_TOKEN")
+    assert_bad_input(kiln("rollout", "tiny", "--gateway", "down"), "KILN_GATEWAY_TOKEN")
     assert registry.aliases_of(canary, "tiny") == {"champion": "1", "challenger": "2"}
 
 
 def test_rollout_exit_1_on_a_bug(canary, monkeypatch):
     monkeypatch.setattr("kiln.tasks.rollout.launch.preflight", boom)
-    assert_internal_error(kiln("rollout", "tiny", "--gateway", "http://127.0.0.1:9"))
+    assert_internal_error(kiln("rollout", "tiny", "--gateway", "down"))
 
 
 # ── status (the local stack) ─────────────────────────────────────────────────────────────────────────

@@ -31,6 +31,10 @@ from kiln.infra.registry_events import main
 from kiln.infra.registry_poller import RegistryPoller
 from kiln.infra.starter import DeploymentStarter
 from kiln.settings import Settings, load_settings
+from kiln.tasks.lifecycle import promotion
+from kiln.tasks.lifecycle.approvals import Signed
+from kiln.tasks.registry import aliases
+from tests.keys import DIGEST, Keyring
 
 SECRET = "integration-secret"
 
@@ -166,15 +170,18 @@ def paused_promote(params: PromoteParams) -> dict:
     challenger = client.get_model_version_by_alias(params.model, "challenger")
     client.set_model_version_tag(params.model, challenger.version, PROMOTE_RUN_TAG, flow_run.id)
     answer = pause_flow_run(wait_for_input=ApprovalInput, timeout=60, poll_interval=1)
-    return {"decision": answer.decision, "approver": answer.approver, "reason": answer.reason}
+    return {"token": answer.token}
 
 
-def test_an_approval_tag_resumes_a_paused_promote_run(receiver, mlflow_server, monkeypatch):
+def test_a_signed_decision_resumes_a_paused_promote_run_and_plain_tags_do_not(receiver, mlflow_server, monkeypatch,
+                                                                              tmp_path):
+    settings, _ = receiver
+    keys = Keyring(tmp_path / "keys", settings.signers_file())  # the approvers' list the receiver reads
     monkeypatch.setenv("KILN_TRACKING_URI", mlflow_server)
     client = MlflowClient(mlflow_server)
     client.create_registered_model("approve-me")
-    version = _new_version(client, "approve-me")
-    client.set_registered_model_alias("approve-me", "challenger", version)
+    version = _new_version(client, "approve-me", tags={"kiln.gate": "passed", "kiln.package_digest": DIGEST})
+    aliases.nominate(client, "approve-me", version, home=settings.home)
 
     outcome: dict = {}
     context = contextvars.copy_context()  # the Prefect test server's settings, in the flow's thread
@@ -183,12 +190,18 @@ def test_an_approval_tag_resumes_a_paused_promote_run(receiver, mlflow_server, m
     worker.start()
     _wait("the promote run to link itself to the version",
           lambda: client.get_model_version("approve-me", version).tags.get(PROMOTE_RUN_TAG))
-    # What `kiln approve` (kiln.tasks.lifecycle.promotion.decide) writes, in the order it writes it.
-    for key, value in {"kiln.approval": "approved", "kiln.approver": "alice", "kiln.approval_reason": "fast",
-                       "kiln.approval_at": "2026-11-26T00:00:00Z"}.items():
+    # What the old `kiln approve` wrote, typed by hand: delivered by the webhook, and ignored.
+    for key, value in {"kiln.approver": "alice", "kiln.approval_reason": "fast",
+                       "kiln.approval_at": "2026-11-26T00:00:00Z", "kiln.approval": "approved"}.items():
         client.set_model_version_tag("approve-me", version, key, value)
+    time.sleep(3)
+    assert worker.is_alive() and outcome == {}
+    # `kiln approve` on another machine: the signed statement, then kiln.approval last; the webhook resumes the run.
+    promotion.decide(client, "approve-me", version, decision="approved", reason="fast", key=keys.key("alice"),
+                     settings=settings)
     worker.join(60)
-    assert outcome == {"decision": "approve", "approver": "alice", "reason": "fast"}
+    statement = json.loads(Signed.from_token(outcome["token"]).statement)
+    assert (statement["signer"], statement["decision"], statement["reason"]) == ("alice", "approved", "fast")
 
 
 def test_without_webhooks_each_poll_starts_exactly_one_run_per_new_version(tmp_path, monkeypatch, capsys,

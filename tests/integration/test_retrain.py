@@ -240,7 +240,7 @@ def test_bad_commits_and_configs_fail_clearly(base, local_repo):
     (repo / "kiln-train.yaml").write_text("name: tiny\ndata: data/reviews.csv\nstep: 8\n")
     _git(repo, "commit", "-qam", "typo in the config")
     typo = _git(repo, "rev-parse", "HEAD")
-    with pytest.raises(ConfigError, match=r"kiln-train.yaml is invalid \(step: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"kiln-train.yaml is invalid: unknown key 'step' \(did you mean 'steps'\?\)"):
         retrain(RetrainParams(sha=typo, repo=str(repo), chain_optimize=False))
     with pytest.raises(ConfigError, match="ml/train.yaml does not exist; commit a training config"):
         retrain(RetrainParams(sha=sha, repo=str(repo), config_path="ml/train.yaml", chain_optimize=False))

@@ -20,7 +20,7 @@ import httpx
 import pandas as pd
 import pytest
 import typer
-from pydantic import SecretStr
+from pydantic import AnyHttpUrl, SecretStr
 from typer.testing import CliRunner
 
 from kiln.cli.rollout import register_commands
@@ -34,12 +34,13 @@ from kiln.infra.server import ServedModel
 from kiln.infra.server import create_app as server_app
 from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab
-from kiln.tasks.registry import audit
+from kiln.tasks.registry import aliases, audit
 from kiln.tasks.registry import client as registry
 from kiln.tasks.rollout.commands import send_command
 from kiln.tasks.rollout.launch import run_rollout
 from kiln.tasks.rollout.params import RolloutError, RolloutParams
 from kiln.tasks.rollout.state import RolloutStore
+from tests.keys import DIGEST, approve
 
 TOKEN = "rollout-test-token"
 LABELS = ["negative", "positive"]
@@ -67,16 +68,24 @@ class _Oracle:
 
 
 @pytest.fixture
-def tiny(settings, tmp_path, empty_store):
-    """``tiny``: v1 @champion, v2 @challenger with a passed gate (registry only: the servers hold the engines)."""
+def tiny(settings, tmp_path, empty_store, keys):
+    """``tiny``: v1 @champion, v2 @challenger with a passed gate, pinned and nominated (registry only: the servers
+    hold the engines). Every key in ``keys`` may decide (no approvers setting); nothing is approved yet."""
     shutil.copy(empty_store, settings.home / "mlflow.db")
     client = registry.connect(settings)
     client.create_registered_model("tiny")
     for tags in ({"kiln.recipe": "source"}, {"kiln.recipe": "int8-dynamic", "kiln.gate": "passed"}):
-        client.create_model_version("tiny", (tmp_path / "model").as_uri(), tags=tags)
+        client.create_model_version("tiny", (tmp_path / "model").as_uri(), tags=tags | {"kiln.package_digest": DIGEST})
     client.set_registered_model_alias("tiny", vocab.CHAMPION, "1")
-    client.set_registered_model_alias("tiny", vocab.CHALLENGER, "2")
+    aliases.nominate(client, "tiny", "2", home=settings.home)
     return client
+
+
+@pytest.fixture
+def approved(tiny, keys):
+    """``tiny`` with v2 approved by alice (signed): its canary promotes it at the end."""
+    approve(tiny, "tiny", "2", keys, "alice", "ship it if the canary passes")
+    return tiny
 
 
 @pytest.fixture
@@ -84,11 +93,31 @@ def rollout_settings(settings) -> Settings:
     return settings.model_copy(update={"gateway_token": SecretStr(TOKEN)})
 
 
-def _stack(challenger_faults: Faults | None = None, challenger_version: str = "2"):
+def _allow(settings: Settings, url: str) -> Settings:
+    """``settings`` whose rollout_gateways allow-list names the test's gateway (a random port) ``default``."""
+    return settings.model_copy(update={"rollout_gateways": {"default": AnyHttpUrl(url)}})
+
+
+def _versionless(app):
+    """``app`` with the model version header removed from its answers: a server that does not say."""
+    async def asgi(scope, receive, send):
+        async def strip(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [(k, v) for k, v in message["headers"] if k.lower() != b"x-kiln-model-version"]
+            await send(message)
+
+        await app(scope, receive, strip)
+
+    return asgi
+
+
+def _stack(challenger_faults: Faults | None = None, challenger_version: str = "2", *, versionless: bool = False):
     """Champion and challenger model servers and the gateway, all on 127.0.0.1; yields the gateway."""
     challenger = _Oracle() if challenger_faults is None else FaultyPredictor(_Oracle(), challenger_faults)
     champion_app = server_app([ServedModel("tiny", "1", _Oracle())])
     challenger_app = server_app([ServedModel("tiny", challenger_version, challenger)])
+    if versionless:
+        champion_app, challenger_app = _versionless(champion_app), _versionless(challenger_app)
 
     class Stack:
         def __enter__(self):
@@ -103,6 +132,9 @@ def _stack(challenger_faults: Faults | None = None, challenger_version: str = "2
         def __exit__(self, *exc):
             for ctx in (self.gateway, self.challenger, self.champion):
                 ctx.__exit__(None, None, None)
+
+        def allow(self, settings: Settings) -> Settings:
+            return _allow(settings, self.url)
 
     return Stack()
 
@@ -149,13 +181,14 @@ def _reference(tmp_path: Path, texts: list[str]) -> str:
     return str(path)
 
 
-def test_healthy_challenger_is_promoted_through_every_step(tiny, rollout_settings, tmp_path):
+def test_healthy_challenger_is_promoted_through_every_step(approved, rollout_settings, tmp_path):
+    tiny = approved
     spec = _spec(tmp_path, [{"weight": 0, "shadow": 1.0, "analysis_s": 1.5}, {"weight": 50, "analysis_s": 1.5},
                             {"weight": 100, "analysis_s": 1.5}],
                  # Lenient: ~120 rows of a handful of distinct lengths give KL up to ~0.25 by chance alone.
                  drift={"reference": _reference(tmp_path, TEXTS), "min_rows": 50, "max_input_kl": 0.6})
     with _stack() as stack, _Traffic(stack.url) as traffic:
-        state = run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
+        state = run_rollout(RolloutParams(model="tiny", spec=spec, poll_s=0.2), stack.allow(rollout_settings))
         gateway_weight = stack.gw.routing.weight
     assert state.status == "promoted", state.message
     assert [v.outcome for v in state.verdicts] == ["pass", "pass", "pass"], " | ".join(state.verdicts[0].reasons)
@@ -188,7 +221,7 @@ def test_faulty_challenger_is_rolled_back_within_interval_times_failure_limit(ti
                  failure_limit=failure_limit)
     with _stack(faults) as stack, _Traffic(stack.url):
         started = time.monotonic()
-        state = run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
+        state = run_rollout(RolloutParams(model="tiny", spec=spec, poll_s=0.2), stack.allow(rollout_settings))
         elapsed = time.monotonic() - started
         routing = stack.gw.routing
     assert state.status == "rolled_back", state.message
@@ -208,21 +241,22 @@ def test_input_drift_against_the_reference_rolls_back(tiny, rollout_settings, tm
     spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.5}], failure_limit=0,
                  drift={"reference": _reference(tmp_path, ["ok", "no", "yes", "hm"] * 50), "max_class_kl": None})
     with _stack() as stack, _Traffic(stack.url):
-        state = run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
+        state = run_rollout(RolloutParams(model="tiny", spec=spec, poll_s=0.2), stack.allow(rollout_settings))
     assert state.status == "rolled_back"
     assert "input_drift" in tiny.get_model_version("tiny", "2").tags["kiln.rollout.reason"]
     assert registry.aliases_of(tiny, "tiny") == {"champion": "1"}
 
 
-def test_too_little_traffic_is_inconclusive_then_pauses_and_abort_rolls_back(tiny, rollout_settings, tmp_path):
+def test_too_little_traffic_is_inconclusive_then_pauses_and_abort_rolls_back(tiny, rollout_settings, tmp_path, keys):
     spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.0}], min_samples=500, inconclusive_limit=1)
     result = {}
     with _stack() as stack, _Traffic(stack.url, rate=20):
         runner = threading.Thread(target=lambda: result.update(state=run_rollout(
-            RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)))
+            RolloutParams(model="tiny", spec=spec, poll_s=0.2), stack.allow(rollout_settings))))
         runner.start()
         _wait_for_tag(tiny, "kiln.rollout.status", "paused")
-        send_command(tiny, "tiny", "abort", actor="alice", reason="not enough traffic today")
+        send_command(tiny, "tiny", "abort", settings=rollout_settings, key=keys.key("alice"),
+                     reason="not enough traffic today")
         runner.join(30)
         weight = stack.gw.routing.weight
     state = result["state"]
@@ -233,7 +267,8 @@ def test_too_little_traffic_is_inconclusive_then_pauses_and_abort_rolls_back(tin
     assert "rollout_abort" in _events(rollout_settings)
 
 
-def test_manual_gate_waits_for_resume_from_the_cli(tiny, rollout_settings, tmp_path, monkeypatch):
+def test_manual_gate_waits_for_resume_from_the_cli(approved, rollout_settings, tmp_path, monkeypatch, keys):
+    tiny = approved
     spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.0}, {"weight": 100, "analysis_s": 1.0,
                                                                  "manual_gate": True}])
     app = typer.Typer()
@@ -241,22 +276,22 @@ def test_manual_gate_waits_for_resume_from_the_cli(tiny, rollout_settings, tmp_p
     result = {}
     with _stack() as stack, _Traffic(stack.url):
         runner = threading.Thread(target=lambda: result.update(state=run_rollout(
-            RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)))
+            RolloutParams(model="tiny", spec=spec, poll_s=0.2), stack.allow(rollout_settings))))
         runner.start()
         _wait_for_tag(tiny, "kiln.rollout.status", "paused")
         assert stack.gw.routing.weight == 50  # a pause holds the split
         status = CliRunner().invoke(app, ["rollout", "status", "tiny"])
         assert "PAUSED" in status.output and "manual gate" in status.output
-        resumed = CliRunner().invoke(app, ["rollout", "resume", "tiny", "--actor", "bob"])
+        resumed = CliRunner().invoke(app, ["rollout", "resume", "tiny", "--key", str(keys.key("bob"))])
         assert resumed.exit_code == 0, resumed.output
         runner.join(30)
     assert result["state"].status == "promoted"
     assert registry.aliases_of(tiny, "tiny")["champion"] == "2"
 
 
-def test_commands_without_a_running_rollout_are_refused(tiny):
+def test_commands_without_a_running_rollout_are_refused(tiny, settings, keys):
     with pytest.raises(RolloutError, match="no rollout of tiny v2 is running"):
-        send_command(tiny, "tiny", "pause", actor="alice")
+        send_command(tiny, "tiny", "pause", settings=settings, key=keys.key("alice"))
 
 
 def test_bad_token_unreachable_gateway_and_bad_spec_change_nothing(tiny, rollout_settings, tmp_path):
@@ -264,14 +299,14 @@ def test_bad_token_unreachable_gateway_and_bad_spec_change_nothing(tiny, rollout
     with _stack() as stack:
         wrong = rollout_settings.model_copy(update={"gateway_token": SecretStr("not-the-token")})
         with pytest.raises(RolloutError, match="refused the admin token"):
-            run_rollout(RolloutParams(model="tiny", spec=good, gateway=stack.url), wrong)
+            run_rollout(RolloutParams(model="tiny", spec=good), stack.allow(wrong))
         bad = tmp_path / "bad.yaml"
         bad.write_text("steps:\n  - {weight: 150}\n")
         with pytest.raises(ConfigError, match=r"steps\.0\.weight"):
-            run_rollout(RolloutParams(model="tiny", spec=str(bad), gateway=stack.url), rollout_settings)
+            run_rollout(RolloutParams(model="tiny", spec=str(bad)), stack.allow(rollout_settings))
         assert stack.gw.routing.weight == 0
     with pytest.raises(RolloutError, match="cannot reach the gateway"):
-        run_rollout(RolloutParams(model="tiny", spec=good, gateway="http://127.0.0.1:9"), rollout_settings)
+        run_rollout(RolloutParams(model="tiny", spec=good), _allow(rollout_settings, "http://127.0.0.1:9"))
     assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
 
 
@@ -279,7 +314,7 @@ def test_gateway_serving_another_version_stops_the_rollout(tiny, rollout_setting
     spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.0}])
     with _stack(challenger_version="7") as stack, _Traffic(stack.url):
         with pytest.raises(RolloutError, match="serves v7"):
-            run_rollout(RolloutParams(model="tiny", spec=spec, gateway=stack.url, poll_s=0.2), rollout_settings)
+            run_rollout(RolloutParams(model="tiny", spec=spec, poll_s=0.2), stack.allow(rollout_settings))
         assert stack.gw.routing.weight == 0
     assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
     assert tiny.get_model_version("tiny", "2").tags["kiln.rollout.status"] == "aborted"
@@ -305,13 +340,72 @@ def test_cli_rollout_name_starts_a_rollout_and_bad_input_exits_2(tiny, tmp_path,
     app = typer.Typer()
     register_commands(app)
     monkeypatch.delenv("KILN_GATEWAY_TOKEN", raising=False)
-    no_token = CliRunner().invoke(app, ["rollout", "tiny", "--gateway", "http://127.0.0.1:9"])
+    monkeypatch.setenv("KILN_ROLLOUT_GATEWAYS", json.dumps({"down": "http://127.0.0.1:9"}))
+    no_token = CliRunner().invoke(app, ["rollout", "tiny", "--gateway", "down"])
     assert no_token.exit_code == 2 and "KILN_GATEWAY_TOKEN" in no_token.output
     monkeypatch.setenv("KILN_GATEWAY_TOKEN", TOKEN)
     bad_spec = tmp_path / "bad.yaml"
     bad_spec.write_text("steps: []\n")
-    result = CliRunner().invoke(app, ["rollout", "tiny", "--spec", str(bad_spec)])
+    result = CliRunner().invoke(app, ["rollout", "tiny", "--spec", str(bad_spec), "--gateway", "down"])
     assert result.exit_code == 2 and "steps" in result.output
-    unreachable = CliRunner().invoke(app, ["rollout", "start", "tiny", "--gateway", "http://127.0.0.1:9"])
+    unreachable = CliRunner().invoke(app, ["rollout", "start", "tiny", "--gateway", "down"])
     assert unreachable.exit_code == 2 and "cannot reach the gateway" in unreachable.output
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
+
+
+def test_cli_rollout_takes_a_gateway_name_from_settings_never_a_url(tiny, monkeypatch):
+    app = typer.Typer()
+    register_commands(app)
+    monkeypatch.setenv("KILN_GATEWAY_TOKEN", TOKEN)
+    monkeypatch.setenv("KILN_ROLLOUT_GATEWAYS", json.dumps({"prod": "http://127.0.0.1:9"}))
+    unknown = CliRunner().invoke(app, ["rollout", "tiny", "--gateway", "staging"])
+    assert unknown.exit_code == 2, unknown.output
+    assert "unknown gateway 'staging'" in unknown.output and "rollout_gateways setting: prod" in unknown.output
+    default = CliRunner().invoke(app, ["rollout", "tiny"])  # 'default' is not configured here either
+    assert default.exit_code == 2 and "unknown gateway 'default'" in default.output, default.output
+    url = CliRunner().invoke(app, ["rollout", "tiny", "--gateway", "http://attacker.example:8080"])
+    assert url.exit_code == 2 and "looks like a URL" in url.output, url.output
+    assert "Traceback" not in unknown.output + default.output + url.output
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
+
+
+def test_unknown_gateway_name_is_refused_before_any_request(tiny, rollout_settings, tmp_path):
+    with _stack() as stack:
+        with pytest.raises(ConfigError, match=r"unknown gateway 'other'.*: default \("):
+            run_rollout(RolloutParams(model="tiny", spec=_spec(tmp_path, [{"weight": 50}]), gateway="other"),
+                        stack.allow(rollout_settings))
+        assert stack.gw.routing.generation == 0  # no admin call reached it
+    with pytest.raises(ValueError, match="looks like a URL"):
+        RolloutParams(model="tiny", gateway=stack.url)
+
+
+def test_gateway_that_does_not_say_which_versions_it_serves_fails_closed(tiny, rollout_settings, tmp_path):
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 1.0}, {"weight": 100, "analysis_s": 1.0}])
+    with _stack(versionless=True) as stack, _Traffic(stack.url):
+        with pytest.raises(RolloutError, match="does not say which version its (challenger|champion) upstream"):
+            run_rollout(RolloutParams(model="tiny", spec=spec, poll_s=0.2), stack.allow(rollout_settings))
+        routing = stack.gw.routing
+    assert routing.weight == 0 and routing.shadow == 0  # stopped with every request back on the champion
+    assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}
+    tags = tiny.get_model_version("tiny", "2").tags
+    assert tags["kiln.rollout.status"] == "aborted" and "promoted_by" not in " ".join(tags)
+
+
+def test_gateway_reporting_no_upstreams_is_refused_before_traffic_moves(tiny, rollout_settings, tmp_path):
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    calls = []
+
+    async def state(request):
+        calls.append(request.method)
+        return JSONResponse({"weight": 0.0, "shadow": 0.0})  # a gateway that says nothing about upstreams
+
+    silent = Starlette(routes=[Route("/admin/state", state), Route("/admin/{what}", state, methods=["POST"])])
+    with serving(silent) as server:
+        with pytest.raises(RolloutError, match="reports no upstreams"):
+            run_rollout(RolloutParams(model="tiny", spec=_spec(tmp_path, [{"weight": 50}])),
+                        _allow(rollout_settings, server.url))
+    assert calls and set(calls) == {"GET"}  # read only: the split was never set
     assert registry.aliases_of(tiny, "tiny") == {"champion": "1", "challenger": "2"}

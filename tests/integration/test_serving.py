@@ -32,6 +32,7 @@ from kiln.tasks.engines import EngineOptions
 from kiln.tasks.models.predictor import PackageMeta, package
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.onboard import inspect_folder, register_folder
+from kiln.tasks.registry.pins import package_digest
 from kiln.tasks.registry.pyfunc import log_package
 from kiln.tasks.rollout.judge import RolloutSpec, judge_step, stats_from_state
 from tests.fakes import FastFake
@@ -52,7 +53,8 @@ def _register_onnx_challenger(client, settings: Settings, hf_folder: Path, label
                                      recipe="onnx-fp32"))
         with mlflow.start_run(experiment_id=registry.ensure_experiment(client, settings)):
             info = log_package(folder, "onnx-fp32", Path(tmp))
-        version = mlflow.register_model(f"models:/{info.model_id}", "tiny")
+        version = mlflow.register_model(f"models:/{info.model_id}", "tiny",
+                                        tags={vocab.PACKAGE_DIGEST: package_digest(folder)})  # loaders require it
     client.set_registered_model_alias("tiny", vocab.CHALLENGER, version.version)
 
 

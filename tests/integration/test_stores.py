@@ -49,7 +49,9 @@ def stores(postgres, seaweedfs, tmp_path_factory):
         assert stack_databases.ensure_databases(settings.database_url) == ["kiln_stores", "kiln_stores_prefect"]
         [mlflow_service] = [s for s in stack_services.services(settings) if s.name == "mlflow"]
         assert f"s3://{bucket}/mlflow" in mlflow_service.argv
-        assert stack_databases.database_urls(settings.database_url)[0] in mlflow_service.argv
+        # The database URL (with its password) reaches the server in its environment, not on its command line.
+        assert mlflow_service.env["MLFLOW_BACKEND_STORE_URI"] == stack_databases.database_urls(settings.database_url)[0]
+        assert "kiln_stores" not in " ".join(mlflow_service.argv)
         server = stack.Stack(settings.home / "stack", [mlflow_service])
         server.up()
         try:
@@ -102,6 +104,23 @@ def test_an_engine_corrupted_in_the_bucket_is_refused_before_loading(stores, cha
         with pytest.raises(ArtifactError, match=r"model file model.onnx in .* is corrupt \(sha256 mismatch\)"):
             registry.fetch_package(challenger.client, challenger.version, tmp_path / "downloads")
         with pytest.raises(ArtifactError, match="corrupt"):
+            mlflow.pyfunc.load_model("models:/tiny@challenger")
+    finally:
+        s3.put_object(Bucket=stores.bucket, Key=key, Body=original)
+    assert Path(registry.fetch_package(challenger.client, challenger.version, tmp_path / "again")).is_dir()
+
+
+def test_a_kiln_json_rewritten_in_the_bucket_is_refused_by_its_registry_pin(stores, challenger, tmp_path):
+    """Swapped labels in the bucket's kiln.json: every checksum inside still matches, the registry's pin does not."""
+    s3, key = stores.s3, challenger.engine_key.rsplit("/", 1)[0] + "/kiln.json"
+    original = s3.get_object(Bucket=stores.bucket, Key=key)["Body"].read()
+    meta = json.loads(original)
+    meta["labels"] = list(reversed(meta["labels"]))
+    s3.put_object(Bucket=stores.bucket, Key=key, Body=json.dumps(meta, indent=2, sort_keys=True).encode())
+    try:
+        with pytest.raises(ArtifactError, match="is not the manifest the registry pinned for tiny v2"):
+            registry.fetch_package(challenger.client, challenger.version, tmp_path / "downloads")
+        with pytest.raises(ArtifactError, match="is not the manifest the registry pinned"):
             mlflow.pyfunc.load_model("models:/tiny@challenger")
     finally:
         s3.put_object(Bucket=stores.bucket, Key=key, Body=original)

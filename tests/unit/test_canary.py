@@ -142,7 +142,7 @@ def test_inconclusive_repeats_then_pauses(spec):
 @pytest.mark.parametrize(("text", "field"), [
     ("steps: [{weight: 150}]", "steps.0.weight"),
     ("steps: [{weight: 10, analysis_s: 0}]", "steps.0.analysis_s"),
-    ("steps: [{weight: 10, wieght: 5}]", "steps.0.wieght"),
+    ("steps: [{weight: 10, wieght: 5}]", "steps.0"),  # "unknown key 'wieght' ...": see test_strict_files.py
     ("steps: [{weight: 0}]", "steps.0"),
     ("steps: []", "steps"),
     ("steps: [{weight: 10}]\nmetrics: {max_error_rate: 2}", "metrics.max_error_rate"),

@@ -317,8 +317,11 @@ def test_prefect_and_mlflow_variables_exist(compose: dict, prefect_yaml: dict) -
 
         prefect_names |= legacy._get_valid_setting_names(KubernetesSettings)
     import mlflow.environment_variables as mlflow_env
+    from mlflow.cli import server
 
     mlflow_names = {v.name for v in vars(mlflow_env).values() if hasattr(v, "name") and hasattr(v, "get")}
+    # and the variables `mlflow server` reads for its options (MLFLOW_BACKEND_STORE_URI: the password off argv)
+    mlflow_names |= {p.envvar for p in server.params if isinstance(p.envvar, str)}
     for where, names in variables_used(compose, prefect_yaml).items():
         prefect = {n for n in names if n.startswith("PREFECT_") and (with_k8s or "_KUBERNETES_" not in n)}
         assert prefect <= prefect_names, f"{where}: not Prefect settings: {sorted(prefect - prefect_names)}"
@@ -491,12 +494,22 @@ def test_stores_agree(compose: dict) -> None:
     assert services["worker"]["environment"]["KILN_S3_BUCKET"] == bucket
     postgres = services["postgres"]["environment"]
     init = (DOCKER / "postgres-init.sql").read_text()
-    for url, database in [(option(mlflow_argv, "--backend-store-uri"), postgres["POSTGRES_DB"]),
+    for url, database in [(services["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"], postgres["POSTGRES_DB"]),
                           (services["prefect"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"],
                            re.search(r"CREATE DATABASE (\w+)", init).group(1))]:
         parts = urlsplit(url)
         assert (parts.username, parts.password, parts.hostname, parts.path) == (
             postgres["POSTGRES_USER"], postgres["POSTGRES_PASSWORD"], "postgres", f"/{database}"), url
+
+
+def test_no_secret_is_on_a_command_line(compose: dict) -> None:
+    """``ps`` shows every process's arguments to every user: secrets go in the environment (issue 12)."""
+    argvs = {name: compose_argv(name, service) + [str(a) for a in (service.get("healthcheck") or {}).get("test", [])]
+             for name, service in compose["services"].items()}
+    argvs |= {f"k8s {owner}": [str(a) for a in container_argv(c)] for owner, c in containers()}
+    for where, argv in argvs.items():
+        shown = " ".join(argv)
+        assert not [name for name, value in COMPOSE_SECRETS.items() if value in shown], f"{where}: {shown}"
 
 
 # ── the Dockerfiles against pyproject.toml ──────────────────────────────────────────────────────────

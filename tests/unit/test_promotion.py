@@ -1,4 +1,5 @@
-"""Pure promotion logic: who may approve, the review table, the audit log."""
+"""Pure promotion logic: who may approve, when signed decisions add up to approved, the review table, the
+audit log. (Signatures and statements: test_approvals.py.)"""
 
 from __future__ import annotations
 
@@ -30,19 +31,37 @@ def test_listed_approver_passes_and_others_are_refused():
     assert issubclass(ApprovalRefused, KilnError)
 
 
-def test_nobody_may_approve_until_approvers_are_configured():
-    with pytest.raises(ApprovalRefused, match="no approvers are configured; list them in KILN_APPROVERS"):
-        ApprovalPolicy().check("alice", None)
+def test_an_empty_approvers_list_means_nobody_and_unset_means_every_key_in_allowed_signers():
+    with pytest.raises(ApprovalRefused, match="nobody may approve: approvers is an empty list"):
+        ApprovalPolicy(approvers=[]).check("alice", None)
+    ApprovalPolicy().check("anyone-allowed-signers-lists", None)  # their signature is what must verify
 
 
 def test_four_eyes_refuses_self_approval_but_not_self_rejection():
     policy = ApprovalPolicy(approvers=["alice", "bob"], four_eyes=True)
-    with pytest.raises(ApprovalRefused, match="four-eyes review: 'alice' triggered this version"):
+    with pytest.raises(ApprovalRefused, match="four-eyes review: 'alice' requested this version"):
         policy.check("alice", "alice")
     policy.check("bob", "alice")
     policy.check("alice", "alice", decision="rejected")
-    with pytest.raises(ApprovalRefused, match="nobody is recorded as having triggered"):
-        policy.check("bob", None)
+    policy.check("bob", None)  # allowed to sign; with nobody authenticated as requester, two must approve
+
+
+def test_judge_counts_distinct_approvers_and_any_rejection_decides():
+    plain, four = ApprovalPolicy(), ApprovalPolicy(four_eyes=True)
+    assert plain.judge([], [], None).outcome == "pending"
+    assert plain.judge(["alice"], [], None).outcome == "approved"
+    # four-eyes with an authenticated requester: one other approver; the requester's own approval never counts
+    assert four.judge(["carol"], [], "carol").outcome == "pending"
+    verdict = four.judge(["carol", "alice"], [], "carol")
+    assert (verdict.outcome, verdict.approvers) == ("approved", ["alice"])
+    # no authenticated requester (webhook, schedule, unsigned command): two different approvers
+    pending = four.judge(["alice", "alice"], [], None)
+    assert pending.outcome == "pending" and pending.why.endswith("two different approvers must approve; "
+                                                                 "1 of 2 so far (alice)")
+    assert four.judge(["alice", "bob"], [], None).approvers == ["alice", "bob"]
+    rejected = four.judge(["alice", "bob"], [("carol", "too slow")], None)
+    assert (rejected.outcome, rejected.why, rejected.rejected_by) == ("rejected", "rejected by carol: too slow",
+                                                                      ["carol"])
 
 
 def test_policy_from_env_beats_yaml(tmp_path, clean_env):

@@ -30,7 +30,7 @@ def test_unknown_stage_or_recipe_is_named():
     ("prune_unstructured", {"sparsity": 1.5}, "sparsity"),
     ("prune_ffn", {"fraction": -0.1}, "fraction"),
     ("distill", {"layers": [2, 1]}, "layers"),
-    ("prune_heads", {"remove_per_layer": 1, "colour": "red"}, "colour"),
+    ("prune_heads", {"remove_per_layer": 1, "colour": "red"}, "unknown key 'colour'"),
 ])
 def test_impossible_parameters_name_the_field(stage, params, field):
     with pytest.raises(ConfigError, match=rf"stage 1 \({stage}\): {field}"):

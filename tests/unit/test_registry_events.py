@@ -22,6 +22,10 @@ from kiln.infra.registry_actions import OPTIMIZE_RUN_TAG, PROMOTE_RUN_TAG, Regis
 from kiln.infra.registry_poller import RegistryPoller
 from kiln.infra.starter import OPTIMIZE, Started
 from kiln.settings import Settings
+from kiln.tasks.core import tags as vocab
+from kiln.tasks.lifecycle import approvals
+from kiln.tasks.lifecycle.approvals import DecisionStatement
+from tests.keys import DIGEST, Keyring
 
 SECRET = "s3cret"
 
@@ -241,28 +245,54 @@ def test_deliveries_remember_successes_and_let_failures_be_retried():
 
 
 def decide(reg: Registry, name: str, version: str, **tags) -> None:
+    """Tags written by hand, as anyone with access to the MLflow UI or API can."""
     for key, value in tags.items():
         reg.client.set_model_version_tag(name, version, key, value)
 
 
-def test_an_approval_tag_resumes_the_paused_promote_run_linked_to_that_version(tmp_path, reg, starter, promotions):
+def signed_decision(reg: Registry, name: str, version: str, keys: Keyring, who: str, decision: str = "approved",
+                    reason: str = "ok", *, key_of: str | None = None, slot_of: str | None = None) -> str:
+    """A decision signed with ``key_of``'s key (default: ``who``'s), written in the order `kiln approve` writes it
+    (kiln.approval last), in ``slot_of``'s slot (default: the signer's); returns its token."""
+    statement = DecisionStatement(model=name, version=version, digest=DIGEST, decision=decision, reason=reason,
+                                  at="2026-11-30T12:00:00.000+00:00", nomination="n" * 32, signer=who)
+    signed = approvals.sign(statement, keys.key(key_of or who))
+    decide(reg, name, version, **{"kiln.approver": who, "kiln.approval_reason": reason})
+    decide(reg, name, version, **{vocab.decision_tag(slot_of or who): signed.tag(), "kiln.approval": decision})
+    return signed.token()
+
+
+def test_a_signed_decision_resumes_the_paused_promote_run_linked_to_that_version(tmp_path, reg, starter,
+                                                                                 promotions):
     name = reg.model()
     v1, v2 = reg.version(name), reg.version(name)
     decide(reg, name, v2, **{PROMOTE_RUN_TAG: "fr-2"})
     promotions.waiting = [PausedPromotion("fr-2", name), PausedPromotion("fr-other", reg.model())]
-    http = receiver(make_settings(tmp_path, reg, []), starter, promotions, reg)
+    settings = make_settings(tmp_path, reg, [])
+    keys = Keyring(tmp_path / "keys", settings.signers_file())
+    http = receiver(settings, starter, promotions, reg)
 
     def tag_set(version, key):
         return deliver(http, "model_version_tag.set", {"name": name, "version": version, "key": key, "value": "x"})
 
     decide(reg, name, v2, **{"kiln.approval": "approved"})  # approver and reason not set yet
     assert "no decision yet" in tag_set(v2, "kiln.approval").json()["reason"]
-    decide(reg, name, v1, **{"kiln.approval": "approved", "kiln.approver": "al", "kiln.approval_reason": "ok"})
-    assert "no paused promote run waits on" in tag_set(v1, "kiln.approval_reason").json()["reason"]
+    # Plain tags naming an approver, as typed into the MLflow UI: no signed statement, no decision.
     decide(reg, name, v2, **{"kiln.approver": "alice", "kiln.approval_reason": "looks good"})
-    response = tag_set(v2, "kiln.approval_reason")
+    assert "no decision yet" in tag_set(v2, "kiln.approval_reason").json()["reason"]
+    # "alice" signed with mallory's key, and alice's real decision on v1 copied onto v2: neither resumes it.
+    signed_decision(reg, name, v2, keys, "alice", key_of="mallory")
+    assert "decision not verified on" in tag_set(v2, "kiln.approval").json()["reason"]
+    signed_decision(reg, name, v1, keys, "alice")
+    copied = reg.client.get_model_version(name, v1).tags[vocab.decision_tag("alice")]
+    decide(reg, name, v2, **{vocab.decision_tag("alice"): copied})
+    assert f"signed for {name} v{v1}" in tag_set(v2, "kiln.approval").json()["reason"]
+    assert "no paused promote run waits on" in tag_set(v1, "kiln.approval").json()["reason"]
+    assert promotions.resumed == []
+    token = signed_decision(reg, name, v2, keys, "alice", reason="looks good")
+    response = tag_set(v2, "kiln.approval")
     assert response.json()["status"] == "resumed" and response.json()["flow_runs"] == ["fr-2"]
-    assert promotions.resumed == [("fr-2", {"decision": "approve", "approver": "alice", "reason": "looks good"})]
+    assert promotions.resumed == [("fr-2", {"token": token})]  # the flow verifies it again, every rule
     assert tag_set(v2, "kiln.approval_at").json()["status"] == "ignored"  # resumed already
 
 
@@ -272,12 +302,14 @@ def test_without_a_link_only_the_current_challenger_resumes_and_a_rejection_is_p
     v1, v2 = reg.version(name), reg.version(name)
     reg.client.set_registered_model_alias(name, "challenger", v2)
     promotions.waiting = [PausedPromotion("fr", name)]
-    events = RegistryEvents(make_settings(tmp_path, reg, []), starter, promotions=promotions, client=reg.client)
-    decide(reg, name, v1, **{"kiln.approval": "rejected", "kiln.approver": "bob", "kiln.approval_reason": "old"})
+    settings = make_settings(tmp_path, reg, [])
+    keys = Keyring(tmp_path / "keys", settings.signers_file())
+    events = RegistryEvents(settings, starter, promotions=promotions, client=reg.client)
+    signed_decision(reg, name, v1, keys, "bob", "rejected", "old")
     assert events.resume_decided(name, v1).status == "ignored"
-    decide(reg, name, v2, **{"kiln.approval": "rejected", "kiln.approver": "bob", "kiln.approval_reason": "slow"})
+    token = signed_decision(reg, name, v2, keys, "bob", "rejected", "slow")
     assert events.resume_decided(name, v2).flow_runs == ["fr"]
-    assert promotions.resumed == [("fr", {"decision": "reject", "approver": "bob", "reason": "slow"})]
+    assert promotions.resumed == [("fr", {"token": token})]
 
 
 # ── the poller ───────────────────────────────────────────────────────────────────────────────────────
@@ -327,9 +359,12 @@ def test_poller_resumes_paused_promotions_whose_version_is_decided(tmp_path, reg
     decide(reg, name, version, **{PROMOTE_RUN_TAG: "fr-9"})
     promotions.waiting = [PausedPromotion("fr-9", name)]
     settings = make_settings(tmp_path, reg, [])
+    keys = Keyring(tmp_path / "keys", settings.signers_file())
     poller = RegistryPoller(settings, starter,
                             events=RegistryEvents(settings, starter, promotions=promotions, client=reg.client))
     assert poller.poll_once().resumed == []
     decide(reg, name, version, **{"kiln.approval": "approved", "kiln.approver": "a", "kiln.approval_reason": "r"})
+    assert poller.poll_once().resumed == []  # tags alone decide nothing
+    signed_decision(reg, name, version, keys, "alice")
     assert poller.poll_once().resumed == ["fr-9"]
     assert poller.poll_once().resumed == []

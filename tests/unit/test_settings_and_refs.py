@@ -114,3 +114,44 @@ def test_nothing_set_means_the_login_name_and_nobody_approves(tmp_path, no_ident
     no_identity_env.setenv("KILN_FOUR_EYES", "maybe")
     with pytest.raises(ConfigError, match="invalid settings .*four_eyes"):
         load_settings()
+
+
+def test_rollout_gateways_are_an_allow_list_of_names(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KILN_ROLLOUT_GATEWAYS", raising=False)
+    monkeypatch.delenv("KILN_GATEWAY_PORT", raising=False)
+    assert load_settings().gateways() == {"default": "http://127.0.0.1:8080"}  # the local gateway, by default
+    assert load_settings(gateway_port=9090).gateway_url("default") == "http://127.0.0.1:9090"
+    (tmp_path / "kiln.yaml").write_text("rollout_gateways: {prod: 'http://gw.internal:8080/', staging: "
+                                        "'https://gw.staging:443'}\n")
+    s = load_settings()
+    assert s.gateway_url("prod") == "http://gw.internal:8080"
+    with pytest.raises(ConfigError, match=r"unknown gateway 'default'; .*rollout_gateways setting: prod, staging"):
+        s.gateway_url("default")  # configured gateways replace the default one
+    monkeypatch.setenv("KILN_ROLLOUT_GATEWAYS", '{"ci": "http://127.0.0.1:18080"}')
+    assert load_settings().gateways() == {"ci": "http://127.0.0.1:18080"}
+    monkeypatch.setenv("KILN_ROLLOUT_GATEWAYS", "ci=http://127.0.0.1:18080, lab=http://10.0.0.2:8080")
+    assert load_settings().gateways() == {"ci": "http://127.0.0.1:18080", "lab": "http://10.0.0.2:8080"}
+
+
+@pytest.mark.parametrize(("gateways", "problem"), [
+    ('{"prod": "http://admin:pw@gw:8080"}', "no credentials in the URL"),
+    ('{"prod": "ftp://gw"}', "rollout_gateways.prod"),
+    ('{"two words": "http://gw"}', "gateway name 'two words'"),
+    ("http://gw:8080", "write name=URL pairs"),
+])
+def test_bad_rollout_gateways_are_refused(tmp_path, monkeypatch, gateways, problem):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KILN_ROLLOUT_GATEWAYS", gateways)
+    with pytest.raises(ConfigError, match=f"invalid settings .*{problem}"):
+        load_settings()
+
+
+def test_a_rollout_names_its_gateway_never_a_url():
+    from pydantic import ValidationError
+
+    from kiln.tasks.rollout.params import RolloutParams
+
+    assert RolloutParams(model="m").gateway == "default"
+    with pytest.raises(ValidationError, match="looks like a URL; name a gateway from the rollout_gateways setting"):
+        RolloutParams(model="m", gateway="http://attacker.example:8080")

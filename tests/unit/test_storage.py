@@ -1,5 +1,6 @@
 """tasks/registry/storage.py and the tests' checked S3 transfers (tests/s3_transfer.py) against moto's
-in-process S3: checksums on upload, on download and on packages."""
+in-process S3: checksums on upload, on download and on packages; the registry's pin on a package
+(tasks/registry/pins.py) and kiln.json listing every file (tasks/models/predictor.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 
 from kiln.errors import ArtifactError, ConfigError
 from kiln.settings import Settings
-from kiln.tasks.models.predictor import PackageMeta, record_checksums
+from kiln.tasks.core import tags as vocab
+from kiln.tasks.models.predictor import PackageMeta, record_checksums, size_mb, verify
 from kiln.tasks.registry import storage
+from kiln.tasks.registry.pins import package_digest
 from tests import s3_transfer
 
 moto = pytest.importorskip("moto", reason="moto is missing: pip install -e '.[test]'")
@@ -36,6 +39,11 @@ def _package(folder: Path, engine: bytes = b"onnx-bytes" * 100) -> Path:
     (folder / "tokenizer.json").write_text("{}")
     record_checksums(folder, PackageMeta(format="onnx", task="sequence-classification", labels=["a", "b"]))
     return folder
+
+
+def _pin(folder: Path) -> dict[str, str]:
+    """The registry tags of a version registered from ``folder``: its pin (and the checksum list, as publish writes)."""
+    return {vocab.PACKAGE_DIGEST: package_digest(folder), vocab.SHA256: json.dumps(PackageMeta.read(folder).sha256)}
 
 
 def test_ensure_bucket_is_idempotent(s3):
@@ -117,7 +125,7 @@ def test_package_round_trip_and_tamper_detection(s3, tmp_path):
     folder = _package(tmp_path / "pkg")
     uri = s3_transfer.upload_package(s3, folder, BUCKET, "engines/tiny/v2")
     assert uri == f"s3://{BUCKET}/engines/tiny/v2"
-    tags = {"kiln.sha256": json.dumps(PackageMeta.read(folder).sha256)}
+    tags = _pin(folder)
     back = s3_transfer.download_package(s3, uri, tmp_path / "back", tags)
     assert (back / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
 
@@ -125,25 +133,90 @@ def test_package_round_trip_and_tamper_detection(s3, tmp_path):
     evil = _package(tmp_path / "evil", engine=b"evil" * 100)
     for name in ("model.onnx", "kiln.json"):
         s3.upload_file(str(evil / name), BUCKET, f"engines/tiny/v2/{name}")
-    with pytest.raises(ArtifactError, match="does not match the checksums the registry recorded"):
+    with pytest.raises(ArtifactError, match="is not the manifest the registry pinned"):
         s3_transfer.download_package(s3, uri, tmp_path / "again", tags)
     assert not (tmp_path / "again").exists()
+    # Without the registry's tags there is nothing to check against: refused, not waved through.
+    with pytest.raises(ArtifactError, match=r"kiln.package_digest is missing"):
+        s3_transfer.download_package(s3, uri, tmp_path / "untagged")
 
 
 def test_verify_package_catches_files_kiln_json_does_not_know(tmp_path):
     folder = _package(tmp_path / "pkg")
-    storage.verify_package(folder)
+    storage.verify_package(folder, _pin(folder))
     (folder / "model.onnx.data").write_bytes(b"extra weights")
     with pytest.raises(ArtifactError, match=r"does not record \(model.onnx.data\)"):
-        storage.verify_package(folder)
+        storage.verify_package(folder, _pin(folder))
+
+
+@pytest.mark.parametrize("extra", ["added_tokens.json", "sub/merges.txt", "README.md"])
+def test_any_file_kiln_json_does_not_list_is_refused(tmp_path, extra):
+    folder = _package(tmp_path / "pkg")
+    tags = _pin(folder)
+    (folder / extra).parent.mkdir(parents=True, exist_ok=True)
+    (folder / extra).write_text("{}")
+    with pytest.raises(ArtifactError, match=rf"does not record \({extra}\)"):
+        storage.verify_package(folder, tags)
 
 
 def test_source_versions_are_checked_against_their_registered_digest(tmp_path):
     folder = _package(tmp_path / "pkg")
     digest = PackageMeta.read(folder).sha256["model.onnx"]
-    storage.verify_package(folder, {"kiln.source_sha256": digest})
+    storage.verify_package(folder, _pin(folder) | {"kiln.source_sha256": digest})
     with pytest.raises(ArtifactError, match="kiln.source_sha256"):
-        storage.verify_package(folder, {"kiln.source_sha256": "0" * 64})
+        storage.verify_package(folder, _pin(folder) | {"kiln.source_sha256": "0" * 64})
+
+
+def test_kiln_json_records_every_file_and_size_counts_only_weights(tmp_path):
+    folder = _package(tmp_path / "pkg")
+    (folder / "config.json").write_text('{"id2label": {"0": "a", "1": "b"}}')
+    (folder / "model.plan.json").write_text("{}")
+    record_checksums(folder, PackageMeta.read(folder))
+    recorded = PackageMeta.read(folder).sha256
+    assert sorted(recorded) == ["config.json", "model.onnx", "model.plan.json", "tokenizer.json"]
+    assert recorded["tokenizer.json"] == hashlib.sha256(b"{}").hexdigest()
+    assert size_mb(folder) == (folder / "model.onnx").stat().st_size / 1e6  # weights and engine only, as before
+
+
+@pytest.mark.parametrize("pin", [None, "", "not-a-digest", "0" * 63, "0" * 64 + "0"])
+def test_a_missing_or_malformed_pin_refuses(tmp_path, pin):
+    folder = _package(tmp_path / "pkg")
+    tags = {} if pin is None else {vocab.PACKAGE_DIGEST: pin}
+    state = "missing" if not pin else "malformed"
+    with pytest.raises(ArtifactError, match=rf"kiln.package_digest is {state}.*re-register the model"):
+        storage.verify_package(folder, tags)
+
+
+def test_a_pin_for_another_package_refuses(tmp_path):
+    folder = _package(tmp_path / "pkg")
+    other = _package(tmp_path / "other", engine=b"other" * 100)
+    with pytest.raises(ArtifactError, match="is not the manifest the registry pinned"):
+        storage.verify_package(folder, _pin(other))
+
+
+@pytest.mark.parametrize("change", ["labels", "seq_len", "tokenizer"])
+def test_the_pin_covers_more_than_the_weights(tmp_path, change):
+    """Swapped labels, another sequence length, or another tokenizer: weights untouched, still refused."""
+    folder = _package(tmp_path / "pkg")
+    tags = _pin(folder)
+    meta = PackageMeta.read(folder)
+    if change == "tokenizer":  # the file changes, and kiln.json is rewritten to match it
+        (folder / "tokenizer.json").write_text('{"model": "other"}')
+        record_checksums(folder, meta)
+    else:
+        setattr(meta, change, ["b", "a"] if change == "labels" else 8)
+        meta.write(folder)
+    verify(folder, PackageMeta.read(folder))  # self-consistent: only the pin can tell
+    with pytest.raises(ArtifactError, match="is not the manifest the registry pinned"):
+        storage.verify_package(folder, tags)
+
+
+def test_a_changed_tokenizer_file_is_refused_by_its_checksum(tmp_path):
+    folder = _package(tmp_path / "pkg")
+    tags = _pin(folder)
+    (folder / "tokenizer.json").write_text('{"model": "other"}')
+    with pytest.raises(ArtifactError, match=r"model file tokenizer.json in .* is corrupt"):
+        storage.verify_package(folder, tags)
 
 
 def test_a_missing_package_is_an_artifact_error(s3, tmp_path):

@@ -12,6 +12,7 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from kiln.errors import ArtifactError, ConfigError
+from kiln.tasks.engines.base import sha256_file
 from kiln.tasks.engines.tensorrt.plan import METADATA_FORMAT
 from kiln.tasks.engines.triton import TRITON_TYPES, parse_config_pbtxt, write_triton_repository
 from kiln.tasks.models.export import export_onnx
@@ -117,6 +118,25 @@ def test_plan_reads_io_from_metadata_or_source_onnx(exported: dict[str, Path], t
     assert sorted(p.name for p in (from_meta / "1").iterdir()) == ["model.plan", "model.plan.json"]
     onnx_config = parse_config_pbtxt((from_onnx / "config.pbtxt").read_text())
     assert _config_io(onnx_config) == _graph_io(exported["bert"])
+
+
+def test_every_exported_file_is_checked_against_the_package_checksums(exported: dict[str, Path],
+                                                                     tmp_path: Path) -> None:
+    """A Kiln package's verified kiln.json checksums travel with the export: a file that does not match them, or
+    that they do not list, leaves no version folder for Triton to load."""
+    source = tmp_path / "src" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(onnx.load(str(exported["bert"])), str(source), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=0)
+    sums = {name: sha256_file(source.parent / name) for name in ("model.onnx", "model.onnx.data")}
+
+    assert (write_triton_repository(source, tmp_path / "repo", "ok", 1, checksums=sums) / "1").is_dir()
+    with pytest.raises(ArtifactError, match=r"model.onnx.data copied from .* does not match its recorded sha256"):
+        write_triton_repository(source, tmp_path / "repo", "bad", 1, checksums=sums | {"model.onnx.data": "0" * 64})
+    assert not (tmp_path / "repo" / "bad" / "1").exists()
+    with pytest.raises(ArtifactError, match="model.onnx.data is not listed in the package's checksums"):
+        write_triton_repository(source, tmp_path / "repo", "unlisted", 1, checksums={"model.onnx": sums["model.onnx"]})
+    assert not (tmp_path / "repo" / "unlisted" / "1").exists()
 
 
 def test_refuses_bad_requests(exported: dict[str, Path], tmp_path: Path) -> None:

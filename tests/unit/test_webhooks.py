@@ -83,6 +83,20 @@ def test_signed_push_starts_the_retrain_deployment_once_per_delivery(hook):
     assert len(starter.calls) == 1
 
 
+@pytest.mark.parametrize("repo", [None, "https://ci:repo-token@git.example.com/acme/models.git"])
+def test_the_run_parameter_carries_the_repository_without_credentials(settings, repo):
+    """Credentials in KILN_REPO (or a pushed clone URL) stay with the worker's settings, out of the flow run."""
+    starter = RecordingStarter()
+    clone = "https://ci:clone-token@github.com/acme/models.git"
+    with serving(create_app(_settings(repo=repo), starter)) as server, httpx.Client(base_url=server.url) as client:
+        assert post_github(client, github_push(repository={"full_name": "acme/models", "clone_url": clone}),
+                           delivery="creds-1").status_code == 202
+    (call,) = starter.calls
+    assert call["parameters"]["params"]["repo"] == ("https://git.example.com/acme/models.git" if repo else
+                                                    "https://github.com/acme/models.git")
+    assert "token" not in json.dumps(call["parameters"])
+
+
 def test_forged_or_missing_signature_is_refused(hook):
     client, starter = hook
     body, headers = signed(github_push(), secret="guessed")
