@@ -91,7 +91,7 @@ def finetune_classifier(base_dir: Path, train: pd.DataFrame, validation: pd.Data
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(loss.item())  # .item(): float() on a tensor that needs grad warns in torch 2.13
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         if step % config.eval_every == 0 or step == config.max_steps:
             acc = _accuracy(model, tokenizer, held_out, labels, config.seq_len)

@@ -96,7 +96,7 @@ class RolloutDriver:
             self.state.message = message
         self.store.save(self.state)
         s = self.state
-        for key, value in (summary_tags(s) | tags).items():
+        for key, value in (tags | summary_tags(s)).items():  # the status tag last (see summary_tags)
             self.client.set_model_version_tag(s.model, s.challenger, key, value)
 
     def _say(self, message: str) -> None:

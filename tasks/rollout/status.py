@@ -11,9 +11,13 @@ from kiln.tasks.rollout.state import RolloutState
 
 
 def summary_tags(state: RolloutState) -> dict[str, str]:
-    """Where ``state`` stands, as the challenger version's ``kiln.rollout.*`` tags."""
-    return {vocab.ROLLOUT_STATUS: state.status, vocab.ROLLOUT_STEP: f"{state.step + 1}/{state.steps}",
-            vocab.ROLLOUT_WEIGHT: f"{state.weight:g}", vocab.ROLLOUT_MESSAGE: state.message[:500]}
+    """Where ``state`` stands, as the challenger version's ``kiln.rollout.*`` tags, status last.
+
+    MLflow sets one tag per call, so they are written in this order: whoever sees a new status (a person, a
+    test, another machine) then also sees the step, weight and message that go with it.
+    """
+    return {vocab.ROLLOUT_STEP: f"{state.step + 1}/{state.steps}", vocab.ROLLOUT_WEIGHT: f"{state.weight:g}",
+            vocab.ROLLOUT_MESSAGE: state.message[:500], vocab.ROLLOUT_STATUS: state.status}
 
 
 def describe(state: RolloutState) -> list[str]:
