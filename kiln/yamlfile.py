@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -17,3 +18,16 @@ def parse_yaml(text: str, where: str) -> Any:
         mark = getattr(exc, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{where} is not valid YAML{line}; fix its syntax") from exc
+
+
+def read_mapping(path: Path, what: str, shape: str) -> dict[str, Any]:
+    """A user's YAML file that must hold a mapping (empty file: ``{}``), or one :class:`ConfigError` naming
+    ``what`` and ``path``: unreadable, not YAML (with the line), or not ``shape``."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path} is unreadable ({exc}); fix or remove it") from exc
+    raw = parse_yaml(text, f"{what} {path}") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{what} {path} must be {shape}")
+    return raw

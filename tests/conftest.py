@@ -44,22 +44,29 @@ def tiny_models(tmp_path_factory, tiny_splits) -> dict[str, Path]:
     }
 
 
+def fresh_project(monkeypatch: pytest.MonkeyPatch, root: Path):
+    """Settings for a fresh project folder under ``root`` (its own SQLite registry) with short latency runs,
+    also exported as ``KILN_*`` variables: flows read their settings from the environment, as a worker does.
+    Any ``KILN_*`` variable of the caller's environment is removed first."""
+    from kiln.settings import load_settings
+
+    for key in [k for k in os.environ if k.startswith("KILN_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("KILN_HOME", str(root / ".kiln"))
+    monkeypatch.setenv("KILN_BENCH_SECONDS", "0.2")
+    s = load_settings()
+    s.ensure_dirs()
+    return s
+
+
 @pytest.fixture
 def settings(tmp_path, monkeypatch):
     """Settings with a fresh project folder (its own SQLite registry) and short latency runs.
 
     Also exported as ``KILN_*`` variables: flows read their settings from the environment, as a worker does.
     """
-    from kiln.settings import load_settings
-
-    for key in [k for k in os.environ if k.startswith("KILN_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("KILN_HOME", str(tmp_path / ".kiln"))
-    monkeypatch.setenv("KILN_BENCH_SECONDS", "0.2")
-    s = load_settings()
-    s.ensure_dirs()
-    return s
+    return fresh_project(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from kiln.errors import ConfigError, known_keys, unknown_key, validation_problems
 from kiln.tasks.core.cache import StageCache, code_version, make_key
 from kiln.tasks.core.stages import Artifact, Stage, StageContext, StageResult
 from kiln.tasks.presets import PRESETS as _PRESET_DIR
+from kiln.yamlfile import read_mapping
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +174,7 @@ class _Shape:
 
 def library(path: Path = PRESETS) -> dict[str, Recipe]:
     """Named recipes from a YAML file (default: the shipped presets)."""
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read recipe file {path}: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe file {path} must map recipe names to {{description: ..., stages: [...]}}")
+    raw = read_mapping(path, "recipe file", "a mapping of recipe names to {description: ..., stages: [...]}")
     recipes = {}
     for name, body in raw.items():
         if not isinstance(body, dict) or "name" in body:

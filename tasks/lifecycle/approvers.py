@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kiln.errors import ConfigError, validation_problems
 from kiln.settings import Settings, load_settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.registry.lease_record import PromotionError
+from kiln.yamlfile import read_mapping
 
 Outcome = Literal["approved", "rejected", "pending"]
 
@@ -120,12 +120,7 @@ def load_approval_policy(home: Path | None = None, path: Path | None = None, *,
         path = home / "approvers.yaml"
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"approval policy {path} is unreadable ({exc}); fix or remove it") from exc
-        if not isinstance(values, dict):
-            raise ConfigError(f"approval policy {path} must be a mapping with approvers: and four_eyes:")
+        values = read_mapping(path, "approval policy", "a mapping with approvers: and four_eyes:")
     values |= {key: value for key in ("approvers", "four_eyes") if (value := getattr(settings, key)) is not None}
     try:
         return ApprovalPolicy.model_validate(values)

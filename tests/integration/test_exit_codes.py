@@ -22,13 +22,13 @@ from typer.testing import CliRunner
 from kiln.cli.app import app
 from kiln.errors import ExitCode
 from kiln.infra.faults import Faults
-from kiln.settings import load_settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import approvals
 from kiln.tasks.lifecycle.approvals import Trust
 from kiln.tasks.registry import aliases
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.onboard import register_folder
+from tests.conftest import fresh_project
 from tests.integration.helpers import registry_state
 from tests.integration.test_rollout import TOKEN, _spec, _stack, _Traffic
 from tests.keys import DIGEST, Keyring
@@ -83,14 +83,7 @@ def project(tmp_path_factory, tiny_models, tiny_spec):
     """One project for the module's optimize runs: the tiny classifier registered once as ``tiny`` v1
     @champion (registering logs its artifacts: seconds), and one stage cache, so later runs reuse the export."""
     with pytest.MonkeyPatch.context() as mp:
-        root = tmp_path_factory.mktemp("exit-codes")
-        for key in [k for k in os.environ if k.startswith("KILN_")]:
-            mp.delenv(key)
-        mp.chdir(root)
-        mp.setenv("KILN_HOME", str(root / ".kiln"))
-        mp.setenv("KILN_BENCH_SECONDS", "0.2")
-        settings = load_settings()
-        settings.ensure_dirs()
+        settings = fresh_project(mp, tmp_path_factory.mktemp("exit-codes"))
         register_folder(registry.connect(settings), settings, tiny_models["bert"], "tiny", "sequence-classification",
                         tiny_spec)
         yield settings

@@ -11,7 +11,6 @@ would. Loaders are used through their public surface: ``fetch_package``, ``mlflo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import urllib.parse
 from collections.abc import Iterator
@@ -26,13 +25,13 @@ from typer.testing import CliRunner
 from kiln.cli.app import app
 from kiln.errors import ArtifactError
 from kiln.flows.optimize import OptimizeParams, optimize
-from kiln.settings import load_settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.registry import aliases
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.onboard import register_folder
 from kiln.tasks.registry.pins import package_digest
 from kiln.tasks.registry.pyfunc import PACKAGE_ARTIFACT
+from tests.conftest import fresh_project
 from tests.integration.helpers import registry_state
 
 NOT_PINNED = "is not the manifest the registry pinned"
@@ -42,13 +41,7 @@ NOT_PINNED = "is not the manifest the registry pinned"
 def _project(root: Path) -> Iterator[SimpleNamespace]:
     """A fresh project folder (its own SQLite registry under KILN_HOME), exported as KILN_* like a worker's."""
     with pytest.MonkeyPatch.context() as mp:
-        for key in [k for k in os.environ if k.startswith("KILN_")]:
-            mp.delenv(key)
-        mp.chdir(root)
-        mp.setenv("KILN_HOME", str(root / ".kiln"))
-        mp.setenv("KILN_BENCH_SECONDS", "0.2")
-        settings = load_settings()
-        settings.ensure_dirs()
+        settings = fresh_project(mp, root)
         yield SimpleNamespace(settings=settings, client=registry.connect(settings), mp=mp)
 
 
