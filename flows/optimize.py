@@ -15,7 +15,7 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
-from kiln.errors import DataCheckFailed, GateError
+from kiln.errors import DataCheckFailed, GateError, InsufficientEvidence
 from kiln.settings import Settings, load_settings
 from kiln.tasks.compress import recipes
 from kiln.tasks.core import tags as vocab
@@ -25,12 +25,12 @@ from kiln.tasks.data import checks as datachecks
 from kiln.tasks.data.datasets import DatasetSpec, Splits, load_splits
 from kiln.tasks.engines import EngineOptions, engine_versions, resolve_backend
 from kiln.tasks.evaluate.benchmark import BenchConfig
-from kiln.tasks.evaluate.gate import Policy, load_policy, pareto_front, rank
+from kiln.tasks.evaluate.policy import Policy, load_policy, pareto_front, rank
 from kiln.tasks.evaluate.quality import assess_artifact
 from kiln.tasks.lifecycle import approvals
 from kiln.tasks.models.predictor import PackageMeta
 from kiln.tasks.optimize import candidates as cands
-from kiln.tasks.optimize import publish
+from kiln.tasks.optimize import judging, publish
 from kiln.tasks.registry import client as registry
 from kiln.tasks.reports import review as review_report
 from kiln.tasks.reports.plots import pareto_png
@@ -141,26 +141,15 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
     try:
         client.log_param(run_id, "params", params.model_dump_json()[:6000])
         splits = check_data(source.data, run_id)
-        frame = cands.eval_frame(splits, params.eval_limit, settings.seed)
-
-        src, reference = evaluate_candidate(f"source v{source.version.version}", source.folder, "fp32",
-                                            source.key, frame, cache, options, bench, keep_outputs=True)
-        champion = _champion(client, settings, source, frame, cache, options, bench, src)
-
         built = [build_candidate(r, source, splits, cache, params.seq_len, settings, options.backend)
                  for r in chosen]
-        evaluated = []
-        for candidate, folder in built:
-            ev, _ = evaluate_candidate(candidate.recipe.name, folder, candidate.precision, candidate.key, frame,
-                                       cache, options, bench, reference)
-            ev.stages = [r.__dict__ for r in candidate.records]
-            evaluated.append(ev)
-
-        baseline, baseline_name = cands.baseline_metrics(policy, src, champion)
-        cands.gate_all(policy, evaluated, baseline, baseline_name)
+        judged = _evaluate_and_judge(settings, client, source, splits, built, policy, cache, options, bench,
+                                     params.eval_limit)
+        src, champion, evaluated, frame, baseline_name, noise = judged
         model_ids = {c.name: log_candidate(run_id, c, settings.home / "staging") for c in evaluated}
         passing = {c.name: c.metrics for c in evaluated if c.decision and c.decision.passed}
         summary = _summary(src, champion, evaluated, passing, policy)
+        summary |= {"baseline": baseline_name, "noise": noise, "evidence": _evidence(policy, bench, frame, splits)}
         client.log_dict(run_id, summary, "summary.json")
         plot = pareto_png(summary, settings.home / "staging" / run_id / "pareto.png")
         client.log_artifact(run_id, str(plot))
@@ -168,14 +157,15 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         _log_report(client, run_id, summary, str(ref), splits, plot)
         if not passing:
             client.set_terminated(run_id, "FAILED")
-            raise GateError(f"no candidate passed the gate for {ref}; nothing registered. "
-                            + " | ".join(f"{c.name}: {c.decision.summary()}" for c in evaluated))
+            _refuse(str(ref), evaluated, len(frame), len(splits.test), summary)
         best = next(c for c in evaluated if c.name == rank(policy, passing)[0])
         tags = {vocab.DATASET_DIGEST: splits.digest, vocab.BACKEND: options.backend,
                 vocab.ENGINE: json.dumps(options.model_dump() | engine_versions()), vocab.BASELINE: baseline_name}
         tags |= requested
         version = register_candidate(settings, source, best, model_ids[best.name], run_id, tags)
-        summary["registered"] = {"name": version.name, "version": version.version, "recipe": best.name}
+        champion_now = registry.aliases_of(client, version.name).get(vocab.CHAMPION) == str(version.version)
+        summary["registered"] = {"name": version.name, "version": str(version.version), "recipe": best.name,
+                                 "alias": vocab.CHAMPION if champion_now else vocab.CHALLENGER}
         client.log_dict(run_id, summary, "summary.json")
         _log_report(client, run_id, summary, str(ref), splits, plot)
         client.set_terminated(run_id, "FINISHED")
@@ -192,6 +182,68 @@ def _log_report(client, run_id: str, summary: dict[str, Any], model: str, splits
     path = review_report.write(plot.with_name(review_report.REPORT_FILE), summary=summary, model=model,
                                run_id=run_id, datachecks=checks, pareto_png=plot)
     client.log_artifact(run_id, str(path))
+
+
+def _evaluate_and_judge(settings, client, source, splits, built, policy, cache, options, bench, eval_limit):
+    """Evaluate source, champion and candidates on the same rows, time them together, gate; while a candidate
+    that could win is inconclusive and the policy allows, evaluate again on more rows (latency is kept)."""
+    rows, noise = eval_limit, {}
+    while True:
+        frame = cands.eval_frame(splits, rows, settings.seed)
+        src, reference = evaluate_candidate(f"source v{source.version.version}", source.folder, "fp32",
+                                            source.key, frame, cache, options, bench, keep_outputs=True)
+        champion = _champion(client, settings, source, frame, cache, options, bench, src)
+        evaluated = []
+        for candidate, folder in built:
+            ev, _ = evaluate_candidate(candidate.recipe.name, folder, candidate.precision, candidate.key, frame,
+                                       cache, options, bench, reference)
+            ev.stages = [r.__dict__ for r in candidate.records]
+            evaluated.append(ev)
+        models = [src, *([champion] if champion and champion is not src else []), *evaluated]
+        if not noise:
+            noise = judging.time_together(models, frame["text"].tolist()[:256], options, bench, cache)
+            timed = {m.name: m for m in models}
+        else:  # more rows for quality only: the latency evidence measured before still stands
+            for m in models:
+                m.latency = timed[m.name].latency
+                m.metrics = timed[m.name].metrics | m.metrics
+        baseline, baseline_name = cands.baseline_for(policy, src, champion)
+        judging.gate_all(policy, evaluated, baseline, baseline_name)
+        contenders = judging.undecided_contenders(policy, evaluated)
+        more = next_rows = judging.next_row_count(len(frame), len(splits.test))
+        if not contenders or policy.evidence.inconclusive == "refuse" or more is None:
+            break
+        log.info("inconclusive on %d rows: %s; judging again on %d rows", len(frame), ", ".join(contenders),
+                 next_rows)
+        rows = next_rows
+    ev = policy.evidence
+    for m in models:
+        m.intervals = judging.intervals(m, resamples=ev.resamples, seed=ev.seed)
+    return src, champion, evaluated, frame, baseline_name, noise
+
+
+def _refuse(ref: str, evaluated: list[cands.Evaluated], used: int, available: int, summary: dict) -> None:
+    """Raise why nothing was registered: failed clauses, or not enough evidence to decide. The error carries
+    the run's summary (``kiln optimize --json`` prints it)."""
+    if any(c.decision.status == "inconclusive" for c in evaluated):
+        more = ("all test rows were used" if used >= available else
+                "the policy's evidence.inconclusive is 'refuse'")
+        error: GateError = InsufficientEvidence(
+            f"not enough evidence to pass any candidate for {ref} on {used} evaluation rows ({more}); nothing "
+            "registered. Widen the clause's margin, raise alpha, or evaluate on more rows. "
+            + " | ".join(f"{c.name}: {c.decision.summary()}" for c in evaluated))
+    else:
+        error = GateError(f"no candidate passed the gate for {ref}; nothing registered. "
+                          + " | ".join(f"{c.name}: {c.decision.summary()}" for c in evaluated))
+    error.summary = summary
+    raise error
+
+
+def _evidence(policy: Policy, bench: BenchConfig, frame, splits: Splits) -> dict[str, Any]:
+    ev = policy.evidence
+    return {"rows": len(frame), "available_rows": len(splits.test), "level": 0.95, "alpha": ev.alpha,
+            "latency_alpha": ev.latency_alpha, "latency_tolerance": ev.latency_tolerance, "rounds": bench.rounds,
+            "resamples": ev.resamples}
 
 
 def _champion(client, settings, source, frame, cache, options, bench, src) -> cands.Evaluated | None:
@@ -211,14 +263,24 @@ def _champion(client, settings, source, frame, cache, options, bench, src) -> ca
 
 def _summary(src, champion, evaluated, passing, policy) -> dict[str, Any]:
     everything = {c.name: c.metrics for c in evaluated}
+    baseline = champion or src
     return {
         "source": src.metrics,
         "champion": champion.metrics if champion else None,
-        "candidates": {c.name: {"precision": c.precision, "metrics": c.metrics, "passed": c.decision.passed,
-                                "reasons": [r.reason for r in c.decision.results]} for c in evaluated},
+        "intervals": {"source": _dicts(src.intervals), "champion": _dicts(champion.intervals) if champion else None},
+        "candidates": {c.name: {"precision": c.precision, "metrics": c.metrics, "intervals": _dicts(c.intervals),
+                                "vs_baseline": judging.deltas(c, baseline, resamples=policy.evidence.resamples,
+                                                              seed=policy.evidence.seed),
+                                "verdict": c.decision.status, "passed": c.decision.passed,
+                                "reasons": [r.reason for r in c.decision.results],
+                                "clauses": [r.to_dict() for r in c.decision.results]} for c in evaluated},
         "ranking": rank(policy, passing) if passing else [],
         "pareto_front": pareto_front(everything) if everything else [],
     }
+
+
+def _dicts(intervals: dict) -> dict[str, dict[str, float]]:
+    return {k: v.to_dict() for k, v in intervals.items()}
 
 
 if __name__ == "__main__":

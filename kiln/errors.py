@@ -41,7 +41,8 @@ def validation_problems(exc: Any, root: str = "value", model: Any = None) -> str
             where = ".".join(map(str, loc[:-1]))
             problems.append(f"{where + ': ' if where else ''}{unknown_key(loc[-1], known_keys(model, loc[:-1]))}")
         else:
-            problems.append(f"{'.'.join(map(str, loc)) or root}: {e['msg']}")
+            message = e["msg"].removeprefix("Value error, ")  # our own validators' words need no pydantic prefix
+            problems.append(f"{'.'.join(map(str, loc)) or root}: {message}")
     return "; ".join(problems)
 
 
@@ -136,4 +137,14 @@ class ExportError(KilnError):
 
 
 class GateError(Declined):
-    """No candidate passed the promotion gate (or the one that did was already rolled back by a canary)."""
+    """No candidate passed the promotion gate (or the one that did was already rolled back by a canary).
+
+    ``summary`` holds the run's results when there are any (values, intervals, verdicts): ``--json`` prints them.
+    """
+
+    summary: dict | None = None
+
+
+class InsufficientEvidence(GateError):
+    """No candidate passed the gate, and the best ones were inconclusive: the evaluation rows could not tell
+    whether they meet the policy (more rows, or a wider margin, would)."""

@@ -8,6 +8,7 @@ This module is the table of contents: the pipeline's own commands here, the othe
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +21,7 @@ from kiln.cli.rollout import register_commands as register_rollout_commands
 from kiln.cli.stack import register_commands as register_stack_commands
 from kiln.cli.support import ConfigOpt, exit_epilog, handle_errors, load
 from kiln.cli.trigger import register_commands as register_trigger_commands
-from kiln.errors import ConfigError, KilnError
+from kiln.errors import ConfigError, GateError, KilnError
 from kiln.logs import setup_logging
 from kiln.settings import Settings
 
@@ -73,7 +74,9 @@ def register(
     typer.echo(f"registered {name} v{version.version} (aliases: {', '.join(version.aliases) or 'none'})")
 
 
-@app.command(epilog=exit_epilog("no candidate passed the gate (every failed clause printed; nothing registered)"))
+@app.command(epilog=exit_epilog("no candidate passed the gate, or none could be shown to pass on the rows "
+                                "available ('not enough evidence'); every failed or inconclusive clause printed; "
+                                "nothing registered"))
 @handle_errors
 def optimize(
     model: Annotated[str, typer.Option(help="NAME, NAME@ALIAS or NAME/VERSION of a registered model.")],
@@ -89,9 +92,16 @@ def optimize(
     sign: Annotated[bool, typer.Option("--sign", help="Sign the request with your SSH key (--key, or the "
                                        "signing_key setting), so four-eyes review knows who asked.")] = False,
     key: Annotated[Path | None, typer.Option(help="The SSH private key --sign uses.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the full results (values with intervals, "
+                                           "verdicts, reasons) as one JSON document on stdout instead of the "
+                                           "table; also when the gate refuses.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Build candidates from a registered model, gate them, and register the best as @challenger."""
+    """Build candidates from a registered model, gate them, and register the best as @challenger.
+
+    Every number comes with its 95 % interval; quality clauses are judged on paired rows, latency clauses on
+    interleaved timing rounds (see the policy's `evidence:` settings). A verdict is pass, fail or inconclusive.
+    """
     settings = load(config)
     request = _signed_request(model, key, settings) if sign else None
     from kiln.flows.optimize import OptimizeParams, preflight
@@ -105,7 +115,16 @@ def optimize(
         request=request,
     )
     preflight(params, settings)  # bad input fails here, in one line, before any flow run starts
-    print_optimize(optimize_flow(params))
+    try:
+        summary = optimize_flow(params)
+    except GateError as exc:
+        if json_out and exc.summary:
+            typer.echo(json.dumps(exc.summary, default=str))
+        raise
+    if json_out:
+        typer.echo(json.dumps(summary, default=str))
+    else:
+        print_optimize(summary)
 
 
 def _signed_request(model: str, key: Path | None, settings: Settings) -> str:
@@ -165,13 +184,22 @@ def bench(
     recipes: Annotated[str, typer.Option(help="Comma-separated recipes to compare.")] = DEFAULT_RECIPES,
     seconds: Annotated[float, typer.Option(help="Seconds of timing per model and batch size.")] = 5.0,
     baseline: Annotated[str | None, typer.Option(help="Recipe to compare against (default: PyTorch eager).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout (values, 95 % "
+                                          "intervals, speed-ups with intervals, machine noise); the table goes "
+                                          "to stderr.")] = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Torch fp32 eager vs each candidate: latency at batch 1 and 32, speed-up, size, quality — one run."""
+    """Torch fp32 eager vs each candidate, timed together in interleaved rounds: latency at batch 1 and 32,
+    speed-up and quality with 95 % intervals, size, memory, and the machine's measured noise — one run."""
     settings = load(config)
+    from rich.console import Console
+
     from kiln.tasks.optimize.compare import run_bench
 
-    run_bench(settings, model, [r.strip() for r in recipes.split(",") if r.strip()], seconds, baseline=baseline)
+    result = run_bench(settings, model, [r.strip() for r in recipes.split(",") if r.strip()], seconds,
+                       console=Console(stderr=True) if as_json else None, baseline=baseline)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, allow_nan=False))
 
 
 @app.command("serve-flows", epilog=exit_epilog())
@@ -191,6 +219,9 @@ def serve_flows(config: ConfigOpt = None) -> None:
 @handle_errors
 def show(
     name: Annotated[str, typer.Argument(help="Registered model name.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead: every version's "
+                                          "aliases, recipe, precision, gate verdict and reasons, metrics and "
+                                          "rollout status, and the lease.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Versions of a registered model with their aliases, recipe and gate verdict; then who holds its lease."""
@@ -206,12 +237,31 @@ def show(
     by_version: dict[str, list[str]] = {}
     for alias, version in aliases.items():
         by_version.setdefault(version, []).append(alias)
-    for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    if as_json:
+        typer.echo(json.dumps({"name": name, "versions": [
+            {"version": int(v.version), "aliases": sorted(by_version.get(str(v.version), [])),
+             "recipe": v.tags.get(vocab.RECIPE), "precision": v.tags.get(vocab.PRECISION),
+             "gate": v.tags.get(vocab.GATE), "gate_reasons": _json_tag(v.tags, vocab.GATE_REASONS, []),
+             "metrics": _json_tag(v.tags, vocab.METRICS, {}), "rollout_status": v.tags.get(vocab.ROLLOUT_STATUS)}
+            for v in versions], "lease": describe_lease(client, name)}, indent=2))
+        return
+    for v in versions:
         tags = v.tags
         typer.echo(f"v{v.version:<4} {','.join(sorted(by_version.get(str(v.version), []))) or '-':<22} "
                    f"{tags.get(vocab.RECIPE, '?'):<28} gate={tags.get(vocab.GATE, '-')}"
                    + (f"  rollout={tags[vocab.ROLLOUT_STATUS]}" if vocab.ROLLOUT_STATUS in tags else ""))
     typer.echo(f"lease: {describe_lease(client, name)}")
+
+
+def _json_tag(tags: dict[str, str], key: str, default: object) -> object:
+    """A tag holding JSON, parsed; ``default`` when it is absent (or unreadable: shown as its raw text)."""
+    if key not in tags:
+        return default
+    try:
+        return json.loads(tags[key])
+    except ValueError:
+        return tags[key]
 
 
 @app.command("export-triton", epilog=exit_epilog())

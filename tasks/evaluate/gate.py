@@ -1,241 +1,257 @@
-"""The promotion gate: a policy file of thresholds, judged by a pure function with every reason spelled out.
+"""The promotion gate's verdicts: every clause pass, fail or inconclusive, decided on evidence, reasons spelled out.
 
-A policy (YAML)::
+How a clause is judged depends on what its metric is (policy: :mod:`kiln.tasks.evaluate.policy`):
 
-    objective: {metric: latency_p50_ms, goal: minimize}
-    when_no_champion: source        # compare relative clauses with the source model | skip | fail
-    clauses:
-      - accuracy >= champion - 0.01
-      - latency_p95_ms <= champion * 0.8
-      - size_mb <= 25
-    parity:                         # per precision; checked before the clauses
-      fp32: {max_abs: 0.001, top1_agreement: 0.999}
-      default: {top1_agreement: 0.97}
+- **Quality** (accuracy, macro-F1, perplexity, next-token agreement) — non-inferiority on the same rows. The
+  candidate and the baseline predicted the same evaluation rows, so the comparison is paired (McNemar's exact
+  test and Newcombe's paired interval for accuracy, paired bootstrap otherwise) and yields an interval of
+  the difference (or ratio, for ``champion * k``) at level ``1 - 2 alpha``. *Pass* when the whole interval
+  satisfies the clause, *fail* when the whole interval violates it, *inconclusive* when it straddles the
+  threshold: the rows cannot tell, and more rows (or a wider margin) would.
+- **Speed** (latency quantiles, throughput) — Kayenta-style, as the canary judge does: candidate and baseline
+  were timed in interleaved rounds; a clause fails only when the candidate is *significantly* worse (the whole
+  ``1 - 2 alpha`` interval of the ratio beyond the threshold) **and** *materially* worse (the measured ratio
+  beyond the threshold by more than ``tolerance``). Identical engines pass; a real slowdown is caught.
+- **Exact** (size, peak memory, parity) — compared as numbers: a file size has no sampling error, and parity
+  tolerances are about numerics on these rows.
+
+A metric without evidence (a caller with point values only) falls back to the plain comparison, and says so.
 """
 
 from __future__ import annotations
 
-import operator
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from kiln.tasks.evaluate import latency, paired
+from kiln.tasks.evaluate.evidence import Interval, LatencySamples, RowEvidence
+from kiln.tasks.evaluate.policy import (
+    LATENCY_METRICS,
+    OPS,
+    QUALITY_METRICS,
+    Clause,
+    ClauseSpec,
+    ParityTolerance,
+    Policy,
+)
 
-from kiln.errors import ConfigError, validation_problems
-from kiln.tasks.core.stages import TaskType
-from kiln.tasks.presets import PRESETS
-from kiln.yamlfile import parse_yaml
-
-COMMON_METRICS = {
-    "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "batch_latency_p50_ms", "batch_latency_p95_ms",
-    "throughput_per_s", "size_mb", "peak_memory_mb", "parity_max_abs", "parity_mean_abs",
-    "parity_top1_agreement",
-}
-TASK_METRICS: dict[str, set[str]] = {
-    "sequence-classification": COMMON_METRICS | {"accuracy", "macro_f1"},
-    "causal-lm": COMMON_METRICS | {"perplexity", "next_token_agreement"},
-}
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "next_token_agreement", "throughput_per_s", "parity_top1_agreement"}
-_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
-_CLAUSE = re.compile(r"^\s*([a-z][a-z0-9_]*)\s*(<=|>=|<|>)\s*(.+?)\s*$")
-_NUM = r"\d+(?:\.\d+)?(?:e-?\d+)?"
-_RHS = re.compile(rf"^(?:(?P<num>-?{_NUM})|champion(?:\s*(?P<op>[-+*])\s*(?P<k>{_NUM}))?)$")
+Status = Literal["pass", "fail", "inconclusive"]
+_POINTS = {"accuracy", "macro_f1", "next_token_agreement"}  # fractions, shown in percentage points
 
 
-@dataclass(frozen=True)
-class Clause:
-    """``metric OP threshold`` where threshold is a number or ``champion [+-*] k``."""
+@dataclass
+class Measured:
+    """One model's evidence: point metrics, per-row outcomes (quality) and interleaved latency samples."""
 
-    text: str
-    metric: str
-    op: str
-    value: float | None  # absolute threshold
-    relative: tuple[str, float] | None  # ("-", 0.01) means champion - 0.01
-
-    @classmethod
-    def parse(cls, text: str) -> Clause:
-        m = _CLAUSE.match(text)
-        rhs = _RHS.match(m.group(3)) if m else None
-        if not m or not rhs:
-            raise ValueError(
-                f"cannot parse clause {text!r}: write 'metric OP number' or 'metric OP champion [+|-|*] number'"
-                " with OP one of <=, >=, <, >"
-            )
-        if rhs.group("num") is not None:
-            return cls(text, m.group(1), m.group(2), float(rhs.group("num")), None)
-        op, k = rhs.group("op"), rhs.group("k")
-        return cls(text, m.group(1), m.group(2), None, (op or "+", float(k) if k else 0.0))
-
-    def threshold(self, champion: dict[str, float] | None) -> float | None:
-        if self.relative is None:
-            return self.value
-        if champion is None or self.metric not in champion:
-            return None
-        base, (op, k) = champion[self.metric], self.relative
-        return base - k if op == "-" else base + k if op == "+" else base * k
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # `clause:` for `clauses:` is an error, not a policy that passes all
-
-
-class ParityTolerance(_Strict):
-    max_abs: float | None = Field(None, gt=0, description="Largest allowed |Δ| of any output value.")
-    top1_agreement: float | None = Field(None, ge=0, le=1, description="Smallest allowed top-1 agreement.")
-
-
-class Objective(_Strict):
-    metric: str = "latency_p50_ms"
-    goal: Literal["minimize", "maximize"] = "minimize"
-
-
-class Policy(_Strict):
-    """A gate policy: which candidates may become challenger, and which of them is best."""
-
-    objective: Objective = Field(default_factory=Objective, description="How to rank passing candidates.")
-    when_no_champion: Literal["source", "skip", "fail"] = Field(
-        "source", description="Without a champion, compare relative clauses with the source model, skip "
-        "them, or fail them."
-    )
-    clauses: list[str] = Field(default_factory=list, description="Thresholds every candidate must meet.")
-    parity: dict[str, ParityTolerance] = Field(default_factory=dict, description="Tolerances per precision.")
-
-    @field_validator("clauses")
-    @classmethod
-    def _parse(cls, clauses: list[str]) -> list[str]:
-        for text in clauses:
-            Clause.parse(text)
-        return clauses
-
-    def parsed(self) -> list[Clause]:
-        return [Clause.parse(t) for t in self.clauses]
-
-    def check_metrics(self, task: TaskType) -> None:
-        """Refuse clauses or objectives on metrics the task never produces."""
-        known = TASK_METRICS[task]
-        used = [c.metric for c in self.parsed()] + [self.objective.metric]
-        unknown = sorted({m for m in used if m not in known})
-        if unknown:
-            raise ConfigError(f"policy uses unknown metric(s) {unknown} for {task}; known: {sorted(known)}")
-
-    def tolerance(self, precision: str) -> ParityTolerance:
-        return self.parity.get(precision) or self.parity.get("default") or ParityTolerance()
-
-
-def load_policy(path: Path | None, task: TaskType) -> Policy:
-    """Read and validate a policy file (default: the task's preset); errors name the file and the fix."""
-    path = path or PRESETS / f"policy-{task}.yaml"
-    if not Path(path).is_file():
-        raise ConfigError(f"policy file {path} does not exist; pass an existing YAML file to --policy")
-    raw: Any = parse_yaml(Path(path).read_text(), f"policy file {path}")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"policy file {path} must be a mapping with 'clauses', 'objective', 'parity'")
-    try:
-        policy = Policy.model_validate(raw)
-    except ValidationError as exc:
-        problems = validation_problems(exc, model=Policy)
-        raise ConfigError(f"policy file {path} is invalid: {problems}") from exc
-    policy.check_metrics(task)
-    return policy
+    metrics: dict[str, float]
+    rows: RowEvidence | None = None
+    latency: LatencySamples | None = None
+    labels: int = 0
 
 
 @dataclass
 class ClauseResult:
+    """One clause's verdict. ``interval`` is the observed metric's; ``comparison`` the paired difference or
+    ratio to the baseline (``comparison_kind``) that decided it."""
+
     clause: str
-    passed: bool
+    status: Status
     observed: float | None
     threshold: float | None
     reason: str
+    interval: Interval | None = None
+    comparison: Interval | None = None
+    comparison_kind: Literal["difference", "ratio"] | None = None
+    method: str = "point"
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"clause": self.clause, "status": self.status, "passed": self.passed, "observed": self.observed,
+                "threshold": self.threshold, "reason": self.reason, "method": self.method,
+                "interval": self.interval.to_dict() if self.interval else None,
+                "comparison": self.comparison.to_dict() if self.comparison else None,
+                "comparison_kind": self.comparison_kind}
 
 
 @dataclass
 class GateDecision:
-    """The verdict on one candidate, with one line per clause."""
+    """The verdict on one candidate, with one result per clause."""
 
-    passed: bool
     results: list[ClauseResult] = field(default_factory=list)
 
     @property
+    def status(self) -> Status:
+        statuses = {r.status for r in self.results}
+        return "fail" if "fail" in statuses else "inconclusive" if "inconclusive" in statuses else "pass"
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    @property
     def failures(self) -> list[str]:
-        return [r.reason for r in self.results if not r.passed]
+        return [r.reason for r in self.results if r.status == "fail"]
+
+    @property
+    def undecided(self) -> list[str]:
+        return [r.reason for r in self.results if r.status == "inconclusive"]
 
     def summary(self) -> str:
-        return "passed" if self.passed else "failed: " + "; ".join(self.failures)
+        if self.passed:
+            return "passed"
+        if self.status == "fail":
+            return "failed: " + "; ".join(self.failures)
+        return "inconclusive (not enough evidence): " + "; ".join(self.undecided)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"status": self.status, "passed": self.passed, "clauses": [r.to_dict() for r in self.results]}
 
 
-def judge(policy: Policy, metrics: dict[str, float], champion: dict[str, float] | None, precision: str,
-          *, baseline_name: str = "champion") -> GateDecision:
-    """Judge one candidate's ``metrics`` against the policy and the ``champion``'s metrics (or None)."""
-    results = _parity_results(policy.tolerance(precision), metrics)
-    for clause in policy.parsed():
-        results.append(_judge_clause(clause, metrics, champion, policy.when_no_champion, baseline_name))
-    return GateDecision(all(r.passed for r in results), results)
+def judge(policy: Policy, candidate: Measured | dict[str, float], baseline: Measured | dict[str, float] | None,
+          precision: str, *, baseline_name: str = "champion") -> GateDecision:
+    """Judge ``candidate`` against the policy and the ``baseline`` (the champion's evidence, or None)."""
+    cand = candidate if isinstance(candidate, Measured) else Measured(dict(candidate))
+    base = baseline if isinstance(baseline, Measured) or baseline is None else Measured(dict(baseline))
+    results = _parity_results(policy.tolerance(precision), cand.metrics)
+    for spec in policy.specs():
+        results.append(_judge_clause(policy, spec, cand, base, baseline_name))
+    return GateDecision(results)
 
 
 def _parity_results(tol: ParityTolerance, metrics: dict[str, float]) -> list[ClauseResult]:
     out = []
-    if tol.max_abs is not None:
-        got = metrics.get("parity_max_abs")
-        ok = got is not None and got <= tol.max_abs
-        out.append(ClauseResult(f"parity_max_abs <= {tol.max_abs:g}", ok, got, tol.max_abs,
-                                f"parity_max_abs {_fmt(got)} <= {tol.max_abs:g}: {_verdict(ok)}"))
-    if tol.top1_agreement is not None:
-        got = metrics.get("parity_top1_agreement")
-        ok = got is not None and got >= tol.top1_agreement
-        out.append(ClauseResult(f"parity_top1_agreement >= {tol.top1_agreement:g}", ok, got,
-                                tol.top1_agreement,
-                                f"parity_top1_agreement {_fmt(got)} >= {tol.top1_agreement:g}: {_verdict(ok)}"))
+    for metric, op, limit in (("parity_max_abs", "<=", tol.max_abs), ("parity_top1_agreement", ">=",
+                                                                        tol.top1_agreement)):
+        if limit is None:
+            continue
+        got = metrics.get(metric)
+        ok = got is not None and OPS[op](got, limit)
+        out.append(ClauseResult(f"{metric} {op} {limit:g}", "pass" if ok else "fail", got, limit,
+                                f"{metric} {_fmt(got)} {op} {limit:g}: {_word('pass' if ok else 'fail')}"))
     return out
 
 
-def _judge_clause(clause: Clause, metrics: dict[str, float], champion: dict[str, float] | None,
-                  when_no_champion: str, baseline_name: str) -> ClauseResult:
-    observed = metrics.get(clause.metric)
+def _judge_clause(policy: Policy, spec: ClauseSpec, cand: Measured, base: Measured | None,
+                  baseline_name: str) -> ClauseResult:
+    clause = Clause.parse(spec.clause)
+    observed = cand.metrics.get(clause.metric)
     if observed is None:
-        return ClauseResult(clause.text, False, None, None, f"{clause.text}: metric {clause.metric} not measured")
-    threshold = clause.threshold(champion)
+        return ClauseResult(clause.text, "fail", None, None, f"{clause.text}: metric {clause.metric} not measured")
+    threshold = clause.threshold(base.metrics if base else None)
     if threshold is None:  # relative clause and nothing to compare with
-        passed = when_no_champion == "skip"
-        verdict = "skipped" if passed else "failed"
-        return ClauseResult(clause.text, passed, observed, None,
+        status: Status = "pass" if policy.when_no_champion == "skip" else "fail"
+        verdict = "skipped" if status == "pass" else "FAILED"
+        return ClauseResult(clause.text, status, observed, None,
                             f"{clause.text}: {verdict}, no champion to compare with")
-    passed = _OPS[clause.op](observed, threshold)
-    base = f" ({baseline_name} {_fmt(champion[clause.metric])})" if clause.relative and champion else ""
-    return ClauseResult(clause.text, passed, observed, threshold,
-                        f"{clause.metric} {_fmt(observed)} {clause.op} {_fmt(threshold)}{base}: "
-                        f"{_verdict(passed)} [{clause.text}]")
+    alpha = policy.alpha_for(spec, clause.metric)
+    level = 1 - 2 * alpha
+    if clause.metric in QUALITY_METRICS and cand.rows is not None:
+        result = _quality(policy, clause, cand, base, threshold, level)
+    elif clause.metric in LATENCY_METRICS and cand.latency is not None and (clause.relative is None or (
+            base is not None and base.latency is not None and base.latency.rounds == cand.latency.rounds)):
+        result = _speed(policy, clause, cand, base, threshold, level, policy.tolerance_for(spec))
+    else:
+        result = None
+    if result is None:  # exact metrics, or evidence missing: the plain comparison
+        status = "pass" if OPS[clause.op](observed, threshold) else "fail"
+        result = ClauseResult(clause.text, status, observed, threshold,
+                              f"{clause.metric} {_fmt(observed)} {clause.op} {_fmt(threshold)}: {_word(status)}")
+    base_note = f" ({baseline_name} {_fmt(base.metrics[clause.metric])})" if clause.relative and base else ""
+    result.reason = result.reason.replace(": ", base_note + ": ", 1) + f" [{clause.text}]"
+    return result
 
 
-def _verdict(passed: bool) -> str:
-    return "ok" if passed else "FAILED"
+def _quality(policy: Policy, clause: Clause, cand: Measured, base: Measured | None, threshold: float,
+             level: float) -> ClauseResult | None:
+    ev = policy.evidence
+    interval = paired.metric_interval(clause.metric, cand.rows, labels=cand.labels, level=level,
+                                      resamples=ev.resamples, seed=ev.seed)
+    if interval is None:
+        return None
+    if clause.relative is None:  # absolute: the candidate's own interval against the number
+        status = _three_way(interval, clause.op, threshold)
+        return ClauseResult(clause.text, status, interval.value, threshold,
+                            f"{clause.metric} {_iv(interval)} {clause.op} {_fmt(threshold)}: {_word(status)}",
+                            interval, method=f"{level:.0%} interval")
+    if base is None or base.rows is None or base.rows.rows != cand.rows.rows:
+        return None
+    comp = paired.paired_comparison(clause.metric, cand.rows, base.rows, labels=cand.labels, level=level,
+                                    resamples=ev.resamples, seed=ev.seed)
+    if comp is None:
+        return None
+    op, k = clause.relative
+    if op == "*":
+        kind, got, bound = "ratio", comp.ratio, k
+        shown = f"ratio {_fmt(got.value)} [{_fmt(got.low)}, {_fmt(got.high)}] {clause.op} {k:g}"
+    else:
+        kind, got, bound = "difference", comp.difference, k if op == "+" else -k
+        shown = f"Δ {_delta(clause.metric, got)} {clause.op} {_signed(clause.metric, bound)}"
+    status = _three_way(got, clause.op, bound)
+    cand_iv = paired.metric_interval(clause.metric, cand.rows, labels=cand.labels, level=level,
+                                     resamples=ev.resamples, seed=ev.seed)
+    return ClauseResult(clause.text, status, cand.metrics[clause.metric], threshold,
+                        f"{clause.metric} {_fmt(cand.metrics[clause.metric])}: {shown}: {_word(status)}",
+                        cand_iv, got, kind, comp.method)
+
+
+def _speed(policy: Policy, clause: Clause, cand: Measured, base: Measured | None, threshold: float, level: float,
+           tolerance: float) -> ClauseResult:
+    ev = policy.evidence
+    worse_is_higher = clause.op in ("<=", "<")
+    if clause.relative is not None and base is not None and base.latency is not None:
+        got = latency.ratio_interval(clause.metric, cand.latency, base.latency, level=level,
+                                     resamples=ev.resamples, seed=ev.seed)
+        op, k = clause.relative
+        base_value = base.metrics[clause.metric]
+        bound = k if op == "*" else (threshold / base_value if base_value else k)
+        kind, what = "ratio", "ratio"
+    else:
+        got = latency.metric_interval(clause.metric, cand.latency, level=level, resamples=ev.resamples, seed=ev.seed)
+        bound, kind, what = threshold, None, clause.metric
+    significant = got.low > bound if worse_is_higher else got.high < bound
+    material = got.value > bound * (1 + tolerance) if worse_is_higher else got.value < bound * (1 - tolerance)
+    status: Status = "fail" if significant and material else "pass"
+    direction = "slower" if clause.metric != "throughput_per_s" else "lower throughput"
+    why = (f"significantly (α={(1 - level) / 2:g}) and materially (>{tolerance:.0%}) {direction}" if status == "fail"
+           else "materially but not significantly " + direction if material
+           else "significantly but within tolerance" if significant else "no significant difference")
+    cand_iv = latency.metric_interval(clause.metric, cand.latency, level=level, resamples=ev.resamples, seed=ev.seed)
+    shown = f"{what} {_fmt(got.value)} [{_fmt(got.low)}, {_fmt(got.high)}] {clause.op} {_fmt(bound)}"
+    return ClauseResult(clause.text, status, cand.metrics[clause.metric], threshold,
+                        f"{clause.metric} {_iv(cand_iv)}: {shown}: {_word(status)} ({why})", cand_iv,
+                        got if kind else None, kind, f"interleaved rounds, {level:.0%} round-paired bootstrap")
+
+
+def _three_way(got: Interval, op: str, bound: float) -> Status:
+    """Pass when the whole interval satisfies ``value OP bound``, fail when none of it does, else inconclusive."""
+    if OPS[op](got.low, bound) and OPS[op](got.high, bound):
+        return "pass"
+    if not OPS[op](got.low, bound) and not OPS[op](got.high, bound):
+        return "fail"
+    return "inconclusive"
+
+
+def _word(status: Status) -> str:
+    return {"pass": "ok", "fail": "FAILED", "inconclusive": "INCONCLUSIVE (the interval straddles the threshold)"}[
+        status]
 
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
-def rank(policy: Policy, candidates: dict[str, dict[str, float]]) -> list[str]:
-    """Names of ``candidates`` ordered best first by the policy's objective."""
-    sign = 1 if policy.objective.goal == "minimize" else -1
-    return sorted(candidates, key=lambda name: sign * candidates[name].get(policy.objective.metric, float("inf")))
+def _iv(iv: Interval) -> str:
+    return f"{_fmt(iv.value)} [{_fmt(iv.low)}, {_fmt(iv.high)}]"
 
 
-def pareto_front(candidates: dict[str, dict[str, float]], axes: tuple[str, ...] = ("accuracy", "latency_p50_ms",
-                 "size_mb")) -> list[str]:
-    """Candidates no other candidate beats on every axis (direction per metric)."""
-    def better_or_equal(a: dict[str, float], b: dict[str, float], m: str) -> bool:
-        return a[m] >= b[m] if m in HIGHER_IS_BETTER else a[m] <= b[m]
+def _signed(metric: str, x: float) -> str:
+    return f"{x * 100:+.2f} pt" if metric in _POINTS else f"{x:+.4g}"
 
-    names = [n for n in candidates if all(m in candidates[n] for m in axes)]
-    front = []
-    for n in names:
-        dominated = any(
-            all(better_or_equal(candidates[o], candidates[n], m) for m in axes)
-            and any(candidates[o][m] != candidates[n][m] for m in axes)
-            for o in names if o != n
-        )
-        if not dominated:
-            front.append(n)
-    return front
+
+def _delta(metric: str, iv: Interval) -> str:
+    if metric in _POINTS:
+        return f"{iv.value * 100:+.2f} pt [{iv.low * 100:+.2f}, {iv.high * 100:+.2f}]"
+    return f"{iv.value:+.4g} [{iv.low:+.4g}, {iv.high:+.4g}]"

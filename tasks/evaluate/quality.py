@@ -15,6 +15,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kiln.tasks.core.stages import Artifact, StageContext
+from kiln.tasks.evaluate.evidence import RowEvidence
+from kiln.tasks.evaluate.paired import QUALITY_METRICS, has_outcomes, metric_value
 from kiln.tasks.models.predictor import Predictor, Runner, encode, torch_runner
 
 
@@ -45,23 +47,27 @@ def _collect(run: Runner, encoder: Callable[[list[str]], tuple[np.ndarray, np.nd
     return Outputs(logits, masks, ids_all)
 
 
-def classification_metrics(outputs: Outputs, labels: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
-    """Accuracy and macro-F1 of the argmax predictions against gold label names."""
-    pred = np.concatenate([lg.argmax(axis=1) for lg in outputs.logits])
-    index = {name: i for i, name in enumerate(labels)}
-    truth = np.array([index[g] for g in gold])
-    f1s = []
-    for k in range(len(labels)):
-        tp = float(np.sum((pred == k) & (truth == k)))
-        fp = float(np.sum((pred == k) & (truth != k)))
-        fn = float(np.sum((pred != k) & (truth == k)))
-        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    return {"accuracy": float(np.mean(pred == truth)), "macro_f1": float(np.mean(f1s))}
+def row_evidence(outputs: Outputs, task: str, labels: Sequence[str], gold: Sequence[str] | None,
+                 reference: Outputs | None = None) -> RowEvidence:
+    """Per-row outcomes of a model, in the evaluation rows' order: what every quality metric is computed from.
+
+    Classifiers: the argmax class of each row and, given ``gold`` label names, its true class. Causal LMs: each
+    row's summed negative log-likelihood of its scored tokens (next-token targets where both the token and
+    its predecessor are real), the number of those tokens and, given ``reference`` outputs of the same rows,
+    how many of them have the same argmax as the reference.
+    """
+    if task == "causal-lm":
+        return _lm_rows(outputs, reference)
+    predicted = np.concatenate([lg.argmax(axis=1) for lg in outputs.logits]) if outputs.logits else np.zeros(0, int)
+    truth = None
+    if gold is not None:
+        index = {name: i for i, name in enumerate(labels)}
+        truth = np.array([index[g] for g in gold], dtype=np.int64)
+    return RowEvidence(predicted=predicted.astype(np.int64), truth=truth)
 
 
-def lm_metrics(outputs: Outputs, reference: Outputs | None = None) -> dict[str, float]:
-    """Perplexity of next-token predictions over real tokens; agreement with ``reference`` if given."""
-    nll, count, agree = 0.0, 0, 0
+def _lm_rows(outputs: Outputs, reference: Outputs | None) -> RowEvidence:
+    nll, tokens, agree = [], [], []
     for b, (logits, mask, ids) in enumerate(zip(outputs.logits, outputs.masks, outputs.ids, strict=True)):
         shifted = logits[:, :-1]
         target = ids[:, 1:]
@@ -69,14 +75,32 @@ def lm_metrics(outputs: Outputs, reference: Outputs | None = None) -> dict[str, 
         z = shifted - shifted.max(axis=-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
         picked = np.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-        nll -= float(picked[valid].sum())
-        count += int(valid.sum())
+        nll.append(-np.where(valid, picked, 0.0).sum(axis=1, dtype=np.float64))
+        tokens.append(valid.sum(axis=1).astype(np.int64))
         if reference is not None:
-            agree += int((shifted.argmax(-1) == reference.logits[b][:, :-1].argmax(-1))[valid].sum())
-    metrics = {"perplexity": float(np.exp(nll / max(count, 1)))}
-    if reference is not None:
-        metrics["next_token_agreement"] = agree / max(count, 1)
-    return metrics
+            same = shifted.argmax(-1) == reference.logits[b][:, :-1].argmax(-1)
+            agree.append((same & valid).sum(axis=1).astype(np.int64))
+
+    def joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+        return np.concatenate(parts) if parts else np.zeros(0, dtype)
+
+    return RowEvidence(nll=joined(nll, np.float64), tokens=joined(tokens, np.int64),
+                       agree=joined(agree, np.int64) if reference is not None else None)
+
+
+def quality_metrics(rows: RowEvidence, labels: int) -> dict[str, float]:
+    """The quality metrics that ``rows`` hold outcomes for (accuracy, macro-F1 / perplexity, agreement)."""
+    return {m: metric_value(m, rows, labels) for m in QUALITY_METRICS if has_outcomes(m, rows)}
+
+
+def classification_metrics(outputs: Outputs, labels: Sequence[str], gold: Sequence[str]) -> dict[str, float]:
+    """Accuracy and macro-F1 of the argmax predictions against gold label names."""
+    return quality_metrics(row_evidence(outputs, "sequence-classification", labels, gold), len(labels))
+
+
+def lm_metrics(outputs: Outputs, reference: Outputs | None = None) -> dict[str, float]:
+    """Perplexity of next-token predictions over real tokens; agreement with ``reference`` if given."""
+    return quality_metrics(row_evidence(outputs, "causal-lm", (), None, reference), 0)
 
 
 def parity(candidate: Outputs, source: Outputs) -> dict[str, float]:
@@ -99,17 +123,18 @@ def parity(candidate: Outputs, source: Outputs) -> dict[str, float]:
 
 
 def quality(predictor: Predictor, frame: pd.DataFrame, *, reference: Outputs | None = None,
-            desc: str = "evaluate") -> tuple[dict[str, float], Outputs]:
-    """Quality metrics of ``predictor`` on ``frame`` (plus parity with ``reference`` when given)."""
+            desc: str = "evaluate") -> tuple[dict[str, float], Outputs, RowEvidence]:
+    """Quality metrics of ``predictor`` on ``frame`` (plus parity with ``reference`` when given), its outputs,
+    and the per-row outcomes the metrics were computed from (for intervals and paired comparisons)."""
     texts = frame["text"].tolist()
     outputs = collect_outputs(predictor, texts, desc=desc)
-    if predictor.meta.task == "causal-lm":
-        metrics = lm_metrics(outputs, reference)
-    else:
-        metrics = classification_metrics(outputs, predictor.meta.labels, frame["label"].tolist())
+    task, labels = predictor.meta.task, predictor.meta.labels
+    gold = None if task == "causal-lm" else frame["label"].tolist()
+    rows = row_evidence(outputs, task, labels, gold, reference if task == "causal-lm" else None)
+    metrics = quality_metrics(rows, len(labels))
     if reference is not None:
         metrics |= parity(outputs, reference)
-    return metrics, outputs
+    return metrics, outputs, rows
 
 
 def assess_artifact(artifact: Artifact, ctx: StageContext, rows: int = 256) -> dict[str, float]:

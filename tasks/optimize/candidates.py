@@ -26,8 +26,10 @@ from kiln.tasks.core.cache import StageCache, code_version, make_key
 from kiln.tasks.core.stages import StageContext
 from kiln.tasks.data.datasets import DatasetSpec, Splits
 from kiln.tasks.engines import EngineOptions
-from kiln.tasks.evaluate.benchmark import BenchConfig, measure
-from kiln.tasks.evaluate.gate import GateDecision, Policy, judge
+from kiln.tasks.evaluate.benchmark import BenchConfig, footprint
+from kiln.tasks.evaluate.evidence import Interval, LatencySamples, RowEvidence
+from kiln.tasks.evaluate.gate import GateDecision, Measured
+from kiln.tasks.evaluate.policy import Policy
 from kiln.tasks.evaluate.quality import Outputs, quality
 from kiln.tasks.models.predictor import PackageMeta, Predictor, add_tensorrt_plan, package
 from kiln.tasks.registry import client as registry
@@ -48,7 +50,8 @@ class Source:
 
 @dataclass
 class Evaluated:
-    """A model measured on the evaluation split (quality, parity, latency, size, memory)."""
+    """A model measured on the evaluation rows: quality, parity, size and memory, with the evidence behind them
+    (per-row outcomes; latency samples once :func:`kiln.tasks.optimize.judging.time_together` has run)."""
 
     name: str
     folder: Path
@@ -57,6 +60,14 @@ class Evaluated:
     key: str
     stages: list[dict[str, Any]] = field(default_factory=list)
     decision: GateDecision | None = None
+    rows: RowEvidence | None = None
+    latency: LatencySamples | None = None
+    labels: int = 0
+    intervals: dict[str, Interval] = field(default_factory=dict)  # beside each shown number (95 %)
+
+    def measured(self) -> Measured:
+        """What the gate judges."""
+        return Measured(self.metrics, self.rows, self.latency, self.labels)
 
 
 def resolve_source(client: MlflowClient, ref: registry.ModelRef, downloads: Path,
@@ -139,20 +150,20 @@ def _load_outputs(path: Path) -> Outputs:
 def evaluate_candidate(name: str, folder: Path, precision: str, key: str, frame: pd.DataFrame, cache: StageCache,
                        options: EngineOptions, bench: BenchConfig, reference: Outputs | None = None,
                        keep_outputs: bool = False) -> tuple[Evaluated, Outputs | None]:
-    """Quality (+ parity with ``reference``), latency, memory and size of the package at ``folder``.
+    """Quality (+ parity with ``reference``) with per-row outcomes, memory and size of the package at ``folder``.
 
-    Cached by the package's key, the evaluation rows, the engine options and the code version, so a
-    re-run does not measure again; ``keep_outputs`` stores the logits for use as a parity reference.
+    Cached by the package's key, the evaluation rows, the engine options and the code version, so a re-run
+    does not evaluate again; ``keep_outputs`` stores the logits for use as a parity reference. Latency is not
+    measured here: candidates are timed together, in interleaved rounds (:mod:`kiln.tasks.optimize.judging`).
     """
     eval_key = make_key("evaluate", key, pd.util.hash_pandas_object(frame, index=False).sum(),
-                        options.model_dump(), bench.model_dump(), reference is not None, code_version(quality),
-                        code_version(measure))
+                        options.model_dump(), reference is not None, code_version(quality))
 
     def run(workdir: Path) -> dict[str, Any]:
         predictor = Predictor(folder, options)
-        metrics, outputs = quality(predictor, frame, reference=reference, desc=f"evaluate {name}")
+        metrics, outputs, rows = quality(predictor, frame, reference=reference, desc=f"evaluate {name}")
         del predictor
-        metrics |= measure(folder, frame["text"].tolist()[:256], options, bench)
+        rows.save(workdir / "rows.npz")
         if keep_outputs:
             _save_outputs(workdir / "outputs.npz", outputs)
         return {"metrics": metrics}
@@ -162,25 +173,27 @@ def evaluate_candidate(name: str, folder: Path, precision: str, key: str, frame:
         log.info("evaluation of %s reused from cache", name)
     outputs_path = cache.folder(eval_key) / "outputs.npz"
     outputs = _load_outputs(outputs_path) if keep_outputs and outputs_path.exists() else None
-    return Evaluated(name, folder, precision, result["metrics"], key), outputs
+    metrics = result["metrics"] | _footprint(key, folder, cache, options, bench)
+    rows = RowEvidence.load(cache.folder(eval_key) / "rows.npz")
+    labels = len(PackageMeta.read(folder).labels)
+    return Evaluated(name, folder, precision, metrics, key, rows=rows, labels=labels), outputs
 
 
-def baseline_metrics(policy: Policy, source: Evaluated, champion: Evaluated | None
-                     ) -> tuple[dict[str, float] | None, str]:
+def _footprint(key: str, folder: Path, cache: StageCache, options: EngineOptions, bench: BenchConfig
+               ) -> dict[str, float]:
+    """Size and peak memory of the package (cached by package, not by rows: they do not depend on them)."""
+    fp_key = make_key("footprint", key, options.model_dump(), bench.batch_sizes, code_version(footprint))
+    result, _ = cache.run(fp_key, lambda _workdir: {"metrics": footprint(folder, options, bench)})
+    return result["metrics"]
+
+
+def baseline_for(policy: Policy, source: Evaluated, champion: Evaluated | None) -> tuple[Evaluated | None, str]:
     """What relative clauses compare with: the champion, or per policy the source when there is none."""
     if champion is not None:
-        return champion.metrics, "champion"
+        return champion, "champion"
     if policy.when_no_champion == "source":
-        return source.metrics, "source (no champion yet)"
+        return source, "source (no champion yet)"
     return None, "none"
-
-
-def gate_all(policy: Policy, candidates: list[Evaluated], baseline: dict[str, float] | None,
-             baseline_name: str) -> None:
-    """Attach a gate decision to every candidate."""
-    for cand in candidates:
-        cand.decision = judge(policy, cand.metrics, baseline, cand.precision, baseline_name=baseline_name)
-        log.info("gate %s: %s", cand.name, cand.decision.summary())
 
 
 def git_commit() -> str:

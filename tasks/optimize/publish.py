@@ -44,9 +44,11 @@ def log_candidate(run_id: str, cand: Evaluated, staging: Path) -> str:
         info = log_package(cand.folder, name, staging)
         mlflow.log_metrics({k: float(v) for k, v in cand.metrics.items()}, model_id=info.model_id)
         mlflow.log_metrics({f"{name}.{k}": float(v) for k, v in cand.metrics.items()})
+        # Each number's 95 % interval beside it: `int8.accuracy_low`, `int8.accuracy_high`.
+        mlflow.log_metrics({f"{name}.{k}_{end}": float(getattr(iv, end)) for k, iv in cand.intervals.items()
+                            for end in ("low", "high")})
         if cand.decision is not None:
-            mlflow.log_dict({"passed": cand.decision.passed, "clauses": [r.__dict__ for r in cand.decision.results]},
-                            f"gate/{name}.json")
+            mlflow.log_dict(cand.decision.to_dict(), f"gate/{name}.json")
         for i, stage in enumerate(cand.stages):
             prefix = f"{name}.{i + 1}-{stage['stage']}"
             mlflow.log_params({f"{prefix}.params": json.dumps(stage["params"])[:500]})
@@ -93,7 +95,12 @@ def _register(client: MlflowClient, source: Source, cand: Evaluated, model_id: s
     registry.fetch_package(client, version, home / "downloads")
     # The alias moves last: a crash before this line leaves a tagged version with no alias, never the reverse.
     # A re-run that finds its version already @challenger leaves it (and the nomination decisions answer) alone.
-    if registry.aliases_of(client, name).get(vocab.CHALLENGER) != str(version.version):
+    # The same work after a promotion finds the champion itself: nothing to nominate (challenger = champion is no
+    # comparison at all).
+    current = registry.aliases_of(client, name)
+    if current.get(vocab.CHAMPION) == str(version.version):
+        log.info("candidate %s is %s v%s, already @champion; nothing nominated", cand.name, name, version.version)
+    elif current.get(vocab.CHALLENGER) != str(version.version):
         aliases.nominate(client, name, version.version, home=home, lease=lease)
     if vocab.GATE in written:  # this run completed the publication (a retry after a crash included)
         audit.AuditLog.under(home).append(audit.AuditEvent(

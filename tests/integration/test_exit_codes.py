@@ -104,6 +104,24 @@ def test_optimize_exit_3_when_no_candidate_passes_the_gate(project, tmp_path):
     assert registry_state(client, "tiny") == before
 
 
+def test_optimize_exit_3_when_the_evidence_cannot_decide(project, tmp_path):
+    """An interval across the threshold is inconclusive: Kiln judges again on more rows (20, then all 40 of the
+    test split), then refuses with "not enough evidence", registering nothing; --json still prints the results."""
+    client = registry.connect(project)
+    before = registry_state(client, "tiny")
+    undecidable = tmp_path / "undecidable.yaml"
+    undecidable.write_text("clauses: ['accuracy >= 0.2']\n")  # the tiny model's ~0.18 ± 0.12 straddles 0.2
+    result = kiln(*OPTIMIZE, "--policy", str(undecidable), "--json")
+    assert_one_error_line(result, ExitCode.DECLINED, "not enough evidence to pass any candidate for tiny@champion "
+                          "on 40 evaluation rows (all test rows were used); nothing registered", in_flow=True)
+    summary = json.loads(result.stdout)
+    assert summary["evidence"]["rows"] == summary["evidence"]["available_rows"] == 40
+    (clause,) = summary["candidates"]["onnx-fp32"]["clauses"]
+    assert clause["status"] == "inconclusive" and clause["interval"]["low"] < 0.2 < clause["interval"]["high"]
+    assert summary["candidates"]["onnx-fp32"]["verdict"] == "inconclusive"
+    assert registry_state(client, "tiny") == before
+
+
 def test_optimize_exit_0_registers_a_challenger(project, tmp_path):
     keys = Keyring(tmp_path / "keys", project.signers_file())
     result = kiln(*OPTIMIZE, "--sign", "--key", str(keys.key("carol")))  # who asked, signed: four-eyes knows

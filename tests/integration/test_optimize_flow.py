@@ -11,6 +11,7 @@ import pytest
 from kiln.errors import DataCheckFailed, GateError
 from kiln.flows.optimize import OptimizeParams, optimize
 from kiln.tasks.data.datasets import DatasetSpec
+from kiln.tasks.registry import aliases
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.onboard import register_folder
 from tests.integration.helpers import registry_state
@@ -79,6 +80,27 @@ def test_rerun_skips_finished_work_and_never_duplicates_a_version(settings, tiny
     with pytest.raises(GateError, match="canary was rolled back"):
         optimize(OptimizeParams(model="tiny"))
     assert registry.aliases_of(client, "tiny") == {"champion": "1"}
+
+
+def test_the_same_engine_gated_against_itself_passes(settings, tiny_models, tiny_spec):
+    """A real A/A run: the ONNX engine is registered and promoted to champion; the same engine, rebuilt as a
+    candidate from the same source, is then gated against it with the default policy, timed in the same
+    interleaved rounds. Identical predictions and indistinguishable speed: every clause passes."""
+    client = _register(settings, tiny_models, "bert", tiny_spec)
+    optimize(OptimizeParams(model="tiny/1", recipes=["onnx-fp32"]))
+    aliases.promote(client, "tiny", home=settings.home, expected=registry.aliases_of(client, "tiny"))
+    assert registry.aliases_of(client, "tiny") == {"champion": "2", "previous": "1"}
+
+    summary = optimize(OptimizeParams(model="tiny/1", recipes=["onnx-fp32"]))
+    cand = summary["candidates"]["onnx-fp32"]
+    assert summary["baseline"] == "champion" and cand["verdict"] == "pass", cand["reasons"]
+    by_metric = {c["clause"].split()[0]: c for c in cand["clauses"]}
+    assert by_metric["accuracy"]["comparison"] == pytest.approx(
+        {"value": 0.0, "low": 0.0, "high": 0.0, "level": 0.95})  # the same predictions on every row
+    latency = by_metric["latency_p50_ms"]
+    assert latency["comparison_kind"] == "ratio" and latency["comparison"]["low"] <= latency["comparison"]["value"]
+    assert summary["registered"] == {"name": "tiny", "version": "2", "recipe": "onnx-fp32", "alias": "champion"}
+    assert registry.aliases_of(client, "tiny") == {"champion": "2", "previous": "1"}  # nothing to nominate
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -14,7 +14,7 @@ import pytest
 from kiln.errors import ConfigError
 from kiln.settings import load_settings
 from kiln.tasks.compress.recipes import PARAMS, Recipe, library, resolve_recipes
-from kiln.tasks.evaluate.gate import load_policy
+from kiln.tasks.evaluate.policy import load_policy
 from kiln.tasks.lifecycle.promotion import load_approval_policy
 from kiln.tasks.lifecycle.retrain import load_config
 from kiln.tasks.rollout.judge import load_spec
@@ -46,7 +46,16 @@ def test_gate_policy(tmp_path):
     with _raises("parity.fp32: unknown key 'max_ab' (did you mean 'max_abs'?)"):
         load_policy(gate, "sequence-classification")
     gate.write_text("clauses: ['size_mb <= 1']\ncolour: red\n")  # nothing close: the known keys instead
-    with _raises("unknown key 'colour' (known keys: objective, when_no_champion, clauses, parity)"):
+    with _raises("unknown key 'colour' (known keys: objective, when_no_champion, clauses, evidence, parity)"):
+        load_policy(gate, "sequence-classification")
+    gate.write_text("clauses: ['size_mb <= 1']\nevidence: {latency_tolerence: 0.1}\n")
+    with _raises("evidence: unknown key 'latency_tolerence' (did you mean 'latency_tolerance'?)"):
+        load_policy(gate, "sequence-classification")
+    gate.write_text("clauses: [{clause: 'accuracy >= champion - 0.01', tolerance: 0.1}]\n")
+    with _raises("tolerance applies to latency and throughput clauses, not accuracy"):
+        load_policy(gate, "sequence-classification")
+    gate.write_text("clauses: [{clause: 'latency_p50_ms <= champion', alpha: 0.7}]\n")
+    with _raises("alpha"):
         load_policy(gate, "sequence-classification")
 
 
