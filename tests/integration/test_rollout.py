@@ -30,7 +30,7 @@ from kiln.infra.faults import Faults, FaultyPredictor
 from kiln.infra.gateway import create_app as gateway_app
 from kiln.infra.gateway_proxy import Gateway, Upstream
 from kiln.infra.loadgen import LoadPlan, generate_load
-from kiln.infra.server import ServedModel
+from kiln.infra.runtime import ServedModel
 from kiln.infra.server import create_app as server_app
 from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab

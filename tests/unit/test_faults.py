@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from kiln.infra.faults import Faults, FaultyPredictor, InjectedFault
-from kiln.infra.server import ServedModel, with_faults
+from kiln.infra.runtime import ServedModel
+from kiln.infra.server import with_faults
 from kiln.tasks.rollout.judge import Check, StepVerdict, with_checks
 
 
