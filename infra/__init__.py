@@ -8,7 +8,8 @@ Entry points (``python -m kiln.infra.X``, each with ``main()``): ``server``, ``g
 ``registry_events``, ``loadgen``. The modules, by concept:
 
 - serving: ``server`` (OIP v2 model server), ``oip`` (the protocol's codec), ``batching``, ``faults``
-  (deliberate faults for canary drills);
+  (deliberate faults for canary drills), ``runtime`` (served versions, swapped while serving), ``follow``
+  (servers on ``NAME@ALIAS`` follow the alias);
 - gateway: ``gateway`` (app + command), ``gateway_proxy`` (forwarding by weight, shadow mirroring,
   feedback), ``gateway_admin`` (token-guarded admin routes), ``gateway_stats`` (split, windows, metrics),
   ``upstream`` (pooled HTTP client), ``loadgen`` (loopback load generator);

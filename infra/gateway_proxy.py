@@ -7,7 +7,8 @@ its value (a user stays on one side while the weight holds). Every answer names 
 Shadow mode mirrors a share of champion-answered requests to the challenger in the background and
 records whether the predicted labels agree; the client only ever sees the champion's answer.
 
-The split, windows and metrics themselves live in :mod:`kiln.infra.gateway_stats`; the admin routes that
+The split, windows and metrics themselves live in :mod:`kiln.infra.gateway_stats`; the split's TTL, the
+versions the upstreams serve and the state file in :mod:`kiln.infra.gateway_state`; the admin routes that
 change the split in :mod:`kiln.infra.gateway_admin`; the app and its command in :mod:`kiln.infra.gateway`.
 """
 
@@ -21,7 +22,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -29,6 +30,7 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from kiln.infra.gateway_state import RoutingState, Upstream
 from kiln.infra.gateway_stats import (
     CHALLENGER,
     CHAMPION,
@@ -40,7 +42,8 @@ from kiln.infra.gateway_stats import (
     Window,
     choose,
 )
-from kiln.infra.oip import InferError, TextRequest, labels_of, parse_infer
+from kiln.infra.oip import InferError, TextRequest, labels_of
+from kiln.infra.oip_binary import HEADER_LENGTH, read_request, read_response
 from kiln.infra.server import VERSION_HEADER
 from kiln.infra.upstream import Answer, Failure, UpstreamClient
 
@@ -49,26 +52,9 @@ UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "X-Kiln-Upstream", "X-Kiln-R
 TOKEN_ENV = "KILN_GATEWAY_TOKEN"
 _HOP_BY_HOP = {"host", "connection", "keep-alive", "content-length", "transfer-encoding", "te", "trailer",
                "upgrade", "proxy-authorization", "proxy-authenticate", "authorization", "accept-encoding"}
-_PASS_BACK = {"content-type", VERSION_HEADER.lower()}
+_PASS_BACK = {"content-type", VERSION_HEADER.lower(), HEADER_LENGTH.lower()}  # the last: binary answers' layout
+VERSION_HEADER_KEY = VERSION_HEADER.lower()
 _MAX_PARSE_BYTES = 1 << 20  # bookkeeping parses bodies up to 1 MB; raw LM logits can be far larger
-
-
-@dataclass
-class Upstream:
-    """A model server. ``version`` labels metrics; unset, it is learnt from the server's version header."""
-
-    url: str
-    version: str | None = None
-
-    @property
-    def label(self) -> str:
-        """The version for metric labels; ``unknown`` until learnt."""
-        return self.version or "unknown"
-
-
-def _learn_version(upstream: Upstream, answer: Answer) -> None:
-    if upstream.version is None:
-        upstream.version = answer.headers.get(VERSION_HEADER.lower())
 
 
 def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -77,18 +63,27 @@ def error_response(message: str, status: int, headers: dict[str, str] | None = N
 
 
 class Gateway:
-    """Routing, forwarding, shadowing and bookkeeping; :func:`kiln.infra.gateway.create_app` wires it to HTTP."""
+    """Routing, forwarding, shadowing and bookkeeping; :func:`kiln.infra.gateway.create_app` wires it to HTTP.
+
+    ``weight`` and ``shadow`` are the split to start from when ``state_file`` holds none yet; ``model_name`` is
+    the model whose version each upstream is asked for every ``poll_s`` (learnt from traffic when None).
+    """
 
     def __init__(self, champion: Upstream, challenger: Upstream, admin_token: str, *, weight: float = 0.0,
                  shadow: float = 0.0, timeout_s: float = 30.0, max_connections: int = 256,
-                 max_shadow_inflight: int = 64, max_samples: int = 5000) -> None:
+                 max_shadow_inflight: int = 64, max_samples: int = 5000, model_name: str | None = None,
+                 state_file: Path | None = None, poll_s: float = 2.0) -> None:
         if not admin_token:
             raise ValueError(f"the admin API needs a token; set {TOKEN_ENV}")
-        self.upstreams = {CHAMPION: champion, CHALLENGER: challenger}
+        if not poll_s > 0:
+            raise ValueError(f"poll_s must be above 0 seconds, got {poll_s!r}")
         self._token = admin_token.encode()
-        self.routing = Routing(_check_weight(weight), _check_fraction(shadow))
         self.splitter, self.shadow_splitter = Splitter(), Splitter()
         self.metrics = GatewayMetrics()
+        self.control = RoutingState(champion, challenger, weight=weight, shadow=shadow, model=model_name,
+                                    state_file=state_file, on_routing=self._publish_routing)
+        self.upstreams = self.control.upstreams
+        self.poll_s = poll_s
         self.window = Window(max_samples)
         self.predictions = PredictionLog()
         self.timeout_s, self.max_connections, self.max_shadow_inflight = timeout_s, max_connections, \
@@ -99,15 +94,23 @@ class Gateway:
         self._mirroring: set[str] = set()
         self._late_truth: OrderedDict[str, list[str]] = OrderedDict()
         self.client: UpstreamClient | None = None
-        self._publish_routing()
+
+    @property
+    def routing(self) -> Routing:
+        """The split in force now (an immutable object, replaced whole on every change)."""
+        return self.control.routing
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):  # noqa: ANN201 - Starlette's lifespan protocol
         async with UpstreamClient(max_connections=self.max_connections, timeout_s=self.timeout_s) as client:
             self.client = client
+            watch = asyncio.create_task(self.control.watch(client, self.poll_s), name="gateway-watch")
             try:
                 yield
             finally:
+                watch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watch
                 # Let mirrors in flight finish (bounded), so their answers are counted rather than torn.
                 if self._shadow_tasks:
                     await asyncio.wait(self._shadow_tasks, timeout=self.timeout_s)
@@ -118,6 +121,8 @@ class Gateway:
     async def proxy(self, request: Request) -> Response:
         """Forward a ``/v2/...`` request to the upstream the routing picks, and mirror it when shadowing."""
         routing = self.routing  # one snapshot for the whole request: a concurrent weight change cannot split it
+        if self.control.model is None:
+            self.control.learn_model(request.url.path)
         role = choose(routing, request.headers.get(STICKY_HEADER), self.splitter)
         body = await request.body()
         request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
@@ -143,8 +148,8 @@ class Gateway:
         # Inputs are recorded after the answer has gone out, so parsing them never delays the client; a
         # request the upstream refused as the client's mistake (4xx) is not traffic the model saw.
         windows = [self.window.live[role]] + ([self.window.shadow] if mirrored else [])
-        record = BackgroundTask(_record_inputs, body, windows) if is_infer and not 400 <= answer.status < 500 \
-            else None
+        record = BackgroundTask(_record_inputs, body, request.headers.get(HEADER_LENGTH), windows) \
+            if is_infer and not 400 <= answer.status < 500 else None
         return Response(answer.content, status_code=answer.status, headers=passed | extra, background=record)
 
     async def _send(self, role: str, method: str, path: str, headers: dict[str, str], body: bytes
@@ -152,12 +157,12 @@ class Gateway:
         """Forward to ``role``'s upstream and record the outcome; a transport failure is returned, not raised."""
         assert self.client is not None, "the gateway's lifespan has not started"
         upstream = self.upstreams[role]
-        started = time.perf_counter()
+        started, sent = time.perf_counter(), time.monotonic()
         answer = await self.client.request(method, upstream.url + path, headers=headers, body=body)
         seconds = time.perf_counter() - started
         code = answer.status
-        if isinstance(answer, Answer):
-            _learn_version(upstream, answer)
+        if isinstance(answer, Answer) and VERSION_HEADER_KEY in answer.headers:
+            self.control.observe(role, answer, sent)
         self.metrics.requests.labels(role, upstream.label, str(code)).inc()
         if code < 500:
             self.metrics.duration.labels(role, upstream.label).observe(seconds)
@@ -165,12 +170,7 @@ class Gateway:
         return answer
 
     def _labels(self, role: str, answer: Answer) -> list[str] | None:
-        if answer.status != 200 or len(answer.content) > _MAX_PARSE_BYTES:
-            return None
-        try:
-            labels = labels_of(json.loads(answer.content))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
+        labels = _answer_labels(answer)
         if labels is not None:
             window, version = self.window.live[role], self.upstreams[role].label
             for label in labels:
@@ -200,20 +200,17 @@ class Gateway:
                       champion_labels: list[str] | None) -> None:
         assert self.client is not None
         upstream, window = self.upstreams[CHALLENGER], self.window.shadow
-        started = time.perf_counter()
+        started, sent = time.perf_counter(), time.monotonic()
         answer = await self.client.request("POST", upstream.url + path, headers=headers, body=body)
         code = answer.status
-        if isinstance(answer, Answer):
-            _learn_version(upstream, answer)
+        if isinstance(answer, Answer) and VERSION_HEADER_KEY in answer.headers:
+            self.control.observe(CHALLENGER, answer, sent)
         seconds = time.perf_counter() - started
         window.record(code, seconds)
         self.metrics.shadow_requests.labels(upstream.label, str(code)).inc()
         if code < 500:
             self.metrics.shadow_duration.labels(upstream.label).observe(seconds)
-        labels = None
-        if isinstance(answer, Answer) and code == 200 and len(answer.content) <= _MAX_PARSE_BYTES:
-            with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError):
-                labels = labels_of(json.loads(answer.content))
+        labels = _answer_labels(answer) if isinstance(answer, Answer) else None
         for label in labels or []:  # the challenger's predicted classes, for the class drift check
             window.labels[label] += 1
         if labels is None or champion_labels is None or len(labels) != len(champion_labels):
@@ -277,55 +274,57 @@ class Gateway:
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token)
 
     def state(self, samples: bool = False) -> dict[str, Any]:
-        """Routing, upstreams and the current analysis window (with raw samples when ``samples``)."""
-        r = self.routing
-        return {"weight": r.weight, "shadow": r.shadow, "generation": r.generation, "sticky_header": STICKY_HEADER,
-                "upstreams": {role: {"url": u.url, "version": u.version} for role, u in self.upstreams.items()},
+        """Routing (and when it lapses), upstreams and the versions they serve, the state file, and the current
+        analysis window (with raw samples when ``samples``)."""
+        store = self.control.store
+        return {**self.control.to_dict(), "sticky_header": STICKY_HEADER,
+                "state_file": None if store is None else {"path": str(store.path), "error": self.control.save_error},
                 "shadow_in_flight": len(self._shadow_tasks), "window": self.window.to_dict(samples)}
 
-    def set_routing(self, *, weight: float | None = None, shadow: float | None = None) -> Routing:
-        """Swap in a new routing object; requests in flight keep the one they started with."""
-        old = self.routing
-        self.routing = Routing(old.weight if weight is None else _check_weight(weight),
-                               old.shadow if shadow is None else _check_fraction(shadow), old.generation + 1)
-        self._publish_routing()
-        log.info("routing changed: weight %.1f%% shadow %.2f (generation %d)", self.routing.weight,
-                 self.routing.shadow, self.routing.generation)
-        return self.routing
+    def set_routing(self, *, weight: float | None = None, shadow: float | None = None,
+                    ttl_s: float | None = None) -> Routing:
+        """Swap in a new routing object (saved); requests in flight keep the one they started with. With ``ttl_s``
+        the split reverts to all-on-champion unless :meth:`renew` is called within that many seconds."""
+        return self.control.set(weight=weight, shadow=shadow, ttl_s=ttl_s)
+
+    def renew(self, ttl_s: float) -> Routing:
+        """Keep the current split for ``ttl_s`` more seconds; :class:`RoutingConflict` when it has no TTL (set by
+        hand, or lapsed already)."""
+        return self.control.renew(ttl_s)
 
     def reset_window(self) -> dict[str, Any]:
         """Start a new analysis window; returns the closed one, samples included."""
         closed, self.window = self.window, Window(self.window.max_samples)
         return closed.to_dict(samples=True)
 
-    def _publish_routing(self) -> None:
-        self.metrics.weight.set(self.routing.weight)
-        self.metrics.shadow_fraction.set(self.routing.shadow)
+    def _publish_routing(self, routing: Routing) -> None:
+        self.metrics.weight.set(routing.weight)
+        self.metrics.shadow_fraction.set(routing.shadow)
 
 
-async def _record_inputs(body: bytes, windows: list[TrafficWindow]) -> None:
-    """Note the text rows' lengths in ``windows``; a body that is not a v2 text request is simply skipped.
+def _answer_labels(answer: Answer) -> list[str] | None:
+    """The ``label`` output of a 200 infer answer, JSON or binary; None for anything else (never an error)."""
+    if answer.status != 200 or len(answer.content) > _MAX_PARSE_BYTES:
+        return None
+    try:
+        return labels_of(read_response(answer.content, answer.headers.get(HEADER_LENGTH.lower())))
+    except (InferError, ValueError, TypeError, RecursionError):  # not a v2 answer: nothing to count
+        return None
+
+
+async def _record_inputs(body: bytes, header_length: str | None, windows: list[TrafficWindow]) -> None:
+    """Note the text rows' lengths in ``windows``; a body that is not a v2 text request (JSON or binary) is
+    simply skipped.
 
     Async so that Starlette runs it on the event loop (the windows take no locks), after the response.
     """
     if len(body) > _MAX_PARSE_BYTES:
         return
     try:
-        payload = parse_infer(json.loads(body)).payload
+        payload = read_request(body, header_length).payload
     except (ValueError, InferError, RecursionError):  # bad JSON or bytes, a malformed request, absurd nesting
         return
     if isinstance(payload, TextRequest):
         for window in windows:
             window.record_inputs(payload.texts)
 
-
-def _check_weight(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 100:
-        raise ValueError(f"weight must be a number from 0 to 100 (percent to the challenger), got {value!r}")
-    return float(value)
-
-
-def _check_fraction(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise ValueError(f"shadow fraction must be a number from 0 to 1, got {value!r}")
-    return float(value)

@@ -32,11 +32,14 @@ class Routing:
         shadow: fraction (0-1) of champion-answered infer requests mirrored to the challenger, whose
             answers are compared with the champion's and never returned.
         generation: increases with every change, so a reader can tell two states apart.
+        expires_at: wall-clock time when the split lapses back to all-on-champion unless renewed (a rollout's
+            split, :mod:`kiln.infra.gateway_state`); None: never (a split set by hand).
     """
 
     weight: float = 0.0
     shadow: float = 0.0
     generation: int = 0
+    expires_at: float | None = None
 
 
 def sticky_bucket(key: str) -> float:

@@ -2,7 +2,14 @@
 
 Pure functions on plain Python objects, so the model server, the gateway's tests and any v2 client
 share one reading of the protocol. Tensors travel as ``{"name", "shape", "datatype", "data"}`` with
-``data`` flattened in row-major order (nested lists are accepted and flattened).
+``data`` flattened in row-major order (nested lists are accepted and flattened); the binary tensor data
+extension (:mod:`kiln.infra.oip_binary`) reads raw bytes into ``data`` as numpy arrays before this module
+parses the request, so both forms meet the same checks.
+
+Client mistakes are :class:`InferError` with a 4xx status and a message that names the offending field,
+the limit and the value: a request too large (413: rows), malformed (400: shapes, datatypes, token ids
+below 0, mask values other than 0/1), or outside the model (400: longer than the package's ``seq_len``,
+token ids past the vocabulary; :func:`check_model_limits`, run before a request joins a batch).
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ from typing import Any
 import numpy as np
 
 MAX_ROWS = 4096  # one request may not monopolise the batcher; clients split larger jobs
-_INT_TYPES = {"INT64": np.int64, "INT32": np.int32, "INT16": np.int16, "INT8": np.int8, "UINT8": np.uint8}
+# Every datatype the protocol names; anything else is refused as unknown (not merely unsupported).
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32",
+             "FP64", "BF16", "BYTES")
+_INT_TYPES = {"INT64", "INT32", "INT16", "INT8", "UINT64", "UINT32", "UINT16", "UINT8"}
 
 
 class InferError(Exception):
@@ -49,14 +59,22 @@ class InferRequest:
     id: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     outputs: list[str] | None = None  # names the client asked for; None means all
+    binary: dict[str, bool] = field(default_factory=dict)  # per requested output: its ``binary_data`` parameter
 
     @property
     def rows(self) -> int:
         p = self.payload
         return len(p.texts) if isinstance(p, TextRequest) else int(p.input_ids.shape[0])
 
+    def wants_binary(self, output: str) -> bool:
+        """True when ``output`` goes back as binary data: its own ``binary_data`` parameter, else the request's
+        ``binary_data_output`` (tritonclient's default when it names no outputs), else JSON."""
+        return self.binary.get(output, self.parameters.get("binary_data_output") is True)
 
-def _flatten(data: Any) -> list[Any]:
+
+def _flatten(data: Any) -> list[Any] | np.ndarray:
+    if isinstance(data, np.ndarray):  # binary tensor data, already decoded
+        return data.reshape(-1)
     if not isinstance(data, list):
         return [data]
     out: list[Any] = []
@@ -74,6 +92,8 @@ def _tensor(spec: Any, index: int) -> tuple[str, list[int], str, list[Any]]:
     name, shape, datatype = spec["name"], spec["shape"], spec["datatype"]
     if not isinstance(name, str) or not isinstance(datatype, str):
         raise InferError(f"inputs[{index}]: name and datatype must be strings")
+    if datatype.upper() not in DATATYPES:
+        raise InferError(f"input {name}: unknown datatype {datatype!r}; the protocol's are {', '.join(DATATYPES)}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                               for d in shape):
         raise InferError(f"inputs[{index}] ({name}): shape must be a list of non-negative integers")
@@ -83,14 +103,14 @@ def _tensor(spec: Any, index: int) -> tuple[str, list[int], str, list[Any]]:
     return name, shape, datatype.upper(), data
 
 
-def parse_infer(body: Any) -> InferRequest:
-    """Read an infer request body (already JSON-decoded).
+def parse_infer(body: Any, *, max_rows: int = MAX_ROWS) -> InferRequest:
+    """Read an infer request body (already JSON-decoded; binary inputs already decoded into ``data``).
 
     Accepts either one ``BYTES`` input (the texts; named ``text`` or the only input) with shape ``[n]``
     or ``[n, 1]``, or ``input_ids`` (and optionally ``attention_mask``) as integer tensors ``[batch, seq]``.
 
     Raises:
-        InferError: with status 400 and a message naming the offending field.
+        InferError: status 413 past ``max_rows`` rows, else 400, with a message naming the offending field.
     """
     if not isinstance(body, dict):
         raise InferError("the request body must be a JSON object with an 'inputs' list")
@@ -103,13 +123,36 @@ def parse_infer(body: Any) -> InferRequest:
         if name in tensors:
             raise InferError(f"input {name} is given twice")
         tensors[name] = (shape, datatype, data)
+    outputs, binary = _requested(body.get("outputs"))
     request = InferRequest(payload=_payload(tensors), id=_optional_str(body.get("id"), "id"),
-                           parameters=_parameters(body.get("parameters")), outputs=_requested(body.get("outputs")))
+                           parameters=_parameters(body.get("parameters")), outputs=outputs, binary=binary)
     if request.rows == 0:
         raise InferError("the request has no rows; send at least one")
-    if request.rows > MAX_ROWS:
-        raise InferError(f"the request has {request.rows} rows; send at most {MAX_ROWS} per request")
+    if request.rows > max_rows:
+        raise InferError(f"the request has {request.rows} rows; this server takes at most {max_rows} per request "
+                         "(split it)", 413)
     return request
+
+
+def check_model_limits(request: InferRequest, *, seq_len: int | None, vocab_size: int | None) -> None:
+    """Refuse raw token tensors the model cannot take, before they join a batch (``None``: no such limit).
+
+    Texts need no check: the tokenizer truncates them to ``seq_len``.
+
+    Raises:
+        InferError: 400 naming the limit and the value.
+    """
+    payload = request.payload
+    if not isinstance(payload, TensorRequest):
+        return
+    seq = int(payload.input_ids.shape[1])
+    if seq_len is not None and seq > seq_len:
+        raise InferError(f"input_ids has {seq} tokens per row; this model takes at most {seq_len} (its package's "
+                         "seq_len): truncate the rows")
+    top = int(payload.input_ids.max())
+    if vocab_size is not None and top >= vocab_size:
+        raise InferError(f"input_ids holds token id {top}; this model's vocabulary has {vocab_size} tokens "
+                         f"(ids 0 to {vocab_size - 1}): encode with the model's own tokenizer")
 
 
 def _payload(tensors: dict[str, tuple[list[int], str, list[Any]]]) -> TextRequest | TensorRequest:
@@ -119,6 +162,13 @@ def _payload(tensors: dict[str, tuple[list[int], str, list[Any]]]) -> TextReques
             else np.ones_like(ids)
         if mask.shape != ids.shape:
             raise InferError(f"attention_mask has shape {list(mask.shape)} but input_ids has {list(ids.shape)}")
+        if ids.shape[0] and not ids.shape[1]:
+            raise InferError(f"input_ids has shape {list(ids.shape)}: every row needs at least one token")
+        if ids.size and (low := int(ids.min())) < 0:
+            raise InferError(f"input_ids holds token id {low}; token ids start at 0")
+        if mask.size and not np.isin(mask, (0, 1)).all():
+            bad = int(mask[~np.isin(mask, (0, 1))][0])
+            raise InferError(f"attention_mask holds {bad}; its values must be 0 (padding) or 1 (token)")
         return TensorRequest(ids, mask)
     texts = {k: v for k, v in tensors.items() if v[1] == "BYTES"}
     name = "text" if "text" in texts else (next(iter(texts)) if len(texts) == 1 else None)
@@ -132,14 +182,21 @@ def _payload(tensors: dict[str, tuple[list[int], str, list[Any]]]) -> TextReques
     return TextRequest(list(data))
 
 
-def _int_tensor(name: str, shape: list[int], datatype: str, data: list[Any]) -> np.ndarray:
+def _int_tensor(name: str, shape: list[int], datatype: str, data: list[Any] | np.ndarray) -> np.ndarray:
     if datatype not in _INT_TYPES:
         raise InferError(f"input {name}: datatype must be INT64 (or another integer type), got {datatype}")
     if len(shape) != 2:
         raise InferError(f"input {name}: shape must be [batch, seq], got {shape}")
+    if isinstance(data, np.ndarray):  # binary data, typed by its datatype: only UINT64 can leave int64's range
+        if data.dtype == np.uint64 and data.size and (top := int(data.max())) > np.iinfo(np.int64).max:
+            raise InferError(f"input {name}: value {top} is out of the INT64 range")
+        return data.astype(np.int64).reshape(shape)
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in data):
         raise InferError(f"input {name}: every element must be an integer")
-    return np.asarray(data, dtype=np.int64).reshape(shape)
+    try:
+        return np.asarray(data, dtype=np.int64).reshape(shape)
+    except OverflowError as exc:
+        raise InferError(f"input {name}: a value is out of the INT64 range ({exc})") from exc
 
 
 def _optional_str(value: Any, name: str) -> str | None:
@@ -157,15 +214,24 @@ def _parameters(value: Any) -> dict[str, Any]:
         n = value["max_new_tokens"]
         if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256:
             raise InferError("parameters.max_new_tokens must be an integer from 1 to 256")
+    if not isinstance(value.get("binary_data_output", False), bool):
+        raise InferError("parameters.binary_data_output must be true or false")
     return value
 
 
-def _requested(value: Any) -> list[str] | None:
+def _requested(value: Any) -> tuple[list[str] | None, dict[str, bool]]:
     if value is None:
-        return None
+        return None, {}
     if not isinstance(value, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str) for o in value):
         raise InferError("'outputs' must be a list of objects with a 'name'")
-    return [o["name"] for o in value]
+    binary = {}
+    for o in value:
+        params = o.get("parameters") or {}
+        if not isinstance(params, dict) or not isinstance(params.get("binary_data", False), bool):
+            raise InferError(f"output {o['name']}: parameters.binary_data must be true or false")
+        if "binary_data" in params:
+            binary[o["name"]] = params["binary_data"]
+    return [o["name"] for o in value], binary
 
 
 def tensor(name: str, datatype: str, values: Sequence[Any] | np.ndarray) -> dict[str, Any]:

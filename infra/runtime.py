@@ -2,7 +2,8 @@
 
     ServedModel   one model version to serve: name, version, predictor, aliases
     ModelRuntime  its engine thread behind a dynamic batcher (:mod:`kiln.infra.batching`), output formatting
-    ModelPool     the runtimes a server holds: find by name and version or alias, infer, start and stop
+    ModelPool     the runtimes a server holds: find by name and version or alias, infer, start and stop, and
+                  swap one version for another while serving (:mod:`kiln.infra.follow` does, when an alias moves)
 
 :mod:`kiln.infra.server` puts the v2 REST API over a pool; a gRPC service can share the same pool, so requests
 from either transport land in the same batches.
@@ -10,20 +11,22 @@ from either transport land in the same batches.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Hashable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kiln.infra.batching import Batcher
-from kiln.infra.oip import InferError, InferRequest, TensorRequest, select_outputs, tensor
+from kiln.infra.faults import InjectedFault
+from kiln.infra.oip import InferError, InferRequest, TensorRequest, check_model_limits, select_outputs, tensor
 
 log = logging.getLogger(__name__)
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch"}
@@ -37,6 +40,9 @@ class ServedModel:
     version: str
     predictor: Any
     aliases: tuple[str, ...] = ()
+    # More metadata ``parameters``, kept up to date by whoever manages this model (the alias follower's
+    # following / served_version / pending_version / last_error); one dict shared across swapped versions.
+    status: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def task(self) -> str:
@@ -64,7 +70,7 @@ class ServedModel:
                        {"name": "logits", "datatype": "FP32", "shape": [-1, classes]}]
         return {"name": self.name, "versions": [self.version], "platform": self.platform, "inputs": inputs,
                 "outputs": outputs, "parameters": {"task": self.task, "aliases": list(self.aliases),
-                                                   "labels": list(self.predictor.meta.labels)}}
+                                                   "labels": list(self.predictor.meta.labels), **self.status}}
 
 
 class ModelRuntime:
@@ -74,19 +80,53 @@ class ModelRuntime:
                  ) -> None:
         self.model = model
         self.metrics = metrics
+        self.limits = input_limits(model.predictor)
         # One worker: engines are not guaranteed thread-safe, and batching is what buys throughput.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{model.name}")
         self.batcher = Batcher(self._run_batch, self.executor, max_batch_size=max_batch_size,
                                max_wait_ms=max_wait_ms)
+        self.inflight = 0  # requests between find() and their answer: a swap waits for them before stopping
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Count a request as in flight on this runtime while the block runs (what :meth:`drain` waits for)."""
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight; False when ``timeout_s`` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        """Stop the batcher (jobs still queued are cancelled) and the engine thread."""
+        await self.batcher.stop()
+        self.executor.shutdown(wait=True)
 
     async def infer(self, request: InferRequest) -> list[dict[str, Any]]:
-        """Run ``request`` through the batcher; returns the v2 output tensors."""
+        """Run ``request`` through the batcher; returns the v2 output tensors.
+
+        The request is checked against the model's limits before it joins a batch, and an engine failure of a
+        merged batch is retried request by request (:meth:`_run_batch`): one bad request fails alone.
+        """
+        check_model_limits(request, **self.limits)
         if isinstance(request.payload, TensorRequest):
-            logits = await self.batcher.submit(("tensor",), request.payload, request.rows)
+            logits = _result(await self.batcher.submit(("tensor",), request.payload, request.rows))
             return [tensor("logits", "FP32", logits.astype(np.float32))]
         key: Hashable = ("text", int(request.parameters.get("max_new_tokens", 16)) if self.model.task == "causal-lm"
                          else 0)
-        columns = await self.batcher.submit(key, request.payload.texts, request.rows)
+        columns = _result(await self.batcher.submit(key, request.payload.texts, request.rows))
         if self.model.task == "causal-lm":
             return [tensor("generated_text", "BYTES", columns["generated_text"])]
         return [tensor("label", "BYTES", columns["label"]), tensor("score", "FP32", columns["score"]),
@@ -94,6 +134,27 @@ class ModelRuntime:
                  "data": columns["scores"]}]
 
     def _run_batch(self, key: Hashable, payloads: list[Any]) -> list[Any]:
+        """One engine call for the batch; if it fails, one call per request, so that only the request that
+        breaks the engine fails (its result is the exception). An injected fault stands for a broken
+        engine call and fails the whole batch, as the fault-injection options promise."""
+        try:
+            return self._run_merged(key, payloads)
+        except InjectedFault:
+            raise
+        except Exception as exc:
+            if len(payloads) == 1:
+                raise
+            log.warning("%s v%s: a batch of %d requests failed (%s: %s); running them one by one", self.model.name,
+                        self.model.version, len(payloads), exc.__class__.__name__, str(exc)[:200])
+        results = []
+        for payload in payloads:
+            try:
+                results.append(self._run_merged(key, [payload])[0])
+            except Exception as exc:  # noqa: BLE001 - this request's own failure, answered to it alone
+                results.append(exc)
+        return results
+
+    def _run_merged(self, key: Hashable, payloads: list[Any]) -> list[Any]:
         rows = sum(len(p) if isinstance(p, list) else p.input_ids.shape[0] for p in payloads)
         self.metrics.batch_rows.labels(self.model.name, self.model.version).observe(rows)
         if key[0] == "tensor":
@@ -101,6 +162,20 @@ class ModelRuntime:
         texts = [t for p in payloads for t in p]
         kwargs = {"max_new_tokens": key[1]} if self.model.task == "causal-lm" else {}
         return split_rows(self.model.predictor.predict(texts, **kwargs), [len(p) for p in payloads])
+
+
+def _result(value: Any) -> Any:
+    if isinstance(value, Exception):  # this request's own engine failure, from a batch retried one by one
+        raise value
+    return value
+
+
+def input_limits(predictor: Any) -> dict[str, int | None]:
+    """What raw token tensors must stay within: the package's ``seq_len`` and the tokenizer's vocabulary size
+    (None where the predictor does not say, as test stand-ins do)."""
+    tokenizer = getattr(predictor, "tokenizer", None)
+    return {"seq_len": getattr(getattr(predictor, "meta", None), "seq_len", None),
+            "vocab_size": len(tokenizer) if tokenizer is not None else None}
 
 
 def split_rows(frame: pd.DataFrame, sizes: list[int]) -> list[dict[str, list[Any]]]:
@@ -157,6 +232,20 @@ class ServerMetrics:
                                   ["model", "version"], registry=self.registry)
         self.batch_rows = Histogram("kiln_server_batch_rows", "Rows per engine call.", ["model", "version"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        # Set by kiln.infra.follow: a server on NAME@ALIAS swapping versions as the alias moves.
+        self.swaps = Counter("kiln_server_swaps_total", "Version swaps of alias-following models, by result "
+                             "(swapped, failed: the old version kept serving).", ["model", "result"],
+                             registry=self.registry)
+        self.served_version = Gauge("kiln_server_served_version", "The version an alias-following model serves.",
+                                    ["model", "alias"], registry=self.registry)
+
+
+class PoolService(Protocol):
+    """Something that runs beside a pool while it serves (e.g. :class:`kiln.infra.follow.AliasFollower`)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
 
 
 class ModelPool:
@@ -170,7 +259,12 @@ class ModelPool:
         self.runtimes: dict[str, list[ModelRuntime]] = {}
         for m in models:
             self.runtimes.setdefault(m.name, []).append(self.runtime(m))
+        self.services: list[PoolService] = []
         self.ready = False
+
+    def attach(self, service: PoolService) -> None:
+        """Run ``service`` while the pool serves: started after the runtimes, stopped before them."""
+        self.services.append(service)
 
     def runtime(self, model: ServedModel) -> ModelRuntime:
         """A (not yet started) runtime for ``model`` with this pool's batching settings."""
@@ -196,7 +290,8 @@ class ModelPool:
         started, rt, status = time.perf_counter(), None, 500
         try:
             rt = self.find(name, version)
-            outputs = select_outputs(await rt.infer(request), request.outputs)
+            with rt.busy():  # no await between find() and here: a swap never stops a runtime with work on it
+                outputs = select_outputs(await rt.infer(request), request.outputs)
             status = 200
             return rt.model, outputs
         except InferError as exc:
@@ -210,17 +305,61 @@ class ModelPool:
     def all_runtimes(self) -> list[ModelRuntime]:
         return [rt for group in self.runtimes.values() for rt in group]
 
+    async def swap(self, name: str, new: ServedModel, *, replaces: ServedModel | str | None = None,
+                   drain_timeout_s: float = 60.0) -> ServedModel:
+        """Serve ``new`` in place of one of ``name``'s versions, with no request failing; returns the old model.
+
+        The new runtime (engine thread and batcher) starts beside the old one; ``find`` then returns it, in one
+        step on the event loop, so every request from then on goes to ``new``; requests already queued or
+        running on the old runtime finish there, and only then is it stopped.
+
+        Args:
+            name: The served model's name.
+            new: The version to serve instead; its predictor is already open.
+            replaces: Which runtime to retire: the :class:`ServedModel` it serves, or a version or alias as
+                ``find`` takes it; None: ``name``'s first runtime.
+            drain_timeout_s: Longest wait for the old runtime's requests; those still waiting are cancelled.
+
+        Raises:
+            InferError: ``name`` (or ``replaces``) is not served here.
+            RuntimeError: The pool is not running.
+        """
+        if not self.ready:
+            raise RuntimeError("swap needs a running pool (inside ModelPool.running())")
+        group = self.runtimes.get(name, [])
+        if isinstance(replaces, ServedModel):
+            old = next((rt for rt in group if rt.model is replaces), None)
+            if old is None:
+                raise InferError(f"model {name!r} v{replaces.version} is not served here", 404)
+        else:
+            old = self.find(name, replaces)
+        fresh = self.runtime(new)
+        await fresh.batcher.start()
+        self.runtimes[name] = [fresh if rt is old else rt for rt in self.runtimes[name]]  # the switch
+        try:
+            if not await old.drain(drain_timeout_s):
+                log.warning("%s v%s: %d requests still in flight after %.0fs; cancelling them", name,
+                            old.model.version, old.inflight, drain_timeout_s)
+        finally:
+            await old.stop()
+        return old.model
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ModelPool]:
-        """Start every runtime's batcher; on exit stop them and their engine threads."""
+        """Start every runtime's batcher, then the attached services; on exit stop them all, services first."""
         runtimes = self.all_runtimes()
         for rt in runtimes:
             await rt.batcher.start()
         self.ready = True
+        started: list[PoolService] = []
         try:
+            for service in self.services:
+                await service.start()
+                started.append(service)
             yield self
         finally:
+            for service in reversed(started):
+                await service.stop()
             self.ready = False
             for rt in self.all_runtimes():
-                await rt.batcher.stop()
-                rt.executor.shutdown(wait=True)
+                await rt.stop()

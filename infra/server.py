@@ -7,13 +7,20 @@ Each model version runs on its own engine thread behind a dynamic batcher (:mod:
 concurrent requests are merged into one engine call. Texts go in as a ``BYTES`` tensor named ``text``
 and come back as ``label``/``score``/``scores`` (classifiers) or ``generated_text`` (causal LMs); raw
 ``input_ids``/``attention_mask`` come back as ``logits``, so any v2 client of the bare engine works too.
+
+Bodies are JSON or use the binary tensor data extension (:mod:`kiln.infra.oip_binary`), which ``tritonclient``
+uses by default; answers are binary where the request asks for it, JSON otherwise. Every answer names the
+version that answered in the protocol's ``model_version`` field (errors too, once the model is known): that
+field is what clients should read. The ``X-Kiln-Model-Version`` header repeats it so that the gateway can label
+its metrics without parsing bodies. Client mistakes are 4xx with a one-line ``{"error": ...}``: a body over
+``--max-body-bytes`` or more than ``--max-rows`` rows is 413; tensors outside the model (longer than its
+``seq_len``, token ids past its vocabulary, mask values other than 0/1) are 400.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
@@ -28,11 +35,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiln.infra.faults import Faults, FaultyPredictor, InjectedFault
-from kiln.infra.oip import InferError, parse_infer
+from kiln.infra.oip import MAX_ROWS, InferError
+from kiln.infra.oip_binary import HEADER_LENGTH, read_request, write_response
 from kiln.infra.runtime import ModelPool, ModelRuntime, ServedModel
 
 log = logging.getLogger(__name__)
 VERSION_HEADER = "X-Kiln-Model-Version"
+MAX_BODY_BYTES = 8 << 20  # 8 MiB: ~4,000 rows of 64 INT64 tokens (ids + mask) in binary, ~20,000 tweets as text
 
 
 def _error(message: str, status: int) -> JSONResponse:
@@ -42,8 +51,9 @@ def _error(message: str, status: int) -> JSONResponse:
 class ModelServer:
     """The v2 REST endpoints over a :class:`~kiln.infra.runtime.ModelPool`."""
 
-    def __init__(self, pool: ModelPool) -> None:
+    def __init__(self, pool: ModelPool, *, max_body_bytes: int = MAX_BODY_BYTES, max_rows: int = MAX_ROWS) -> None:
         self.pool = pool
+        self.max_body_bytes, self.max_rows = max_body_bytes, max_rows
 
     @property
     def ready(self) -> bool:
@@ -64,7 +74,7 @@ class ModelServer:
         return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
 
     async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse({"name": "kiln", "version": "1", "extensions": []})
+        return JSONResponse({"name": "kiln", "version": "1", "extensions": ["binary_tensor_data"]})
 
     async def model_metadata(self, request: Request) -> Response:
         try:
@@ -84,25 +94,51 @@ class ModelServer:
     async def infer(self, request: Request) -> Response:
         name, version = request.path_params["name"], request.path_params.get("version")
         try:
-            try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-                raise InferError(f"the request body is not valid JSON ({exc.__class__.__name__}: "
-                                 f"{str(exc)[:120]})") from exc
-            parsed = parse_infer(body)
+            body = await self._body(request)
+            parsed = read_request(body, request.headers.get(HEADER_LENGTH), max_rows=self.max_rows)
             model, outputs = await self.pool.infer(name, version, parsed)
         except InferError as exc:
-            return _error(str(exc), exc.status)
+            return self._infer_error(str(exc), exc.status, name, version)
         except InjectedFault as exc:  # asked for: no traceback per request
             log.debug("inference failed for %s: %s", name, exc)
-            return _error(f"inference failed: {exc}", 500)
+            return self._infer_error(f"inference failed: {exc}", 500, name, version)
         except Exception as exc:  # noqa: BLE001 - an engine failure is this request's 500, not the server's end
             log.exception("inference failed for %s", name)
-            return _error(f"inference failed: {exc.__class__.__name__}: {str(exc)[:200]}", 500)
+            return self._infer_error(f"inference failed: {exc.__class__.__name__}: {str(exc)[:200]}", 500, name,
+                                     version)
         answer = {"model_name": model.name, "model_version": model.version, "outputs": outputs}
         if parsed.id is not None:
             answer["id"] = parsed.id
-        return JSONResponse(answer, headers={VERSION_HEADER: model.version})
+        content, headers = write_response(answer, parsed)
+        return Response(content, headers=headers | {VERSION_HEADER: model.version})
+
+    async def _body(self, request: Request) -> bytes:
+        """The request body, refused (413) past ``max_body_bytes`` before reading it where its length is declared."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise InferError(f"the request body has {declared} bytes; this server takes at most {limit} "
+                             "(--max-body-bytes): send fewer rows per request", 413)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding != "identity":
+            raise InferError(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed", 415)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise InferError(f"the request body is over {limit} bytes, the most this server takes "
+                                 "(--max-body-bytes): send fewer rows per request", 413)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _infer_error(self, message: str, status: int, name: str, version: str | None) -> JSONResponse:
+        """``{"error": ...}``, naming the model and version that would have answered when there is one."""
+        body, headers = {"error": message}, {}
+        with contextlib.suppress(InferError):
+            model = self.find(name, version).model
+            body |= {"model_name": model.name, "model_version": model.version}
+            headers[VERSION_HEADER] = model.version
+        return JSONResponse(body, status_code=status, headers=headers)
 
     async def prometheus(self, request: Request) -> Response:
         return Response(generate_latest(self.pool.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -115,7 +151,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_size: int = 32,
-               max_wait_ms: float = 0.0) -> Starlette:
+               max_wait_ms: float = 0.0, max_body_bytes: int = MAX_BODY_BYTES, max_rows: int = MAX_ROWS) -> Starlette:
     """The model server as an ASGI app.
 
     Args:
@@ -127,10 +163,13 @@ def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_s
             next as one batch (on a 2-core CPU this cut p50 at concurrency 1 from 9.6 to 2.5 ms with no
             throughput lost at 8 or 32 against a 5 ms wait). A few ms can help engines whose per-call
             cost dwarfs per-row cost.
+        max_body_bytes: largest infer request body; a larger one is answered 413 unread.
+        max_rows: most rows one infer request may carry (413 past it).
     """
     served = [ServedModel(name, "1", p) for name, p in models.items()] if isinstance(models, Mapping) \
         else list(models)
-    server = ModelServer(ModelPool(served, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms))
+    server = ModelServer(ModelPool(served, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms),
+                         max_body_bytes=max_body_bytes, max_rows=max_rows)
     prefixes = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
     routes = [Route("/v2/health/live", server.live), Route("/v2/health/ready", server.health_ready),
               Route("/v2", server.server_metadata), Route("/metrics", server.prometheus)]
@@ -186,8 +225,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="model", help="model name for --package (default: model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="default: the server_port setting's default")
+    parser.add_argument("--grpc-port", type=int, help="also serve the OIP v2 gRPC API (GRPCInferenceService) on "
+                        "this port, e.g. 8001 (default: off)")
+    parser.add_argument("--no-follow", dest="follow", action="store_false", help="serve what each NAME@ALIAS names "
+                        "now, for good (default: follow the alias as it moves; see kiln.infra.follow)")
+    parser.add_argument("--follow-interval", type=float, help="seconds between looks at the registry (default: the "
+                        "follow_interval_s setting, 5)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="batching delay (default 0: greedy)")
+    parser.add_argument("--max-body-bytes", type=int, help="largest infer request body; larger ones get 413 "
+                        "(default: the server_max_body_bytes setting, 8 MiB)")
+    parser.add_argument("--max-rows", type=int, default=MAX_ROWS, help=f"most rows per infer request; more get 413 "
+                        f"(default {MAX_ROWS})")
     parser.add_argument("--backend", default="onnxruntime", choices=["auto", "onnxruntime", "tensorrt"])
     parser.add_argument("--threads", type=int, help="engine intra-op threads (default: KILN_THREADS if set, else "
                         "one less than the CPUs)")
@@ -198,6 +247,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.model) == bool(args.package):
         parser.error("give --model (one or more) or --package, not both")
+    if args.max_rows < 1 or (args.max_body_bytes is not None and args.max_body_bytes < 1024):
+        parser.error(f"--max-rows must be at least 1 (got {args.max_rows}) and --max-body-bytes at least 1024 "
+                     f"(got {args.max_body_bytes})")
+    if args.grpc_port is not None and not (0 < args.grpc_port < 65536 and args.grpc_port != args.port):
+        parser.error(f"--grpc-port must be a port from 1 to 65535 other than --port ({args.port})")
+    if args.follow_interval is not None and not args.follow_interval > 0:
+        parser.error(f"--follow-interval must be a positive number of seconds (got {args.follow_interval:g})")
     return args
 
 
@@ -212,6 +268,13 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    if args.grpc_port is not None:
+        from kiln.infra.grpc_server import add_grpc, check_port
+
+        try:
+            check_port(args.host, args.grpc_port)  # before the models load: a taken port fails in a second
+        except OSError as exc:
+            raise SystemExit(f"error: {exc}") from exc
     try:
         settings = load_settings()
         options = EngineOptions(backend=args.backend, threads=args.threads or serving_threads(settings))
@@ -220,7 +283,16 @@ def main(argv: list[str] | None = None) -> None:
         models = with_faults(models, Faults(args.fault_errors, args.fault_latency_ms, args.fault_wrong))
     except (KilnError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
-    app = create_app(models, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+    app = create_app(models, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                     max_body_bytes=args.max_body_bytes or settings.server_max_body_bytes, max_rows=args.max_rows)
+    if args.model:  # servers on NAME@ALIAS follow the alias (kiln.infra.follow), as `kiln serve` does
+        from kiln.infra.follow import follow_refs
+
+        faults = Faults(args.fault_errors, args.fault_latency_ms, args.fault_wrong)
+        follow_refs(app.state.server.pool, args.model, models, settings, options, follow=args.follow,
+                    interval_s=args.follow_interval, prepare=lambda model: with_faults([model], faults)[0])
+    if args.grpc_port is not None:
+        add_grpc(app, host=args.host, port=args.grpc_port)  # on the same event loop and model pool as HTTP
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)
 
 

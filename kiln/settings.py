@@ -44,8 +44,16 @@ class Settings(BaseSettings):
     mlflow_port: int = Field(5000, ge=1, le=65535, description="MLflow tracking server port (`kiln up`).")
     webhook_port: int = Field(8765, ge=1, le=65535, description="Webhook receiver port (`kiln up`).")
     server_port: int = Field(8000, ge=1, le=65535, description="Model server port (OIP v2).")
+    server_max_body_bytes: int = Field(8 << 20, ge=1024, description="Largest infer request body a model server "
+                                       "takes; larger ones are refused with 413 (`--max-body-bytes`).")
+    follow_interval_s: float = Field(5.0, gt=0, description="How often a model server on NAME@ALIAS asks the "
+                                     "registry whether the alias moved (`kiln serve --follow-interval`).")
     gateway_port: int = Field(8080, ge=1, le=65535, description="Canary gateway port.")
     gateway_token: SecretStr | None = Field(None, description="Bearer token of the gateway's admin API.")
+    handover_timeout_s: float = Field(120.0, gt=0, description="After a canary promotes, how long the rollout waits "
+                                      "for the gateway's champion upstream (a server following NAME@champion) to "
+                                      "serve the new champion before it leaves the split as it is and says what to "
+                                      "do: about 2 x follow_interval_s + the time to load the model, with room.")
     # NoDecode: KILN_ROLLOUT_GATEWAYS=prod=http://gw:8080,staging=http://gw2:8080 (a JSON object works too).
     rollout_gateways: Annotated[dict[str, AnyHttpUrl], NoDecode] = Field(default_factory=dict, description=(
         "The gateways a rollout may drive (and send the admin token to), by name: a rollout names one "

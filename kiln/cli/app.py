@@ -1,8 +1,8 @@
 """The ``kiln`` command line: one entry point for the pipeline's user-facing commands.
 
 This module is the table of contents: the pipeline's own commands here, the others added by
-:mod:`kiln.cli.promote`, :mod:`kiln.cli.rollout`, :mod:`kiln.cli.lease`, :mod:`kiln.cli.stack` and
-:mod:`kiln.cli.trigger`. What they share (``--config``, settings, errors to exit statuses) is
+:mod:`kiln.cli.promote`, :mod:`kiln.cli.rollout`, :mod:`kiln.cli.lease`, :mod:`kiln.cli.stack`,
+:mod:`kiln.cli.trigger` and :mod:`kiln.cli.serve`. What they share (``--config``, settings, errors to exit statuses) is
 :mod:`kiln.cli.support`; only ``kiln/__main__.py`` and the ``kiln`` console script import this module.
 """
 
@@ -18,6 +18,7 @@ import typer
 from kiln.cli.lease import register_commands as register_lease_commands
 from kiln.cli.promote import register_commands as register_promotion_commands
 from kiln.cli.rollout import register_commands as register_rollout_commands
+from kiln.cli.serve import register_commands as register_serving_commands
 from kiln.cli.stack import register_commands as register_stack_commands
 from kiln.cli.support import ConfigOpt, exit_epilog, handle_errors, load
 from kiln.cli.trigger import register_commands as register_trigger_commands
@@ -307,6 +308,7 @@ register_rollout_commands(app)
 register_lease_commands(app)
 register_stack_commands(app)
 register_trigger_commands(app)
+register_serving_commands(app)
 
 
 def run() -> None:  # pragma: no cover - console entry

@@ -2,7 +2,11 @@
 
     model servers (champion, challenger) ─► gateway ─► load generator replaying the test split (+ feedback)
     rollout 1: the optimize run's @challenger, approved with the demo's own key ─► every step passes ─► promoted
+               ─► the champion's server follows @champion to it ─► the gateway hands it all traffic
     rollout 2: the same engine registered again, served with injected faults ─► rolled back, champion untouched
+
+Each server follows its alias as ``kiln serve NAME@ALIAS`` does (:mod:`kiln.infra.follow`), and each rollout ends
+by saying where the gateway sends the traffic (``traffic: 100% on champion v2 (gateway http://...)``).
 
 Everything runs in this process on 127.0.0.1 (servers in threads, as in the tests); in production the
 servers and the gateway are long-running processes (``python -m kiln.infra.server`` / ``kiln.infra.gateway``) and
@@ -20,15 +24,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from mlflow.tracking import MlflowClient
 from pydantic import AnyHttpUrl, SecretStr
 
 from kiln.demo import approver
 from kiln.infra.background import serving
 from kiln.infra.faults import Faults
+from kiln.infra.follow import follow_refs
 from kiln.infra.gateway import create_app as gateway_app
 from kiln.infra.gateway_proxy import Gateway, Upstream
 from kiln.infra.loadgen import LoadPlan, LoadSummary, generate_load
+from kiln.infra.runtime import ServedModel
 from kiln.infra.server import create_app as server_app
 from kiln.infra.server import load_registered, with_faults
 from kiln.settings import Settings
@@ -54,24 +61,48 @@ _COPIED_TAGS = (vocab.CANDIDATE_KEY, vocab.RECIPE, vocab.PRECISION, vocab.TASK, 
 class CanaryResult:
     state: RolloutState
     traffic: LoadSummary | None
+    routed: str = ""  # where the gateway sends the traffic at the end, in words
 
 
 @contextmanager
 def canary_stack(settings: Settings, name: str, faults: Faults | None = None) -> Iterator[tuple[str, str]]:
-    """Serve ``name@champion`` and ``name@challenger`` behind a gateway; yields (gateway URL, admin token)."""
+    """Serve ``name@champion`` and ``name@challenger`` behind a gateway, each server following its alias;
+    yields (gateway URL, admin token)."""
     options = EngineOptions(threads=1)  # two servers and a load generator share the machine
-    champion = load_registered([f"{name}@champion"], settings, options)
-    challenger = load_registered([f"{name}@challenger"], settings, options)
-    if faults is not None:
-        challenger = with_faults(challenger, faults)
     token = secrets.token_urlsafe(24)
     with ExitStack() as stack:
-        c1 = stack.enter_context(serving(server_app(champion)))
-        c2 = stack.enter_context(serving(server_app(challenger)))
-        gateway = Gateway(Upstream(c1.url), Upstream(c2.url), token)
+        urls = []
+        for ref, fault in ((f"{name}@{vocab.CHAMPION}", None), (f"{name}@{vocab.CHALLENGER}", faults)):
+            prepare = _faulty(fault)
+            served = [prepare(m) for m in load_registered([ref], settings, options)]
+            app = server_app(served)
+            follow_refs(app.state.server.pool, [ref], served, settings, options, prepare=prepare)
+            urls.append(stack.enter_context(serving(app)).url)
+        gateway = Gateway(Upstream(urls[0]), Upstream(urls[1]), token, model_name=name)
         gw = stack.enter_context(serving(gateway_app(gateway)))
-        log.info("canary stack: champion %s, challenger %s, gateway %s", c1.url, c2.url, gw.url)
+        log.info("canary stack: champion %s, challenger %s, gateway %s", urls[0], urls[1], gw.url)
         yield gw.url, token
+
+
+def _faulty(faults: Faults | None) -> Callable[[ServedModel], ServedModel]:
+    """What the challenger's server does to each version it serves: inject ``faults`` (when any)."""
+    if faults is None:
+        return lambda model: model
+    return lambda model: with_faults([model], faults)[0]
+
+
+def routed(url: str, token: str) -> str:
+    """Where the gateway at ``url`` sends live traffic now, with the version each side serves, in one line."""
+    state = httpx.get(f"{url}/admin/state", headers={"Authorization": f"Bearer {token}"}, timeout=10).json()
+    weight, versions = state["weight"], {role: u["version"] for role, u in state["upstreams"].items()}
+    if weight <= 0:
+        split = f"100% on champion v{versions[vocab.CHAMPION]}"
+    elif weight >= 100:
+        split = f"100% on challenger v{versions[vocab.CHALLENGER]}"
+    else:
+        split = (f"{100 - weight:g}% on champion v{versions[vocab.CHAMPION]}, {weight:g}% on challenger "
+                 f"v{versions[vocab.CHALLENGER]}")
+    return f"traffic: {split} (gateway {url})"
 
 
 def run_canary(settings: Settings, name: str, texts: list[str], labels: list[str], *, spec: Path = DEMO_SPEC,
@@ -92,10 +123,12 @@ def run_canary(settings: Settings, name: str, texts: list[str], labels: list[str
                                                        "rollout_gateways": {"demo": AnyHttpUrl(url)}})
             state = run_rollout(RolloutParams(model=name, spec=str(spec), gateway="demo", poll_s=0.5,
                                               actor="kiln-demo"), run_settings, echo=echo)
+            where = routed(url, token)
+            (echo or log.info)(where)
         finally:
             stop.set()
             traffic.join(60)
-    return CanaryResult(state, box.get("summary"))
+    return CanaryResult(state, box.get("summary"), where)
 
 
 def register_broken_copy(client: MlflowClient, name: str, of_version: str, home: Path) -> str:
@@ -149,4 +182,4 @@ def _summary(result: CanaryResult) -> dict[str, Any]:
     s, t = result.state, result.traffic
     return {"version": s.challenger, "champion_before": s.champion, "status": s.status, "message": s.message,
             "analyses": [(v.step + 1, v.weight, v.outcome) for v in s.verdicts], "run_id": s.run_id,
-            "requests": t.sent if t else 0, "failed_requests": t.failed if t else 0}
+            "requests": t.sent if t else 0, "failed_requests": t.failed if t else 0, "traffic": result.routed}

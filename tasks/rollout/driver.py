@@ -20,7 +20,10 @@ Where its state lives, and why:
 - each verdict's figures as metrics of one MLflow run per rollout (:mod:`~kiln.tasks.rollout.tracking`).
 
 Traffic moves through a :class:`~kiln.tasks.rollout.router.CanaryRouter` (the Kiln gateway today); its
-analysis windows never overlap, each one is closed and returned by ``next_window()``.
+analysis windows never overlap, each one is closed and returned by ``next_window()``. Each step's split is set
+with a TTL (the lease's) and renewed from the driver's own loop at the lease's rhythm, so a driver that dies
+leaves a split that lapses back to the champion; a promotion hands the traffic over (``router.promote``) once
+the champion's server follows the moved alias.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from kiln.tasks.rollout.judge import (
     with_checks,
 )
 from kiln.tasks.rollout.params import RolloutError
-from kiln.tasks.rollout.router import ALL_ON_CHAMPION, CanaryRouter, Split
+from kiln.tasks.rollout.router import ALL_ON_CHAMPION, CanaryRouter, Split, SplitLapsed
 from kiln.tasks.rollout.state import FINAL, RolloutLock, RolloutState, RolloutStore, Status, Verdict
 from kiln.tasks.rollout.status import summary_tags
 
@@ -77,6 +80,8 @@ class RolloutDriver:
         self.echo = echo or log.info
         self.store = RolloutStore(settings.home)
         self.lease: ModelLease | None = None  # held while run() runs
+        self._split_ttl: float | None = None  # the TTL of the split this rollout set (None: it holds none)
+        self._split_renewed = 0.0  # monotonic time the split was last set or renewed
         self.commands: CommandReader | None = None  # bound to this rollout's id once run() starts
         now = registry.existing_aliases(client, model)
         challenger = now.get(vocab.CHALLENGER)
@@ -103,10 +108,33 @@ class RolloutDriver:
         self.echo(f"[{self.state.model} v{self.state.challenger}] {message}")
 
     def _route(self, split: Split) -> None:
-        self.router.set_split(split)
+        # The lease's TTL, so traffic returns to the champion when the lease of a dead driver lapses; at least three
+        # polls, so a slow poll interval cannot let a live driver's split lapse.
+        ttl = max(self.lease.ttl_s, 3 * self.poll_s)
+        self.router.set_split(split, ttl_s=ttl)
+        self._split_ttl, self._split_renewed = ttl, time.monotonic()
         self.state.weight, self.state.shadow = split.weight, split.shadow
 
+    def _renew_split(self) -> None:
+        """Renew the split's TTL every third of it (the lease's rhythm), from this loop: only a live driver renews.
+        A lapsed split stops the rollout (traffic is on the champion); an unreachable router is retried each poll
+        until the split would have lapsed (a gateway restarting keeps its split in its state file)."""
+        since = time.monotonic() - self._split_renewed
+        if self._split_ttl is None or since < self._split_ttl / 3:
+            return
+        try:
+            self.router.renew(self._split_ttl)
+        except SplitLapsed:
+            raise
+        except RolloutError as exc:
+            if since >= self._split_ttl:
+                raise
+            log.warning("could not renew the traffic split (%s); retrying", exc)
+            return
+        self._split_renewed = time.monotonic()
+
     def _all_on_champion(self) -> None:
+        self._split_ttl = None
         self.router.roll_back()
         self.state.weight, self.state.shadow = ALL_ON_CHAMPION.weight, ALL_ON_CHAMPION.shadow
 
@@ -186,6 +214,7 @@ class RolloutDriver:
 
     def _judge(self, window: dict[str, Any]) -> StepVerdict:
         self.lease.ensure()  # a rollout that lost its lease stops (traffic back on the champion)
+        self._renew_split()
         self._check_versions()
         stats = stats_from_state(window)
         step = self.spec.steps[self.state.step]
@@ -254,6 +283,7 @@ class RolloutDriver:
         """The next verified command for this rollout; ignored ones leave a note. A ``promote`` counts only
         when the challenger's signed decisions already say approved: the command skips steps, never approval."""
         self.lease.ensure()  # every poll: a rollout that lost its lease stops, even while paused
+        self._renew_split()
         command, ignored = self.commands.take()
         if ignored is None and command is not None and command["command"] == "promote":
             refusal = self._decision()[1]
@@ -317,12 +347,17 @@ class RolloutDriver:
         promotion.promote(self.client, s.model, approver=by, reason=reason, home=self.settings.home,
                           expected_challenger=s.challenger, lease=self.lease, settings=self.settings)
         s.status = "promoted"
-        note = self.router.promote(s.challenger)
-        self._save(f"promoted: {reason}" + (f". {note}" if note else ""))
+        note = self.router.promote(s.challenger)  # waits (bounded) for the champion's server to follow the alias
+        self._split_ttl = None
+        if not note:
+            s.weight, s.shadow = ALL_ON_CHAMPION.weight, ALL_ON_CHAMPION.shadow
+        self._save(f"promoted: {reason}" + (f". {note}" if note else f"; all traffic on the champion, v{s.challenger}"))
         audit.AuditLog.under(self.settings.home).append(
             audit.AuditEvent(s.model, s.challenger, vocab.EVENT_CANARY_PROMOTED, by, reason,
                              details={"verdicts": len(s.verdicts), "replaced": s.champion}))
         self._say(f"PROMOTED v{s.challenger} to @champion ({reason})")
+        self._say(f"NOTE: {note}" if note else f"traffic: all on the champion, now serving v{s.challenger} "
+                  f"({self.router.url})")
 
     def _rollback(self, reason: str, *, by: str, status: Status = "rolled_back") -> None:
         """Traffic back on the champion first, then the record: the champion's alias is never touched."""

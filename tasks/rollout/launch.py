@@ -30,7 +30,7 @@ def preflight(params: RolloutParams, settings: Settings) -> tuple[RolloutSpec, G
     spec = load_rollout_spec(params.spec)
     url = settings.gateway_url(params.gateway)  # a name from the allow-list in settings, never a URL from the form
     token = settings.gateway_token.get_secret_value() if settings.gateway_token else ""
-    router = GatewayRouter(url, token)
+    router = GatewayRouter(url, token, handover_timeout_s=settings.handover_timeout_s)
     try:
         router.read_split()  # reachable, and the token works
         refuse_if_held(registry.connect(settings), params.model)  # a publish, promotion or rollout is acting

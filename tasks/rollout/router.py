@@ -1,19 +1,26 @@
 """What a rollout needs from whatever splits live traffic between @champion and @challenger.
 
-    TrafficRouter   set the split, read it back, after a promotion send everything to the new champion,
-                    on a rollback send everything back to the champion
+    TrafficRouter   set the split (with a TTL while a rollout drives it), renew it, read it back, after a
+                    promotion hand everything over to the new champion, on a rollback send everything back
+                    to the champion
     MetricsWindows  the evidence: each analysis window's per-upstream counts and latency samples, and
                     which versions the upstreams serve
 
 The Kiln gateway is the first router (:class:`kiln.tasks.rollout.gateway_client.GatewayRouter`, both
 protocols at once). Another router (a Gateway API HTTPRoute, a KServe canary) implements
 :class:`TrafficRouter` and takes its windows from wherever its metrics live (e.g. Prometheus).
+
+A rollout's split is a lease on the traffic: the driver sets it with ``ttl_s`` and renews it from its own loop
+(the rhythm of its model lease), so a driver that dies leaves a split that lapses back to the champion
+instead of one that holds forever. Splits set without ``ttl_s`` (a rollback, an operator) hold until changed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from kiln.tasks.rollout.params import RolloutError
 
 
 @dataclass(frozen=True)
@@ -27,20 +34,30 @@ class Split:
 ALL_ON_CHAMPION = Split(0.0, 0.0)
 
 
+class SplitLapsed(RolloutError):
+    """The router says the rollout's split lapsed (not renewed within its TTL): all traffic is on the champion."""
+
+
 class TrafficRouter(Protocol):
     """Moves live traffic between @champion and @challenger."""
 
     url: str  # where the router is (shown in the rollout's state)
 
-    def set_split(self, split: Split) -> None:
-        """Route ``split`` from now on."""
+    def set_split(self, split: Split, *, ttl_s: float | None = None) -> None:
+        """Route ``split`` from now on; with ``ttl_s``, only until ``ttl_s`` seconds pass without :meth:`renew`
+        (then everything goes back to the champion)."""
+
+    def renew(self, ttl_s: float) -> None:
+        """Keep the current split ``ttl_s`` seconds more; :class:`SplitLapsed` when it has lapsed already, another
+        RolloutError when the router cannot be reached."""
 
     def read_split(self) -> Split:
         """The split the router applies now (also proves it is reachable and the credentials work)."""
 
     def promote(self, version: str) -> str:
-        """After ``version`` became @champion: send it all traffic; returns what is left for an operator to
-        do ("" when nothing)."""
+        """After ``version`` became @champion: send it all traffic once the champion's side serves it (waiting,
+        bounded, while its server follows the alias; never sending traffic to the old version meanwhile);
+        returns what is left for an operator to do ("" when nothing)."""
 
     def roll_back(self) -> None:
         """All traffic on the champion, no shadow."""

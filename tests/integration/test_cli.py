@@ -122,7 +122,7 @@ def test_the_command_list_is_complete():
     names = {" ".join(c) for c in _commands()}
     assert {"optimize", "register", "demo", "bench", "recipes", "serve-flows", "show", "export-triton", "promote",
             "approve", "reject", "rollback", "history", "up", "down", "status", "rollout", "rollout start",
-            "rollout status", "trigger retrain"} <= names
+            "rollout status", "trigger retrain", "serve", "gateway"} <= names
 
 
 @pytest.mark.parametrize("command", _commands(), ids=" ".join)
@@ -143,3 +143,56 @@ def test_a_rotten_cached_copy_is_downloaded_again(registered, settings, tmp_path
     weights.write_bytes(b"rotten")  # the cache, not the store
     again = registry.fetch_package(client, version, tmp_path)
     assert again == folder and weights.stat().st_size > 100
+
+
+# ---- kiln serve / kiln gateway --------------------------------------------------------------------------------
+
+
+def test_serve_and_gateway_help_explain_following_and_the_token():
+    wide = CliRunner(env={"COLUMNS": "300"})
+    serve = wide.invoke(app, ["serve", "--help"])
+    assert serve.exit_code == 0, serve.output
+    for words in ("NAME@ALIAS", "--follow-interval", "--no-follow", "--grpc-port", "--package", "--fault-errors",
+                  "last_error", "Exit status: 0 ok, 1 internal error (a bug), 2 bad input."):
+        assert words in serve.output, words
+    gateway = wide.invoke(app, ["gateway", "--help"])
+    assert gateway.exit_code == 0, gateway.output
+    for words in ("--champion", "--challenger", "--weight", "KILN_GATEWAY_TOKEN", "Exit status: 0 ok"):
+        assert words in gateway.output, words
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["nope"], "registered model 'nope' does not exist (registered models: tiny)"),
+    (["tiny@staging"], "'tiny' has no alias @staging (aliases: @champion→v1)"),
+    (["tiny/9"], "'tiny' has no version 9"),
+    (["tiny@champion", "--package", "."], "not both"),
+    ([], "give the registered versions to serve"),
+    (["tiny", "--follow-interval", "0"], "--follow-interval must be a positive number of seconds"),
+    (["tiny", "--backend", "cuda"], "unknown --backend 'cuda'"),
+    (["tiny", "--fault-errors", "2"], "must be a probability between 0 and 1"),
+])
+def test_serve_refuses_bad_input_in_one_line(registered, args, expected):
+    _fails_cleanly(registered, ["serve", *args, "--port", "0", "--no-grpc"], expected)
+
+
+def test_serve_refuses_a_taken_port(registered):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        _fails_cleanly(registered, ["serve", "tiny", "--port", port, "--no-grpc"], f"cannot listen on 127.0.0.1:{port}")
+
+
+@pytest.mark.parametrize(("args", "env", "expected"), [
+    (["--champion", "http://127.0.0.1:1", "--challenger", "http://127.0.0.1:2"], {}, "set KILN_GATEWAY_TOKEN"),
+    (["--champion", "127.0.0.1:1", "--challenger", "http://127.0.0.1:2"], {"KILN_GATEWAY_TOKEN": "t"},
+     "--champion '127.0.0.1:1' must be an http(s):// URL"),
+    (["--champion", "http://a:1", "--challenger", "http://b:2", "--weight", "120"], {"KILN_GATEWAY_TOKEN": "t"},
+     "weight"),
+])
+def test_gateway_refuses_bad_input_in_one_line(registered, monkeypatch, args, env, expected):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    _fails_cleanly(registered, ["gateway", *args, "--port", "0"], expected)

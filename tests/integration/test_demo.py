@@ -32,6 +32,10 @@ def test_demo_promotes_the_challenger_through_a_canary_and_rolls_back_a_broken_o
     assert canary["broken_rollout"]["status"] == "rolled_back"
     assert "latency_p95" in canary["broken_rollout"]["message"]
     assert canary["rollout"]["failed_requests"] == canary["broken_rollout"]["failed_requests"] == 0
+    # The promotion handed the traffic to the champion's server, which followed @champion to v2; the broken
+    # canary's rollback left it there.
+    assert canary["rollout"]["traffic"].startswith("traffic: 100% on champion v2 (gateway http://127.0.0.1:")
+    assert canary["broken_rollout"]["traffic"].startswith("traffic: 100% on champion v2 ")
     # The promoted challenger is champion; the broken copy left it alone and lost its @challenger alias.
     assert aliases == {"champion": "2", "previous": "1"}
     assert client.get_model_version("sentiment", "3").tags["kiln.rollout.status"] == "rolled_back"

@@ -244,8 +244,11 @@ class _Router:
     def __init__(self) -> None:
         self.split, self.promoted = Split(), None
 
-    def set_split(self, split: Split) -> None:
+    def set_split(self, split: Split, *, ttl_s: float | None = None) -> None:
         self.split = split
+
+    def renew(self, ttl_s: float) -> None:
+        pass
 
     def read_split(self) -> Split:
         return self.split

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -33,14 +32,14 @@ from kiln.infra.loadgen import LoadPlan, generate_load
 from kiln.infra.runtime import ServedModel
 from kiln.infra.server import create_app as server_app
 from kiln.settings import Settings
-from kiln.tasks.core import tags as vocab
-from kiln.tasks.registry import aliases, audit
+from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
 from kiln.tasks.rollout.commands import send_command
 from kiln.tasks.rollout.launch import run_rollout
 from kiln.tasks.rollout.params import RolloutError, RolloutParams
 from kiln.tasks.rollout.state import RolloutStore
-from tests.keys import DIGEST, approve
+from tests.integration.helpers import champion_and_challenger
+from tests.keys import approve
 
 TOKEN = "rollout-test-token"
 LABELS = ["negative", "positive"]
@@ -71,14 +70,7 @@ class _Oracle:
 def tiny(settings, tmp_path, empty_store, keys):
     """``tiny``: v1 @champion, v2 @challenger with a passed gate, pinned and nominated (registry only: the servers
     hold the engines). Every key in ``keys`` may decide (no approvers setting); nothing is approved yet."""
-    shutil.copy(empty_store, settings.home / "mlflow.db")
-    client = registry.connect(settings)
-    client.create_registered_model("tiny")
-    for tags in ({"kiln.recipe": "source"}, {"kiln.recipe": "int8-dynamic", "kiln.gate": "passed"}):
-        client.create_model_version("tiny", (tmp_path / "model").as_uri(), tags=tags | {"kiln.package_digest": DIGEST})
-    client.set_registered_model_alias("tiny", vocab.CHAMPION, "1")
-    aliases.nominate(client, "tiny", "2", home=settings.home)
-    return client
+    return champion_and_challenger(settings, empty_store, tmp_path / "model")
 
 
 @pytest.fixture
@@ -90,7 +82,9 @@ def approved(tiny, keys):
 
 @pytest.fixture
 def rollout_settings(settings) -> Settings:
-    return settings.model_copy(update={"gateway_token": SecretStr(TOKEN)})
+    # The stand-in servers here never follow an alias, so a promotion's hand-over cannot happen: wait 1 s for it,
+    # not 2 minutes (tests/integration/test_handover.py hands over to servers that follow).
+    return settings.model_copy(update={"gateway_token": SecretStr(TOKEN), "handover_timeout_s": 1.0})
 
 
 def _allow(settings: Settings, url: str) -> Settings:
@@ -99,12 +93,35 @@ def _allow(settings: Settings, url: str) -> Settings:
 
 
 def _versionless(app):
-    """``app`` with the model version header removed from its answers: a server that does not say."""
+    """``app`` with the model version removed from its answers (header, and the ``versions`` / ``model_version``
+    of its JSON bodies, which the gateway's version polls read): a server that does not say."""
     async def asgi(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        held: dict = {}
+
         async def strip(message):
             if message["type"] == "http.response.start":
-                message["headers"] = [(k, v) for k, v in message["headers"] if k.lower() != b"x-kiln-model-version"]
-            await send(message)
+                held["start"], held["body"] = message, b""
+                return
+            held["body"] += message.get("body", b"")
+            if message.get("more_body"):
+                return
+            body = held["body"]
+            try:
+                doc = json.loads(body)
+                if isinstance(doc, dict):
+                    doc.pop("versions", None)
+                    doc.pop("model_version", None)
+                    body = json.dumps(doc).encode()
+            except ValueError:
+                pass
+            start = held["start"]
+            start["headers"] = [(k, v) for k, v in start["headers"] if k.lower() not in (b"x-kiln-model-version",
+                                                                                          b"content-length")]
+            start["headers"].append((b"content-length", str(len(body)).encode()))
+            await send(start)
+            await send({"type": "http.response.body", "body": body})
 
         await app(scope, receive, strip)
 
@@ -189,11 +206,15 @@ def test_healthy_challenger_is_promoted_through_every_step(approved, rollout_set
                  drift={"reference": _reference(tmp_path, TEXTS), "min_rows": 50, "max_input_kl": 0.6})
     with _stack() as stack, _Traffic(stack.url) as traffic:
         state = run_rollout(RolloutParams(model="tiny", spec=spec, poll_s=0.2), stack.allow(rollout_settings))
-        gateway_weight = stack.gw.routing.weight
+        routing = stack.gw.routing
     assert state.status == "promoted", state.message
     assert [v.outcome for v in state.verdicts] == ["pass", "pass", "pass"], " | ".join(state.verdicts[0].reasons)
     assert registry.aliases_of(tiny, "tiny") == {"champion": "2", "previous": "1"}
-    assert gateway_weight == 100
+    # The champion's stand-in server cannot follow @champion to v2: the split stays on v2, for good (no TTL to
+    # lapse onto v1), and the operator is told what to do.
+    assert routing.weight == 100 and routing.expires_at is None
+    assert "champion upstream" in state.message and "still serves v1" in state.message, state.message
+    assert "kiln serve tiny@champion" in state.message and "weight to 0" in state.message
     assert traffic.summary.failed == 0 and traffic.summary.sent > 300
     tags = tiny.get_model_version("tiny", "2").tags
     assert tags["kiln.rollout.status"] == "promoted" and tags["kiln.promoted_by"]

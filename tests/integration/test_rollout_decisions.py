@@ -6,7 +6,6 @@ for it. Each attack leaves the aliases as they were, and says why.
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 
@@ -20,33 +19,28 @@ from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import approvals
 from kiln.tasks.lifecycle.approvals import CommandStatement
 from kiln.tasks.lifecycle.approvers import ApprovalRefused
-from kiln.tasks.registry import aliases, audit
+from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.lease_record import PromotionError
 from kiln.tasks.rollout.commands import send_command
 from kiln.tasks.rollout.launch import run_rollout
 from kiln.tasks.rollout.params import RolloutParams
 from kiln.tasks.rollout.state import RolloutStore
+from tests.integration.helpers import champion_and_challenger
 from tests.integration.test_rollout import TOKEN, _spec, _stack, _Traffic, _wait_for_tag
-from tests.keys import DIGEST, approve, reject
+from tests.keys import approve, reject
 
 
 @pytest.fixture
 def tiny(settings, tmp_path, empty_store, keys):
     """As in test_rollout.py: v1 @champion, v2 @challenger (gate passed, pinned, nominated), nothing decided."""
-    shutil.copy(empty_store, settings.home / "mlflow.db")
-    client = registry.connect(settings)
-    client.create_registered_model("tiny")
-    for tags in ({"kiln.recipe": "source"}, {"kiln.recipe": "int8-dynamic", "kiln.gate": "passed"}):
-        client.create_model_version("tiny", (tmp_path / "model").as_uri(), tags=tags | {"kiln.package_digest": DIGEST})
-    client.set_registered_model_alias("tiny", vocab.CHAMPION, "1")
-    aliases.nominate(client, "tiny", "2", home=settings.home)
-    return client
+    return champion_and_challenger(settings, empty_store, tmp_path / "model")
 
 
 @pytest.fixture
 def rollout_settings(settings):
-    return settings.model_copy(update={"gateway_token": SecretStr(TOKEN)})
+    # Stand-in servers never follow @champion: a promotion's hand-over gives up after 1 s (see test_handover.py).
+    return settings.model_copy(update={"gateway_token": SecretStr(TOKEN), "handover_timeout_s": 1.0})
 
 
 def _start(stack, settings, spec: str) -> tuple[threading.Thread, dict]:

@@ -1,0 +1,147 @@
+"""The gateway's gRPC front on 127.0.0.1: ``tritonclient.grpc`` with its defaults, through the gateway.
+
+Two real model servers (the tiny BERT package as ``tiny`` v3 and v4, HTTP and gRPC each) behind one gateway with a
+gRPC port: the split set over the admin API routes gRPC calls as it routes HTTP, ``/admin/state`` counts them per
+role, and a challenger nobody listens on falls back to the champion.
+"""
+
+from __future__ import annotations
+
+import socket
+from contextlib import ExitStack, contextmanager
+from types import SimpleNamespace
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from typer.testing import CliRunner
+
+from kiln.cli.app import app as cli
+from kiln.infra.background import serving
+from kiln.infra.gateway import create_app as gateway_app
+from kiln.infra.gateway_grpc import add_grpc as add_gateway_grpc
+from kiln.infra.gateway_proxy import Gateway, Upstream
+from kiln.infra.grpc_server import add_grpc
+from kiln.infra.runtime import ServedModel
+from kiln.infra.server import create_app
+from kiln.tasks.core.stages import Artifact
+from kiln.tasks.engines import EngineOptions
+from kiln.tasks.models.predictor import PackageMeta, Predictor, package
+from kiln.tasks.registry.onboard import inspect_folder
+
+TOKEN = "grpc-gateway-token"
+TEXTS = ["great day", "awful traffic"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, tiny_models):
+    hf = tiny_models["bert"]
+    meta = PackageMeta(format="hf", task="sequence-classification",
+                       labels=inspect_folder(hf, "sequence-classification"))
+    return package(Artifact("hf", hf), hf, tmp_path_factory.mktemp("gwgrpc") / "pkg", meta)
+
+
+@pytest.fixture(scope="module")
+def servers(folder):
+    """``tiny`` v3 (the champion's) and v4 (the challenger's) servers: {role: (http url, grpc address)}."""
+    with ExitStack() as stack:
+        out = {}
+        for role, version in (("champion", "3"), ("challenger", "4")):
+            app = create_app([ServedModel("tiny", version, Predictor(folder, EngineOptions(threads=1)))])
+            endpoint = add_grpc(app, port=0)
+            out[role] = SimpleNamespace(http=stack.enter_context(serving(app)).url, grpc=endpoint.address)
+        yield out
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def _gateway(servers, challenger_grpc=None):
+    gateway = Gateway(Upstream(servers["champion"].http), Upstream(servers["challenger"].http), TOKEN,
+                      poll_s=5.0)
+    app = gateway_app(gateway)
+    front = add_gateway_grpc(app, champion=servers["champion"].grpc,
+                             challenger=challenger_grpc or servers["challenger"].grpc, port=0)
+    with serving(app) as http:
+        client = triton.InferenceServerClient(front.address)
+        try:
+            yield SimpleNamespace(url=http.url, client=client, gateway=gateway)
+        finally:
+            client.close()
+
+
+def _admin(gw, method, path, **body):
+    answer = httpx.request(method, gw.url + path, json=body or None, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def _infer(client, texts=TEXTS, model="tiny", **kwargs):
+    tensor = triton.InferInput("text", [len(texts)], "BYTES")
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+    return client.infer(model, [tensor], **kwargs)
+
+
+def test_infer_health_and_metadata_through_the_gateway_follow_the_split(servers):
+    with _gateway(servers) as gw:
+        c = gw.client
+        assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("tiny")
+        assert list(c.get_model_metadata("tiny").versions) == ["3"]  # metadata comes from the champion
+        result = _infer(c, request_id="r-1")
+        response = result.get_response()
+        assert (response.model_name, response.model_version, response.id) == ("tiny", "3", "r-1")
+        labels = [b.decode() for b in result.as_numpy("label")]
+        direct = httpx.post(servers["champion"].http + "/v2/models/tiny/infer",
+                            json={"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS}]})
+        assert labels == next(o["data"] for o in direct.json()["outputs"] if o["name"] == "label")
+        scored = httpx.post(gw.url + "/feedback", json={"request_id": "r-1", "labels": labels})
+        assert scored.json()["scored"] == {"champion/live": 1.0}  # the gRPC answer was recorded under its id
+
+        _admin(gw, "POST", "/admin/split", weight=100)
+        assert {_infer(c).get_response().model_version for _ in range(4)} == {"4"}
+        _admin(gw, "POST", "/admin/split", weight=50)
+        answered = {_infer(c, headers={"x-kiln-sticky": "user-7"}).get_response().model_version for _ in range(6)}
+        assert len(answered) == 1  # a sticky key stays on one side while the weight holds
+
+        state = _admin(gw, "GET", "/admin/state")
+        window = state["window"]
+        assert window["champion"]["requests"] >= 1 and window["challenger"]["requests"] >= 4
+        assert window["champion"]["requests"] + window["challenger"]["requests"] == 11
+        assert window["champion"]["errors"] == window["challenger"]["errors"] == 0
+        assert sum(window["challenger"]["labels"].values()) >= 8  # two rows per answer, by the label output
+        assert state["upstreams"]["challenger"]["version"] == "4"  # learnt from the answers' model_version
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'kiln_gateway_requests_total{code="200",role="challenger",version="4"}' in metrics
+
+
+def test_an_upstream_error_passes_through_and_is_counted(servers):
+    with _gateway(servers) as gw:
+        with pytest.raises(triton.InferenceServerException) as err:
+            _infer(gw.client, model="nope")
+        assert "StatusCode.NOT_FOUND" in str(err.value.status())
+        assert _admin(gw, "GET", "/admin/state")["window"]["champion"]["codes"] == {"404": 1}
+
+
+def test_an_unreachable_challenger_falls_back_to_the_champion(servers):
+    with _gateway(servers, challenger_grpc=f"127.0.0.1:{_free_port()}") as gw:
+        _admin(gw, "POST", "/admin/split", weight=100)
+        versions = [_infer(gw.client).get_response().model_version for _ in range(3)]
+        assert versions == ["3", "3", "3"]
+        window = _admin(gw, "GET", "/admin/state")["window"]
+        assert window["champion"]["requests"] == 3 and window["challenger"]["codes"] == {"502": 3}
+        assert "kiln_gateway_fallbacks_total 3.0" in httpx.get(gw.url + "/metrics").text
+
+
+def test_kiln_gateway_refuses_incomplete_grpc_options(monkeypatch):
+    monkeypatch.setenv("KILN_GATEWAY_TOKEN", TOKEN)
+    base = ["gateway", "--champion", "http://127.0.0.1:1", "--challenger", "http://127.0.0.1:2", "--no-state-file"]
+    result = CliRunner().invoke(cli, [*base, "--grpc-port", "0", "--champion-grpc", "127.0.0.1:3"])
+    assert result.exit_code == 2 and "--challenger-grpc" in result.output
+    result = CliRunner().invoke(cli, [*base, "--grpc-port", "0", "--champion-grpc", "http://x:3",
+                                      "--challenger-grpc", "127.0.0.1:4"])
+    assert result.exit_code == 2 and "HOST:PORT" in result.output
