@@ -27,3 +27,16 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "/integration/" in str(item.fspath):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory, tiny_models):
+    """The tiny BERT classifier as a Kiln package folder (what ``--package`` serves), built once per session."""
+    from kiln.tasks.core.stages import Artifact
+    from kiln.tasks.models.predictor import PackageMeta, package
+    from kiln.tasks.registry.onboard import inspect_folder
+
+    hf = tiny_models["bert"]
+    meta = PackageMeta(format="hf", task="sequence-classification",
+                       labels=inspect_folder(hf, "sequence-classification"))
+    return package(Artifact("hf", hf), hf, tmp_path_factory.mktemp("tiny-package") / "pkg", meta)

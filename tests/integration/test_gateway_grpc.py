@@ -25,21 +25,16 @@ from kiln.infra.gateway_proxy import Gateway, Upstream
 from kiln.infra.grpc_server import add_grpc
 from kiln.infra.runtime import ServedModel
 from kiln.infra.server import create_app
-from kiln.tasks.core.stages import Artifact
 from kiln.tasks.engines import EngineOptions
-from kiln.tasks.models.predictor import PackageMeta, Predictor, package
-from kiln.tasks.registry.onboard import inspect_folder
+from kiln.tasks.models.predictor import Predictor
 
 TOKEN = "grpc-gateway-token"
 TEXTS = ["great day", "awful traffic"]
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tiny_models):
-    hf = tiny_models["bert"]
-    meta = PackageMeta(format="hf", task="sequence-classification",
-                       labels=inspect_folder(hf, "sequence-classification"))
-    return package(Artifact("hf", hf), hf, tmp_path_factory.mktemp("gwgrpc") / "pkg", meta)
+def folder(tiny_package):
+    return tiny_package
 
 
 @pytest.fixture(scope="module")

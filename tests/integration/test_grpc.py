@@ -28,10 +28,8 @@ from kiln.infra.background import serving
 from kiln.infra.grpc_server import add_grpc
 from kiln.infra.runtime import ServedModel
 from kiln.infra.server import create_app, parse_args
-from kiln.tasks.core.stages import Artifact
 from kiln.tasks.engines import EngineOptions
-from kiln.tasks.models.predictor import PackageMeta, Predictor, package
-from kiln.tasks.registry.onboard import inspect_folder
+from kiln.tasks.models.predictor import Predictor
 from tests.fakes import FastFake
 
 TEXTS = ["great day", "awful traffic"]
@@ -56,12 +54,8 @@ class _Recording:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory, tiny_models):
-    """The tiny BERT classifier as a Kiln package folder (what ``--package`` serves)."""
-    hf = tiny_models["bert"]
-    meta = PackageMeta(format="hf", task="sequence-classification",
-                       labels=inspect_folder(hf, "sequence-classification"))
-    return package(Artifact("hf", hf), hf, tmp_path_factory.mktemp("grpc") / "pkg", meta)
+def folder(tiny_package):
+    return tiny_package
 
 
 @pytest.fixture(scope="module")
