@@ -112,30 +112,36 @@ def move_alias(client: Any, settings: Any, name: str, alias: str, version: str) 
 # ---- load ------------------------------------------------------------------------------------------------------
 
 
-def closed_loop(make_call: Callable[[], Callable[[], Any]], concurrency: int, seconds: float
-                ) -> list[tuple[float, float, Any]]:
-    """``concurrency`` threads, each calling its own ``make_call()`` back to back for ``seconds``.
-
-    Returns (start, latency s, result or exception) per call, in start order.
-    """
-    records: list[tuple[float, float, Any]] = []
-    lock, stop = threading.Lock(), threading.Event()
+def start_clients(make_call: Callable[[], Callable[[], Any]], concurrency: int, stop: threading.Event,
+                  sink: list[tuple[float, float, Any]]) -> list[threading.Thread]:
+    """``concurrency`` threads, each calling its own ``make_call()`` back to back until ``stop`` is set and
+    appending (start, latency s, result or exception) per call to ``sink`` as it lands."""
+    lock = threading.Lock()
 
     def worker() -> None:
-        call, mine = make_call(), []
+        call = make_call()
         while not stop.is_set():
             t0 = time.perf_counter()
             try:
                 result: Any = call()
             except Exception as exc:  # noqa: BLE001 - a failed request is what this counts
                 result = exc
-            mine.append((t0, time.perf_counter() - t0, result))
-        with lock:
-            records.extend(mine)
+            with lock:
+                sink.append((t0, time.perf_counter() - t0, result))
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
+    return threads
+
+
+def closed_loop(make_call: Callable[[], Callable[[], Any]], concurrency: int, seconds: float
+                ) -> list[tuple[float, float, Any]]:
+    """``concurrency`` clients back to back for ``seconds``; (start, latency s, result or exception) per call,
+    in start order."""
+    records: list[tuple[float, float, Any]] = []
+    stop = threading.Event()
+    threads = start_clients(make_call, concurrency, stop, records)
     time.sleep(seconds)
     stop.set()
     for t in threads:
@@ -246,23 +252,7 @@ def swap_part(url: str, name: str, client: Any, settings: Any, alias: str, start
 
 def _load_until(url: str, name: str, text: str, done: threading.Event, out: list[tuple[float, float, Any]]) -> None:
     """``SWAP_CLIENTS`` clients sending back to back until ``done``; (start, latency s, version or error) to ``out``."""
-    make, lock = http_json_call(url, name, text), threading.Lock()
-
-    def worker() -> None:
-        call = make()
-        while not done.is_set():
-            t0 = time.perf_counter()
-            try:
-                result: Any = call()
-            except Exception as exc:  # noqa: BLE001 - a failed request is what this counts
-                result = exc
-            with lock:
-                out.append((t0, time.perf_counter() - t0, result))
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(SWAP_CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
+    for t in start_clients(http_json_call(url, name, text), SWAP_CLIENTS, done, out):
         t.join()
 
 

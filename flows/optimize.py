@@ -210,8 +210,8 @@ def _evaluate_and_judge(settings, client, source, splits, built, policy, cache, 
         baseline, baseline_name = cands.baseline_for(policy, src, champion)
         judging.gate_all(policy, evaluated, baseline, baseline_name)
         contenders = judging.undecided_contenders(policy, evaluated)
-        more = next_rows = judging.next_row_count(len(frame), len(splits.test))
-        if not contenders or policy.evidence.inconclusive == "refuse" or more is None:
+        next_rows = judging.next_row_count(len(frame), len(splits.test))
+        if not contenders or policy.evidence.inconclusive == "refuse" or next_rows is None:
             break
         log.info("inconclusive on %d rows: %s; judging again on %d rows", len(frame), ", ".join(contenders),
                  next_rows)

@@ -148,24 +148,24 @@ def _judge_clause(policy: Policy, spec: ClauseSpec, cand: Measured, base: Measur
                             f"{clause.text}: {verdict}, no champion to compare with")
     alpha = policy.alpha_for(spec, clause.metric)
     level = 1 - 2 * alpha
+    # Every reason reads "<what was observed> (<baseline> <its value>): <verdict> [<clause>]".
+    note = f" ({baseline_name} {_fmt(base.metrics[clause.metric])})" if clause.relative and base else ""
+    result = None
     if clause.metric in QUALITY_METRICS and cand.rows is not None:
-        result = _quality(policy, clause, cand, base, threshold, level)
+        result = _quality(policy, clause, cand, base, threshold, level, note)
     elif clause.metric in LATENCY_METRICS and cand.latency is not None and (clause.relative is None or (
             base is not None and base.latency is not None and base.latency.rounds == cand.latency.rounds)):
-        result = _speed(policy, clause, cand, base, threshold, level, policy.tolerance_for(spec))
-    else:
-        result = None
+        result = _speed(policy, clause, cand, base, threshold, level, policy.tolerance_for(spec), note)
     if result is None:  # exact metrics, or evidence missing: the plain comparison
         status = "pass" if OPS[clause.op](observed, threshold) else "fail"
         result = ClauseResult(clause.text, status, observed, threshold,
-                              f"{clause.metric} {_fmt(observed)} {clause.op} {_fmt(threshold)}: {_word(status)}")
-    base_note = f" ({baseline_name} {_fmt(base.metrics[clause.metric])})" if clause.relative and base else ""
-    result.reason = result.reason.replace(": ", base_note + ": ", 1) + f" [{clause.text}]"
+                              f"{clause.metric} {_fmt(observed)} {clause.op} {_fmt(threshold)}{note}: {_word(status)}")
+    result.reason += f" [{clause.text}]"
     return result
 
 
 def _quality(policy: Policy, clause: Clause, cand: Measured, base: Measured | None, threshold: float,
-             level: float) -> ClauseResult | None:
+             level: float, note: str) -> ClauseResult | None:
     ev = policy.evidence
     interval = paired.metric_interval(clause.metric, cand.rows, labels=cand.labels, level=level,
                                       resamples=ev.resamples, seed=ev.seed)
@@ -174,7 +174,7 @@ def _quality(policy: Policy, clause: Clause, cand: Measured, base: Measured | No
     if clause.relative is None:  # absolute: the candidate's own interval against the number
         status = _three_way(interval, clause.op, threshold)
         return ClauseResult(clause.text, status, interval.value, threshold,
-                            f"{clause.metric} {_iv(interval)} {clause.op} {_fmt(threshold)}: {_word(status)}",
+                            f"{clause.metric} {_iv(interval)} {clause.op} {_fmt(threshold)}{note}: {_word(status)}",
                             interval, method=f"{level:.0%} interval")
     if base is None or base.rows is None or base.rows.rows != cand.rows.rows:
         return None
@@ -193,12 +193,12 @@ def _quality(policy: Policy, clause: Clause, cand: Measured, base: Measured | No
     cand_iv = paired.metric_interval(clause.metric, cand.rows, labels=cand.labels, level=level,
                                      resamples=ev.resamples, seed=ev.seed)
     return ClauseResult(clause.text, status, cand.metrics[clause.metric], threshold,
-                        f"{clause.metric} {_fmt(cand.metrics[clause.metric])}: {shown}: {_word(status)}",
+                        f"{clause.metric} {_fmt(cand.metrics[clause.metric])}{note}: {shown}: {_word(status)}",
                         cand_iv, got, kind, comp.method)
 
 
 def _speed(policy: Policy, clause: Clause, cand: Measured, base: Measured | None, threshold: float, level: float,
-           tolerance: float) -> ClauseResult:
+           tolerance: float, note: str) -> ClauseResult:
     ev = policy.evidence
     worse_is_higher = clause.op in ("<=", "<")
     if clause.relative is not None and base is not None and base.latency is not None:
@@ -221,7 +221,7 @@ def _speed(policy: Policy, clause: Clause, cand: Measured, base: Measured | None
     cand_iv = latency.metric_interval(clause.metric, cand.latency, level=level, resamples=ev.resamples, seed=ev.seed)
     shown = f"{what} {_fmt(got.value)} [{_fmt(got.low)}, {_fmt(got.high)}] {clause.op} {_fmt(bound)}"
     return ClauseResult(clause.text, status, cand.metrics[clause.metric], threshold,
-                        f"{clause.metric} {_iv(cand_iv)}: {shown}: {_word(status)} ({why})", cand_iv,
+                        f"{clause.metric} {_iv(cand_iv)}{note}: {shown}: {_word(status)} ({why})", cand_iv,
                         got if kind else None, kind, f"interleaved rounds, {level:.0%} round-paired bootstrap")
 
 
