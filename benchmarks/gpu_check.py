@@ -1,6 +1,10 @@
-"""Check Kiln's TensorRT path on a CUDA machine, in one command.
+"""Check Kiln's TensorRT path on a CUDA machine, in one command (``--training``: the training stages).
 
     python benchmarks/gpu_check.py --model-dir PATH_TO_HF_CLASSIFIER_FOLDER [--seq-len 64] [--out DIR]
+    python benchmarks/gpu_check.py --training [--threads 16] [--steps 40] [--device cuda]
+
+With ``--training`` it needs no TensorRT, MLflow or Prefect: fine-tuning, distillation and QAT run on the
+CPU and on CUDA and their loss curves are compared (see ``gpu_training.py`` beside this file).
 
 Exports the classifier to ONNX, writes an FP16 copy of the graph (FP16 weights and compute, int64 inputs
 and FP32 logits kept, as TensorRT 11 takes precision from the graph), builds a TensorRT plan from each,
@@ -100,6 +104,12 @@ def build(args: argparse.Namespace, work: Path) -> dict[str, Runner]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--training" in argv:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from gpu_training import main as training
+
+        return training([a for a in argv if a != "--training"])
     args = parse_args(argv)
     from kiln.errors import KilnError
     from kiln.tasks.engines.tensorrt.machine import runtime_info

@@ -13,6 +13,10 @@ exist, so unlabelled text still teaches through the KL term.
 Training is seeded with a fixed data order, and checkpoints (model, optimizer, step, RNG) are written
 every ``checkpoint_every`` steps under ``ctx.workdir/checkpoints``: running the stage again in the same
 work folder resumes from the last one and ends with the same weights as an uninterrupted run.
+
+Teacher, student and batches live on ``ctx.device`` (a GPU when the ``device`` setting finds one); the
+student is saved from the CPU, and checkpoints load onto the CPU first, so one written on a GPU resumes
+anywhere.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from transformers import PreTrainedModel
 
 from kiln.errors import ConfigError
 from kiln.tasks.compress.prune import surgery
+from kiln.tasks.core.device import to_device
 from kiln.tasks.core.stages import Artifact, StageContext, StageResult
 from kiln.tasks.models import hf
 
@@ -179,6 +184,9 @@ def _save_checkpoint(folder: Path, step: int, student: PreTrainedModel, optimize
     path = folder / f"step-{step:08d}.pt"
     state = {"step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
              "rng": torch.get_rng_state(), "fingerprint": fingerprint}
+    device = next(student.parameters()).device
+    if device.type == "cuda":  # dropout draws from the GPU's generator there
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)  # a crash mid-write leaves the previous checkpoint intact
@@ -193,13 +201,18 @@ def _resume(folder: Path, student: PreTrainedModel, optimizer: torch.optim.Optim
     found = sorted(folder.glob("step-*.pt"))
     if not found:
         return 0
-    state = torch.load(found[-1], weights_only=True)
+    # Onto the CPU first: a checkpoint written on a GPU resumes where there is none; load_state_dict
+    # then copies each tensor to wherever the student lives.
+    state = torch.load(found[-1], map_location="cpu", weights_only=True)
     if state["fingerprint"] != fingerprint:
         raise ConfigError(f"checkpoint {found[-1]} was written by a distill run with other params or data; "
                           f"delete {folder} to start over")
     student.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
+    device = next(student.parameters()).device
+    if "cuda_rng" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     log.info("distill: resuming from %s", found[-1].name)
     return int(state["step"])
 
@@ -221,7 +234,7 @@ def _fit(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: Any, cfg
         if data is None or offset == 0:
             data = hf.batches(ctx.train, tokenizer, ctx, batch_size=cfg.batch_size, max_len=seq,
                               order=plan.order(epoch, ctx.seed), start=offset)
-        loss = _losses(student, teacher, next(data), cfg, layer_map, causal)["loss"]
+        loss = _losses(student, teacher, to_device(next(data), ctx.device), cfg, layer_map, causal)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -264,8 +277,11 @@ def distill(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> St
     hf.check_task(teacher, ctx)
     tokenizer = hf.load_tokenizer(folder, ctx)
     student = _student(folder, cfg, ctx)
-    eval_data = list(hf.batches(ctx.train.iloc[: cfg.batch_size * cfg.eval_batches], tokenizer, ctx,
-                                batch_size=cfg.batch_size, max_len=cfg.max_seq_len or ctx.seq_len))
+    teacher.to(ctx.device)
+    student.to(ctx.device)  # before the optimizer exists: it holds the parameters, wherever they are
+    eval_data = [to_device(b, ctx.device) for b in hf.batches(
+        ctx.train.iloc[: cfg.batch_size * cfg.eval_batches], tokenizer, ctx, batch_size=cfg.batch_size,
+        max_len=cfg.max_seq_len or ctx.seq_len)]
     _check(student, teacher, cfg, eval_data[0])
     causal = ctx.task == "causal-lm"
     kl_before = _mean_kl(student, teacher, eval_data, cfg.temperature, causal)
@@ -275,7 +291,7 @@ def distill(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> St
     start, last = _fit(student, teacher, tokenizer, cfg, ctx, plan)
 
     kl_after = _mean_kl(student, teacher, eval_data, cfg.temperature, causal)
-    out = hf.save_folder(student, tokenizer, ctx.workdir / "model")
+    out = hf.save_folder(student.to("cpu"), tokenizer, ctx.workdir / "model")  # nothing saved needs CUDA
     shutil.rmtree(ctx.workdir / "checkpoints", ignore_errors=True)  # superseded; 3x the model with Adam
     log.info("distill: KL to teacher %.4f -> %.4f over %d steps", kl_before, kl_after, plan.total_steps)
     metrics = {"kl_before": kl_before, "kl_after": kl_after, "loss": last, "steps": float(plan.total_steps),

@@ -46,6 +46,8 @@ class StageContext:
         seq_len: sequence length used for calibration and serving.
         seed: seed for anything random.
         threads: CPU threads a stage may use.
+        device: torch device training stages (distill, qat) run on: ``cpu`` or ``cuda:N``, already
+            resolved (:func:`kiln.tasks.core.device.resolve_device`); outputs are saved from the CPU either way.
     """
 
     task: TaskType
@@ -58,6 +60,7 @@ class StageContext:
     seq_len: int = 64
     seed: int = 0
     threads: int = 2
+    device: str = "cpu"
 
 
 @dataclass

@@ -2,12 +2,14 @@
 
 Seeded, dynamic padding, linear warm-up/decay, a progress bar; the best checkpoint by validation
 accuracy is kept. Small on purpose: for large jobs bring a model trained elsewhere and `kiln register` it.
+Runs on ``device`` (a GPU when the ``device`` setting finds one); the saved folder never depends on CUDA.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,8 @@ def _batches(frame: pd.DataFrame, label_ids: dict[str, int], batch: int, rng: np
             yield rows["text"].tolist(), torch.tensor([label_ids[x] for x in rows["label"]])
 
 
-def _accuracy(model, tokenizer, frame: pd.DataFrame, labels: tuple[str, ...], seq_len: int) -> float:
+def _accuracy(model, tokenizer, frame: pd.DataFrame, labels: tuple[str, ...], seq_len: int,
+              device: str = "cpu") -> float:
     index = {name: i for i, name in enumerate(labels)}
     correct = 0
     model.eval()
@@ -50,16 +53,23 @@ def _accuracy(model, tokenizer, frame: pd.DataFrame, labels: tuple[str, ...], se
         for start in range(0, len(frame), 64):
             rows = frame.iloc[start : start + 64]
             enc = tokenizer(rows["text"].tolist(), truncation=True, max_length=seq_len, padding=True,
-                            return_tensors="pt")
-            pred = model(**enc).logits.argmax(-1).numpy()
+                            return_tensors="pt").to(device)
+            pred = model(**enc).logits.argmax(-1).cpu().numpy()
             correct += int(np.sum(pred == np.array([index[x] for x in rows["label"]])))
     model.train()
     return correct / max(len(frame), 1)
 
 
 def finetune_classifier(base_dir: Path, train: pd.DataFrame, validation: pd.DataFrame, labels: tuple[str, ...],
-                        out_dir: Path, config: FinetuneConfig) -> dict[str, float]:
-    """Fine-tune the encoder in ``base_dir`` with a fresh ``len(labels)``-way head; save the best to ``out_dir``."""
+                        out_dir: Path, config: FinetuneConfig, *, device: str = "cpu",
+                        on_step: Callable[[int, float], None] | None = None) -> dict[str, float]:
+    """Fine-tune the encoder in ``base_dir`` with a fresh ``len(labels)``-way head; save the best to ``out_dir``.
+
+    Args:
+        device: a resolved torch device (:func:`kiln.tasks.core.device.resolve_device`); not part of
+            ``config``, so that CPU runs keep their cache keys.
+        on_step: called with (step, training loss) after every step, e.g. to compare loss curves.
+    """
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -72,7 +82,7 @@ def finetune_classifier(base_dir: Path, train: pd.DataFrame, validation: pd.Data
     model = AutoModelForSequenceClassification.from_pretrained(
         str(base_dir), num_labels=len(labels), id2label=dict(enumerate(labels)),
         label2id={name: i for i, name in enumerate(labels)},
-    )
+    ).to(device)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sched = get_linear_schedule_with_warmup(opt, math.ceil(config.max_steps * config.warmup_fraction), config.max_steps)
@@ -85,7 +95,7 @@ def finetune_classifier(base_dir: Path, train: pd.DataFrame, validation: pd.Data
     for step in bar:
         texts, y = next(batches)
         enc = tokenizer(texts, truncation=True, max_length=config.seq_len, padding=True, return_tensors="pt")
-        loss = torch.nn.functional.cross_entropy(model(**enc).logits, y)
+        loss = torch.nn.functional.cross_entropy(model(**enc.to(device)).logits, y.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -93,8 +103,10 @@ def finetune_classifier(base_dir: Path, train: pd.DataFrame, validation: pd.Data
         opt.zero_grad()
         losses.append(loss.item())  # .item(): float() on a tensor that needs grad warns in torch 2.13
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        if on_step is not None:
+            on_step(step, losses[-1])
         if step % config.eval_every == 0 or step == config.max_steps:
-            acc = _accuracy(model, tokenizer, held_out, labels, config.seq_len)
+            acc = _accuracy(model, tokenizer, held_out, labels, config.seq_len, device)
             log.info("step %d: train loss %.3f, validation accuracy %.4f", step, np.mean(losses[-50:]), acc)
             if acc > best:
                 best = acc

@@ -106,6 +106,38 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(teachers, tmp_path, mon
     assert not (tmp_path / "resumed" / "checkpoints").exists()  # cleaned up once the model is saved
 
 
+def test_checkpoint_written_on_a_gpu_resumes_on_the_cpu(teachers, tmp_path, monkeypatch):
+    # Checkpoints of a GPU run hold tensors tagged cuda:0; torch.load without map_location refuses them on a
+    # machine without CUDA. Tag this run's storages cuda:0 as they are saved, then resume here on the CPU.
+    params = {"layers": [0], "max_steps": 8, "batch_size": 16, "lr": 1e-3, "checkpoint_every": 4}
+    straight = _run("bert", teachers["bert"], params, tmp_path / "straight")
+    registry = list(torch.serialization._package_registry)
+    as_gpu = [(0, lambda obj: "cuda:0" if obj.device.type == "cpu" else None, lambda obj, location: None)]
+    monkeypatch.setattr(torch.serialization, "_package_registry", as_gpu + registry)
+
+    save = distill_module._save_checkpoint
+
+    def crash_after_first_save(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(distill_module, "_save_checkpoint", crash_after_first_save)
+    with pytest.raises(KeyboardInterrupt):
+        _run("bert", teachers["bert"], params, tmp_path / "resumed")
+    monkeypatch.setattr(distill_module, "_save_checkpoint", save)
+    monkeypatch.setattr(torch.serialization, "_package_registry", registry)
+    written = tmp_path / "resumed" / "checkpoints" / "step-00000004.pt"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):  # what a load without map_location would meet
+            torch.load(written, weights_only=True)
+
+    resumed = _run("bert", teachers["bert"], params, tmp_path / "resumed")
+    assert resumed.metrics["resumed_from_step"] == 4
+    a = load_file(straight.artifact.path / "model.safetensors")
+    b = load_file(resumed.artifact.path / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_checkpoint_from_other_params_is_refused(teachers, tmp_path):
     params = {"layers": [0], "max_steps": 6, "checkpoint_every": 2}
     ckpt = tmp_path / "checkpoints"

@@ -13,6 +13,7 @@ answers *despite* quantization. The output is a plain Hugging Face folder — fa
 and, with ``fold``, the weights snapped onto their INT8 grid — so ``export`` → ``int8_static`` follow.
 A run that ends with a wider gap than it started with hands on the input weights instead.
 A tied lm_head (GPT-2) is left alone: snapping it would also move the input embedding it shares.
+Training runs on ``ctx.device`` (a GPU when the ``device`` setting finds one); the folder is written from the CPU.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from kiln.tasks.compress.distill import soft_kl
+from kiln.tasks.core.device import to_device
 from kiln.tasks.core.stages import Artifact, StageContext, StageResult
 from kiln.tasks.models import hf
 
@@ -175,12 +177,13 @@ def _mean_kl(student: PreTrainedModel, teacher: PreTrainedModel, data: list[hf.B
 
 
 def _stream(ctx: StageContext, tokenizer: Any, cfg: QatParams) -> Iterator[hf.Batch]:
-    """Seeded batches of ``ctx.train``, reshuffled every epoch, for as long as asked."""
+    """Seeded batches of ``ctx.train`` on ``ctx.device``, reshuffled every epoch, for as long as asked."""
     epoch = 0
     while True:
         order = torch.randperm(len(ctx.train), generator=torch.Generator().manual_seed(ctx.seed * 1000 + epoch))
-        yield from hf.batches(ctx.train, tokenizer, ctx, batch_size=cfg.batch_size,
-                              max_len=cfg.max_seq_len or ctx.seq_len, order=order)
+        for batch in hf.batches(ctx.train, tokenizer, ctx, batch_size=cfg.batch_size,
+                                max_len=cfg.max_seq_len or ctx.seq_len, order=order):
+            yield to_device(batch, ctx.device)
         epoch += 1
 
 
@@ -228,14 +231,14 @@ def qat(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageR
     folder = hf.require_hf(artifact, "qat")
     torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.seed)
-    teacher = hf.load_model(folder, ctx.task).requires_grad_(False)
+    teacher = hf.load_model(folder, ctx.task).requires_grad_(False).to(ctx.device)
     hf.check_task(teacher, ctx)
-    student = hf.load_model(folder, ctx.task)
+    student = hf.load_model(folder, ctx.task).to(ctx.device)
     tokenizer = hf.load_tokenizer(folder, ctx)
     causal, seq = ctx.task == "causal-lm", cfg.max_seq_len or ctx.seq_len
     held_out = ctx.validation if ctx.validation is not None and not ctx.validation.empty else ctx.train
-    eval_data = list(hf.batches(held_out.iloc[: cfg.batch_size * cfg.eval_batches], tokenizer, ctx,
-                                batch_size=cfg.batch_size, max_len=seq))
+    eval_data = [to_device(b, ctx.device) for b in hf.batches(
+        held_out.iloc[: cfg.batch_size * cfg.eval_batches], tokenizer, ctx, batch_size=cfg.batch_size, max_len=seq)]
     data = _stream(ctx, tokenizer, cfg)
 
     observers, handles = attach(student, cfg)
@@ -256,7 +259,7 @@ def qat(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageR
     if cfg.fold:
         snap(student)
 
-    out = hf.save_folder(student, tokenizer, ctx.workdir / "model")
+    out = hf.save_folder(student.to("cpu"), tokenizer, ctx.workdir / "model")  # nothing saved needs CUDA
     log.info("qat: KL(fake-quant || float) %.4g -> %.4g over %d steps", kl_before, kl_trained, cfg.steps)
     metrics = {"quant_kl_before": kl_before, "quant_kl_trained": kl_trained,
                "quant_kl_after": kl_trained if kept else kl_before, "training_kept": float(kept),
