@@ -5,10 +5,11 @@
     python benchmarks/serving_bench.py --tiny --seconds 1 --json  # a tiny registry of its own, in seconds
 
 1. **Swap under steady load.** A model server (``python -m kiln.infra.server``, its own process) follows
-   ``NAME@ALIAS``; 8 clients send single-text requests over HTTP before, during and after the alias moves to
-   another version (under a registry lease, as :mod:`kiln.tasks.registry.aliases` moves aliases). Printed per
-   window: requests, failures, p50/p99, and when the answers' ``model_version`` changed. Target: 0 failures.
-   The alias is put back where it was at the end, whatever happens.
+   ``NAME@kiln-bench``, the benchmark's own alias, first on the version ``NAME@ALIAS`` names; 8 clients send
+   single-text requests over HTTP before, during and after that alias moves to another version (under a
+   registry lease, by :func:`kiln.tasks.registry.aliases.point`, which refuses Kiln's decision aliases: the
+   benchmark never moves @champion). Printed per window: requests, failures, p50/p99, and when the answers'
+   ``model_version`` changed. Target: 0 failures. @kiln-bench is removed at the end, whatever happens.
 2. **Transports vs in-process** at concurrency 1, 8, 32: rows/s and p50/p99 of the same model through a
    :class:`~kiln.infra.runtime.ModelPool` in this process (same batcher, no transport), HTTP JSON, HTTP binary
    (``tritonclient.http`` defaults) and gRPC (``tritonclient.grpc``); the ratio to in-process.
@@ -100,13 +101,12 @@ def swap_target(client: Any, name: str, current: str, asked: str | None) -> str:
     return str(max(int(v.version) for v in others))
 
 
-def move_alias(client: Any, settings: Any, name: str, alias: str, version: str) -> None:
-    """Point ``alias`` at ``version`` under a registry lease, so that no promotion or rollout moves it meanwhile."""
-    from kiln.tasks.registry.aliases import under_lease
+def move_alias(client: Any, settings: Any, name: str, version: str) -> None:
+    """Point the benchmark's own alias (@kiln-bench) at ``version``: the swap never touches @champion."""
+    from kiln.tasks.core import tags as vocab
+    from kiln.tasks.registry import aliases
 
-    with under_lease(client, name, settings.home, None, "promote", version) as held:
-        held.ensure()
-        client.set_registered_model_alias(name, alias, version)
+    aliases.point(client, name, vocab.BENCH, version, home=settings.home)
 
 
 # ---- load ------------------------------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def in_process_call(pool: Any, loop: asyncio.AbstractEventLoop, name: str, text:
 # ---- the three parts -------------------------------------------------------------------------------------------
 
 
-def swap_part(url: str, name: str, client: Any, settings: Any, alias: str, start_v: str, target: str,
+def swap_part(url: str, name: str, client: Any, settings: Any, start_v: str, target: str,
               seconds: float, text: str) -> dict[str, Any]:
     """Steady load through before / during / after; the alias moves at the start of "during"."""
     records: list[tuple[float, float, Any]] = []  # appended to by the clients as their answers come
@@ -219,7 +219,7 @@ def swap_part(url: str, name: str, client: Any, settings: Any, alias: str, start
     load.start()
     time.sleep(seconds)
     marks["moved"] = time.perf_counter()
-    move_alias(client, settings, name, alias, target)
+    move_alias(client, settings, name, target)
     marks["move_returned"] = time.perf_counter()
     deadline, seen = time.perf_counter() + 300, 0
     while "changed" not in marks and time.perf_counter() < deadline:
@@ -399,6 +399,8 @@ def _s(value: float | None) -> str:
 
 def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from kiln.settings import Settings, load_settings
+    from kiln.tasks.core import tags as vocab
+    from kiln.tasks.registry import aliases
     from kiln.tasks.registry import client as registry
 
     ref_text = tiny_registry(tmp / ".kiln") if args.tiny else args.model
@@ -414,19 +416,19 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     port, grpc_port, gw_port = free_port(), free_port(), free_port()
     server, gateway = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{gw_port}"
     env = {"KILN_HOME": str(settings.home)}
+    followed = f"{ref.name}@{vocab.BENCH}"
     procs: list[subprocess.Popen] = []
+    move_alias(client, settings, ref.name, start_v)
     try:
-        procs.append(start(["kiln.infra.server", "--model", ref_text, "--port", str(port), "--grpc-port",
+        procs.append(start(["kiln.infra.server", "--model", followed, "--port", str(port), "--grpc-port",
                             str(grpc_port), "--threads", str(args.threads), "--follow-interval", "0.5"],
                            server + "/v2/health/ready", env))
-        try:
-            swap = swap_part(server, ref.name, client, settings, ref.alias, start_v, target, args.seconds, text)
-        finally:
-            move_alias(client, settings, ref.name, ref.alias, start_v)  # the registry as it was
+        swap = swap_part(server, ref.name, client, settings, start_v, target, args.seconds, text)
+        move_alias(client, settings, ref.name, start_v)
         deadline = time.monotonic() + 300  # the server follows the alias back: the other parts measure start_v
         while httpx.get(f"{server}/v2/models/{ref.name}").json()["versions"] != [start_v]:
             if time.monotonic() > deadline:
-                raise SystemExit(f"error: the server did not follow {ref_text} back to v{start_v}")
+                raise SystemExit(f"error: the server did not follow {followed} back to v{start_v}")
             time.sleep(0.2)
         procs.append(start(["kiln.infra.gateway", "--champion", server, "--challenger", server, "--port",
                             str(gw_port), "--no-state-file"], gateway + "/health",
@@ -438,6 +440,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for proc in procs:
             proc.terminate()
             proc.wait(30)
+        aliases.drop(client, ref.name, vocab.BENCH, home=settings.home)
     return {"model": ref_text if not args.tiny else "tiny@champion (tiny BERT, --tiny)", "threads": args.threads,
             "cpus": os.cpu_count(), "seconds": args.seconds, "swap": swap, "transports": transports, "gateway": gw}
 

@@ -13,9 +13,10 @@ from typing import Any
 import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NONE
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from kiln.errors import DataCheckFailed, GateError, InsufficientEvidence
+from kiln.flows import crashed
 from kiln.settings import Settings, load_settings
 from kiln.tasks.compress import recipes
 from kiln.tasks.core import tags as vocab
@@ -52,6 +53,16 @@ class OptimizeParams(BaseModel):
     bench: BenchConfig | None = Field(None, description="How latency is measured; default from settings.")
     request: str | None = Field(None, description="Who asked for this work, signed (`kiln optimize --sign` makes "
                                 "it); four-eyes review then knows the requester. Without it nobody is.")
+
+    @field_validator("recipes")
+    @classmethod
+    def _each_recipe_once(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("name at least one recipe (see `kiln recipes`)")
+        twice = sorted({name for name in value if value.count(name) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named more than once; name each recipe once")
+        return value
 
 
 # ── steps ────────────────────────────────────────────────────────────────────────────────────────────
@@ -111,7 +122,7 @@ def preflight(params: OptimizeParams, settings: Settings) -> None:
 
 
 # ── the flow ─────────────────────────────────────────────────────────────────────────────────────────
-@flow(name="optimize", log_prints=True)
+@flow(name="optimize", log_prints=True, **crashed.RELEASE_HOOKS)
 def optimize(params: OptimizeParams) -> dict[str, Any]:
     """Build candidates from a registered model, gate them, and register the best as ``challenger``.
 
@@ -123,6 +134,7 @@ def optimize(params: OptimizeParams) -> dict[str, Any]:
 
 def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
     """The optimize flow's body (inside a flow run), with explicit settings."""
+    crashed.claim_run(settings)  # runs of this flow whose process was killed: Crashed, not Running
     client = registry.connect(settings)
     cache = StageCache(settings.cache_dir)
     ref = registry.ModelRef.parse(params.model)

@@ -28,6 +28,7 @@ from prefect.input import RunInput
 from prefect.runtime import flow_run
 from pydantic import BaseModel, Field
 
+from kiln.flows import crashed
 from kiln.settings import Settings, load_settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import promotion
@@ -163,13 +164,14 @@ def _slug(name: str) -> str:
 
 
 # ── the flow ─────────────────────────────────────────────────────────────────────────────────────────
-@flow(name="promote", log_prints=True)
+@flow(name="promote", log_prints=True, **crashed.RELEASE_HOOKS)
 def promote(params: PromoteParams) -> dict[str, Any]:
     """Show the challenger, wait for an approver's decision, and promote it to champion on approval.
 
     Settings (registry, audit log, approvers) come from the worker's environment (``KILN_*``).
     """
     settings = load_settings()
+    crashed.claim_run(settings)  # runs of this flow whose process was killed: Crashed, not Running
     version, markdown = review(settings, params.model)
     print(markdown)
     if params.approval == "ui":

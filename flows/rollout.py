@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from kiln.flows import crashed
 from kiln.settings import load_settings
 from kiln.tasks.rollout.launch import run_rollout
 from kiln.tasks.rollout.params import RolloutParams
@@ -28,14 +29,16 @@ def _markdown(state: RolloutState) -> str:
             f"| # | step | weight | outcome | action | reasons |\n|---|---|---|---|---|---|\n{rows}\n")
 
 
-@flow(name="rollout", log_prints=True)
+@flow(name="rollout", log_prints=True, **crashed.RELEASE_HOOKS)
 def rollout(params: RolloutParams) -> dict[str, Any]:
     """Canary @challenger against @champion, step by step; promote at the end or roll back on failure.
 
     Settings (registry, gateway token ``KILN_GATEWAY_TOKEN``, the ``rollout_gateways`` that ``params.gateway``
     names) come from the worker's environment: the form chooses a configured gateway, never a URL.
     """
-    state = run_rollout(params, load_settings(), echo=print)
+    settings = load_settings()
+    crashed.claim_run(settings)  # runs of this flow whose process was killed: Crashed, not Running
+    state = run_rollout(params, settings, echo=print)
     slug = "".join(c if c.isalnum() else "-" for c in params.model.lower())
     create_markdown_artifact(_markdown(state), key=f"rollout-{slug}",
                              description=f"Rollout of {state.model} v{state.challenger}")

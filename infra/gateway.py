@@ -4,7 +4,9 @@
         --challenger http://127.0.0.1:8002 --port 8080
 
 Open Inference Protocol v2 requests (``/v2/...``) go to champion or challenger by weight, sticky key or
-shadow mirror, as :mod:`kiln.infra.gateway_proxy` describes.
+shadow mirror, as :mod:`kiln.infra.gateway_proxy` describes. ``POST /feedback`` (true labels for the canary's
+accuracy) takes ``$KILN_GATEWAY_FEEDBACK_TOKEN`` (the ``gateway_feedback_token`` setting) or the admin token as
+bearer credential; bodies over ``--max-body-bytes`` are refused with 413 before they are read in full.
 
 The admin API (bearer token) changes the split at run time: ``POST /admin/split {"weight": 25, "shadow": 0,
 "ttl_s": 60}`` (or ``/admin/weight``, ``/admin/shadow``), ``POST /admin/renew {"ttl_s": 60}``, ``GET /admin/state``,
@@ -40,6 +42,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from kiln.infra import openapi
 from kiln.infra.gateway_admin import admin_routes
 from kiln.infra.gateway_proxy import TOKEN_ENV, Gateway, Upstream, error_response
 
@@ -60,6 +63,7 @@ def create_app(gateway: Gateway) -> Starlette:
               Route("/feedback", gateway.feedback, methods=["POST"]),
               *admin_routes(gateway),
               Route("/metrics", metrics), Route("/health", health)]
+    routes.append(openapi.openapi_route(openapi.gateway()))
     app = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: http_error})
     app.state.gateway = gateway
     return app
@@ -110,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--timeout", type=float, default=30.0, help="upstream timeout, seconds")
+    parser.add_argument("--max-body-bytes", type=int, help="largest request body forwarded; larger ones get 413 "
+                        "unread (default: the server_max_body_bytes setting, 8 MiB)")
     parser.add_argument("--grpc-port", type=int, help="also serve the OIP v2 gRPC API on this port "
                         "(needs --champion-grpc and --challenger-grpc)")
     parser.add_argument("--champion-grpc", metavar="HOST:PORT", help="the champion server's gRPC address")
@@ -120,11 +126,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     grpc_problem = grpc_options_problem(args.grpc_port, args.champion_grpc, args.challenger_grpc, args.port)
     if grpc_problem:
         parser.error(grpc_problem)
+    if args.max_body_bytes is not None and args.max_body_bytes < 1024:
+        parser.error(f"--max-body-bytes must be at least 1024 (got {args.max_body_bytes})")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line entry point; the admin token comes from ``$KILN_GATEWAY_TOKEN``."""
+    """Command line entry point; the admin token comes from ``$KILN_GATEWAY_TOKEN``, the feedback token (optional)
+    from ``$KILN_GATEWAY_FEEDBACK_TOKEN``."""
     import uvicorn
 
     from kiln.errors import KilnError
@@ -136,12 +145,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: set {TOKEN_ENV} to the admin API's bearer token")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        state_file = None if args.no_state_file else \
-            args.state_file or default_state_file(load_settings().home, args.port)
+        settings = load_settings()
+        state_file = None if args.no_state_file else args.state_file or default_state_file(settings.home, args.port)
+        feedback = settings.gateway_feedback_token
         gateway = Gateway(Upstream(args.champion, args.champion_version),
                           Upstream(args.challenger, args.challenger_version), token, weight=args.weight,
                           timeout_s=args.timeout, model_name=args.model_name, state_file=state_file,
-                          poll_s=args.poll_interval)
+                          poll_s=args.poll_interval, feedback_token=feedback and feedback.get_secret_value(),
+                          max_body_bytes=args.max_body_bytes or settings.server_max_body_bytes)
     except (KilnError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     app = create_app(gateway)

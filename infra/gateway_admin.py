@@ -14,7 +14,6 @@ answers 401, a bad value 400, a renewal with nothing to renew 409, always as JSO
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,10 +21,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from kiln.infra.gateway_proxy import Gateway, error_response
+from kiln.infra.gateway_proxy import Gateway, error_response, read_body
 from kiln.infra.gateway_state import RoutingConflict
+from kiln.infra.oip import InferError
+from kiln.infra.oip_binary import loads
 
 Handler = Callable[[Request], Awaitable[Response]]
+_MAX_ADMIN_BYTES = 64 << 10  # a split is a few numbers
 
 
 def admin_routes(gateway: Gateway) -> list[Route]:
@@ -73,6 +75,8 @@ def _admin(gateway: Gateway, handler: Handler) -> Handler:
             return error_response(str(exc), 400)
         except RoutingConflict as exc:
             return error_response(str(exc), 409)
+        except InferError as exc:  # a body too large (413)
+            return error_response(str(exc), exc.status)
 
     return guarded
 
@@ -83,10 +87,11 @@ def _routing(routing: Any) -> Response:
 
 
 async def _json_body(request: Request, example: str) -> dict[str, Any]:
+    raw = await read_body(request, _MAX_ADMIN_BYTES)
     try:
-        body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"the body must be JSON like {example}") from exc
+        body = loads(raw, "body")
+    except InferError as exc:  # not JSON, NaN, a lone surrogate, absurd nesting
+        raise ValueError(f"{exc}; the body must be JSON like {example}") from exc
     if not isinstance(body, dict):
         raise ValueError(f"the body must be JSON like {example}")
     return body

@@ -6,11 +6,11 @@
 
 It fronts the same :class:`~kiln.infra.gateway_proxy.Gateway` as the HTTP routes, on the same event loop, so one
 split governs both transports. Each ``ModelInfer`` goes to the role :func:`~kiln.infra.gateway_stats.choose` picks
-(weight, or the ``x-kiln-sticky`` metadata key, as the HTTP header); when the challenger cannot be reached (the
-call never left) the champion answers instead. The outcome lands in the HTTP traffic's metrics and analysis
+(weight, or the ``x-kiln-sticky`` metadata key, as the HTTP header); when that upstream cannot be reached (the
+call never left) the other answers instead. The outcome lands in the HTTP traffic's metrics and analysis
 window: count, status, latency, the version the answer names (``model_version``) and the predicted ``label``
-output, recorded under the request id for ``POST /feedback`` (``x-kiln-request-id`` metadata, else the request's
-``id``, else a new one; sent back in the initial metadata with ``x-kiln-upstream``). gRPC statuses are counted as
+output, recorded under the gateway's own request id for ``POST /feedback`` (sent back in the initial metadata as
+``x-kiln-request-id``, with ``x-kiln-upstream``; a client's id is never the key). gRPC statuses are counted as
 the HTTP statuses the model server answers for the same errors, so error rates mean the same on both transports.
 Not done over gRPC: shadow mirroring (shadow traffic comes from HTTP requests) and input-length statistics.
 Health, metadata, config and repository calls go to the champion; streaming inference is refused.
@@ -114,16 +114,14 @@ class GatewayService(service_pb2_grpc.GRPCInferenceServiceServicer):
             gw.control.learn_model(f"/v2/models/{request.model_name}/infer")
         received = dict(context.invocation_metadata() or ())
         role = choose(routing, received.get(STICKY_KEY), gw.splitter)
-        request_id = received.get(REQUEST_ID_KEY) or request.id or uuid.uuid4().hex
+        request_id = uuid.uuid4().hex  # the gateway's own, as over HTTP: a client cannot pick what feedback scores
         forwarded = tuple((k, v) for k, v in received.items() if k.startswith("x-") and k != REQUEST_ID_KEY)
         forwarded += ((REQUEST_ID_KEY, request_id),)
         try:
             response = await self._infer(role, request, context, forwarded)
-        except _Unreachable as exc:
-            if role == CHAMPION:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"upstream champion is unreachable: {exc}")
-            gw.metrics.fallbacks.inc()  # never sent: the champion answers instead of failing the client
-            role = CHAMPION
+        except _Unreachable:
+            gw.metrics.fallbacks.inc()  # never sent: the other upstream answers instead of failing the client
+            role = CHAMPION if role == CHALLENGER else CHALLENGER
             try:
                 response = await self._infer(role, request, context, forwarded)
             except _Unreachable as again:

@@ -3,7 +3,15 @@
 Open Inference Protocol v2 requests (``/v2/...``) are forwarded unchanged to one upstream, chosen by
 the challenger's weight (0-100 %, exact proportion) or, with an ``X-Kiln-Sticky`` header, by a hash of
 its value (a user stays on one side while the weight holds). Every answer names its upstream in
-``X-Kiln-Upstream`` and carries an ``X-Kiln-Request-Id`` that ``POST /feedback`` can later score.
+``X-Kiln-Upstream`` and carries the gateway's own ``X-Kiln-Request-Id`` (a client's is never the key) that
+``POST /feedback`` can later score, with the feedback or admin token as bearer credential. A body over
+``max_body_bytes`` is refused (413) before it is read in full or forwarded.
+
+Only inference requests (``POST .../infer``) are canary evidence: health and metadata requests are forwarded
+but not counted, and an upstream's 4xx (the client's mistake) is neither a request nor an error of that
+upstream. When the upstream chosen for a request cannot be reached or drops the connection before answering
+(a model server killed under load), the other upstream answers it instead: inference has no side effects,
+so the client sees no failure, and the failure is counted against the side that failed.
 Shadow mode mirrors a share of champion-answered requests to the challenger in the background and
 records whether the predicted labels agree; the client only ever sees the champion's answer.
 
@@ -17,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 import uuid
@@ -43,15 +50,17 @@ from kiln.infra.gateway_stats import (
     choose,
 )
 from kiln.infra.oip import InferError, TextRequest, labels_of
-from kiln.infra.oip_binary import HEADER_LENGTH, read_request, read_response
-from kiln.infra.server import VERSION_HEADER
+from kiln.infra.oip_binary import HEADER_LENGTH, loads, read_request, read_response
+from kiln.infra.server import MAX_BODY_BYTES, VERSION_HEADER
 from kiln.infra.upstream import Answer, Failure, UpstreamClient
 
 log = logging.getLogger(__name__)
 UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "X-Kiln-Upstream", "X-Kiln-Request-Id", "X-Kiln-Sticky"
 TOKEN_ENV = "KILN_GATEWAY_TOKEN"
 _HOP_BY_HOP = {"host", "connection", "keep-alive", "content-length", "transfer-encoding", "te", "trailer",
-               "upgrade", "proxy-authorization", "proxy-authenticate", "authorization", "accept-encoding"}
+               "upgrade", "proxy-authorization", "proxy-authenticate", "authorization", "accept-encoding",
+               REQUEST_ID_HEADER.lower()}
+_MAX_FEEDBACK_BYTES = 1 << 20  # a label per row of the largest request (4,096 rows) fits many times over
 _PASS_BACK = {"content-type", VERSION_HEADER.lower(), HEADER_LENGTH.lower()}  # the last: binary answers' layout
 VERSION_HEADER_KEY = VERSION_HEADER.lower()
 _MAX_PARSE_BYTES = 1 << 20  # bookkeeping parses bodies up to 1 MB; raw LM logits can be far larger
@@ -67,17 +76,21 @@ class Gateway:
 
     ``weight`` and ``shadow`` are the split to start from when ``state_file`` holds none yet; ``model_name`` is
     the model whose version each upstream is asked for every ``poll_s`` (learnt from traffic when None).
+    ``POST /feedback`` takes ``feedback_token`` (when set) or ``admin_token`` as its bearer credential.
     """
 
     def __init__(self, champion: Upstream, challenger: Upstream, admin_token: str, *, weight: float = 0.0,
                  shadow: float = 0.0, timeout_s: float = 30.0, max_connections: int = 256,
                  max_shadow_inflight: int = 64, max_samples: int = 5000, model_name: str | None = None,
-                 state_file: Path | None = None, poll_s: float = 2.0) -> None:
+                 state_file: Path | None = None, poll_s: float = 2.0, feedback_token: str | None = None,
+                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
         if not admin_token:
             raise ValueError(f"the admin API needs a token; set {TOKEN_ENV}")
         if not poll_s > 0:
             raise ValueError(f"poll_s must be above 0 seconds, got {poll_s!r}")
         self._token = admin_token.encode()
+        self._feedback_tokens = [self._token] + ([feedback_token.encode()] if feedback_token else [])
+        self.max_body_bytes = max_body_bytes
         self.splitter, self.shadow_splitter = Splitter(), Splitter()
         self.metrics = GatewayMetrics()
         self.control = RoutingState(champion, challenger, weight=weight, shadow=shadow, model=model_name,
@@ -121,24 +134,29 @@ class Gateway:
     async def proxy(self, request: Request) -> Response:
         """Forward a ``/v2/...`` request to the upstream the routing picks, and mirror it when shadowing."""
         routing = self.routing  # one snapshot for the whole request: a concurrent weight change cannot split it
+        try:  # before anything is chosen or counted: a refused body leaves no trace
+            body = await read_body(request, self.max_body_bytes)
+        except InferError as exc:
+            return error_response(str(exc), exc.status)
         if self.control.model is None:
             self.control.learn_model(request.url.path)
         role = choose(routing, request.headers.get(STICKY_HEADER), self.splitter)
-        body = await request.body()
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        request_id = uuid.uuid4().hex  # the gateway's own: a client cannot choose which sample its feedback scores
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers[REQUEST_ID_HEADER] = request_id
         path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        answer = await self._send(role, request.method, path, headers, body)
-        if isinstance(answer, Failure) and answer.kind == "connect" and role == CHALLENGER:
-            # Never sent: safe to answer from the champion instead of failing the client.
+        is_infer = request.method == "POST" and request.url.path.endswith("/infer")
+        answer = await self._send(role, request.method, path, headers, body, is_infer)
+        if isinstance(answer, Failure) and answer.kind != "timeout":
+            # Unreachable or dropped before answering (counted against ``role`` already): inference has no side
+            # effects, so the other upstream answers rather than the client seeing the failure. A timeout is not
+            # retried: the request may still be running, and a second wait would double the client's.
             self.metrics.fallbacks.inc()
-            role = CHAMPION
-            answer = await self._send(role, request.method, path, headers, body)
+            role = CHAMPION if role == CHALLENGER else CHALLENGER
+            answer = await self._send(role, request.method, path, headers, body, is_infer)
         extra = {UPSTREAM_HEADER: role, REQUEST_ID_HEADER: request_id}
         if isinstance(answer, Failure):
             return error_response(f"upstream {role} failed: {answer.message}"[:300], answer.status, extra)
-        is_infer = request.method == "POST" and request.url.path.endswith("/infer")
         labels = self._labels(role, answer) if is_infer else None
         if labels is not None:
             self.predictions.add(request_id, "live", role, self.upstreams[role].label, labels)
@@ -152,9 +170,10 @@ class Gateway:
             if is_infer and not 400 <= answer.status < 500 else None
         return Response(answer.content, status_code=answer.status, headers=passed | extra, background=record)
 
-    async def _send(self, role: str, method: str, path: str, headers: dict[str, str], body: bytes
-                    ) -> Answer | Failure:
-        """Forward to ``role``'s upstream and record the outcome; a transport failure is returned, not raised."""
+    async def _send(self, role: str, method: str, path: str, headers: dict[str, str], body: bytes,
+                    is_infer: bool = True) -> Answer | Failure:
+        """Forward to ``role``'s upstream and record the outcome of an inference request (only those are canary
+        evidence); a transport failure is returned, not raised."""
         assert self.client is not None, "the gateway's lifespan has not started"
         upstream = self.upstreams[role]
         started, sent = time.perf_counter(), time.monotonic()
@@ -163,6 +182,8 @@ class Gateway:
         code = answer.status
         if isinstance(answer, Answer) and VERSION_HEADER_KEY in answer.headers:
             self.control.observe(role, answer, sent)
+        if not is_infer:
+            return answer
         self.metrics.requests.labels(role, upstream.label, str(code)).inc()
         if code < 500:
             self.metrics.duration.labels(role, upstream.label).observe(seconds)
@@ -229,11 +250,17 @@ class Gateway:
     # ---- feedback ------------------------------------------------------------------------------------------
 
     async def feedback(self, request: Request) -> Response:
-        """``{"request_id": ..., "label": ...}`` or ``"labels": [...]``: score what each upstream predicted."""
+        """``{"request_id": ..., "label": ...}`` or ``"labels": [...]``: score what each upstream predicted.
+
+        Needs the feedback (or admin) token as bearer credential: scores move a canary's verdict."""
+        if not self._bearer_in(request, self._feedback_tokens):
+            return error_response("missing or wrong feedback token; send 'Authorization: Bearer <token>' (the "
+                                  "gateway_feedback_token setting, or the admin token)", 401,
+                                  {"WWW-Authenticate": "Bearer"})
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error_response("the feedback body must be JSON: {\"request_id\": ..., \"label\": ...}", 400)
+            body = loads(await read_body(request, _MAX_FEEDBACK_BYTES), "feedback body")
+        except InferError as exc:
+            return error_response(f"{exc}; send JSON like {{\"request_id\": ..., \"label\": ...}}", exc.status)
         request_id = body.get("request_id") if isinstance(body, dict) else None
         truth = body.get("labels", [body.get("label")]) if isinstance(body, dict) else None
         if not isinstance(request_id, str) or not isinstance(truth, list) or not all(isinstance(t, str)
@@ -270,8 +297,13 @@ class Gateway:
 
     def authorized(self, request: Request) -> bool:
         """True when the request carries the admin token as ``Authorization: Bearer <token>``."""
+        return self._bearer_in(request, [self._token])
+
+    @staticmethod
+    def _bearer_in(request: Request, tokens: list[bytes]) -> bool:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token)
+        given = token.strip().encode(errors="replace")
+        return scheme.lower() == "bearer" and any([hmac.compare_digest(given, t) for t in tokens])  # no short cut
 
     def state(self, samples: bool = False) -> dict[str, Any]:
         """Routing (and when it lapses), upstreams and the versions they serve, the state file, and the current
@@ -310,6 +342,23 @@ def _answer_labels(answer: Answer) -> list[str] | None:
         return labels_of(read_response(answer.content, answer.headers.get(HEADER_LENGTH.lower())))
     except (InferError, ValueError, TypeError, RecursionError):  # not a v2 answer: nothing to count
         return None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) past ``limit`` bytes: at once when its declared length says so, else as soon
+    as the stream passes it, so an oversized body is never held whole."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise InferError(f"the request body has {declared} bytes; this gateway takes at most {limit} "
+                         "(max_body_bytes): send fewer rows per request", 413)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise InferError(f"the request body is over {limit} bytes, the most this gateway takes (max_body_bytes):"
+                             " send fewer rows per request", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _record_inputs(body: bytes, header_length: str | None, windows: list[TrafficWindow]) -> None:

@@ -97,12 +97,14 @@ class TrafficWindow:
     """Counts for one kind of traffic of one upstream since the window opened.
 
     Errors are answers with status >= 500 and upstreams that could not be reached: the upstream's
-    fault. A 4xx is the client's and counts as a request, not an error.
+    fault. A 4xx is the client's mistake: counted by status and as ``refused``, but neither a request the
+    model served nor a latency sample, so a client sending junk cannot dilute or skew a canary's evidence.
     """
 
     max_samples: int
     requests: int = 0
     errors: int = 0
+    refused: int = 0
     codes: Counter = field(default_factory=Counter)
     labels: Counter = field(default_factory=Counter)
     feedback: int = 0
@@ -122,8 +124,11 @@ class TrafficWindow:
         self.input_words = deque(maxlen=self.max_samples)
 
     def record(self, code: int, seconds: float) -> None:
-        self.requests += 1
         self.codes[str(code)] += 1
+        if 400 <= code < 500:
+            self.refused += 1
+            return
+        self.requests += 1
         if code >= 500:
             self.errors += 1
         else:  # a failure's latency (often a timeout) says nothing about the model's speed
@@ -136,7 +141,7 @@ class TrafficWindow:
         self.input_words.extend(len(t.split()) for t in texts)
 
     def to_dict(self, samples: bool) -> dict[str, Any]:
-        out = {"requests": self.requests, "errors": self.errors, "codes": dict(self.codes),
+        out = {"requests": self.requests, "errors": self.errors, "codes": dict(self.codes), "refused": self.refused,
                "error_rate": self.errors / self.requests if self.requests else None,
                "labels": dict(self.labels), "feedback": self.feedback, "correct": self.correct,
                "accuracy": self.correct / self.feedback if self.feedback else None,
@@ -173,7 +178,7 @@ class GatewayMetrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.requests = PromCounter("kiln_gateway_requests_total", "Live requests by upstream and status.",
+        self.requests = PromCounter("kiln_gateway_requests_total", "Live inference requests by upstream and status.",
                                     ["role", "version", "code"], registry=r)
         self.duration = Histogram("kiln_gateway_request_duration_seconds", "Upstream latency of live requests.",
                                   ["role", "version"], buckets=LATENCY_BUCKETS, registry=r)
@@ -193,7 +198,8 @@ class GatewayMetrics:
         self.feedback = PromCounter("kiln_gateway_feedback_total", "Labelled feedback rows scored per upstream.",
                                     ["role", "version", "source", "result"], registry=r)
         self.fallbacks = PromCounter("kiln_gateway_fallbacks_total",
-                                     "Requests answered by the champion because the challenger was unreachable.",
+                                     "Requests answered by the other upstream because the chosen one was "
+                                     "unreachable or dropped the connection.",
                                      registry=r)
         self.weight = Gauge("kiln_gateway_challenger_weight", "Percent of live traffic routed to the challenger.",
                             registry=r)

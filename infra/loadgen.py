@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import os
 import threading
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from kiln.infra.upstream import Failure, UpstreamClient
 
 MAX_REQUESTS = 1_000_000
 UPSTREAM_HEADER, REQUEST_ID_HEADER, STICKY_HEADER = "x-kiln-upstream", "x-kiln-request-id", "X-Kiln-Sticky"
+TOKEN_ENV = "KILN_GATEWAY_TOKEN"  # the gateway's admin token, also good for /feedback
 
 
 def check_loopback(url: str) -> str:
@@ -98,6 +100,7 @@ class LoadPlan:
     concurrency: int = 8
     batch: int = 1
     feedback: bool = False
+    feedback_token: str | None = None  # bearer credential for /feedback: the gateway's feedback or admin token
     sticky_users: int | None = None
     timeout_s: float = 30.0
     rate_per_s: float | None = None
@@ -174,7 +177,8 @@ class _Run:
                 await self.send_feedback(client, request_id, [plan.labels[r] for r in rows])
 
     async def send_feedback(self, client: UpstreamClient, request_id: str, labels: list[str]) -> None:
-        answer = await client.request("POST", f"{self.plan.url}/feedback",
+        auth = {"Authorization": f"Bearer {self.plan.feedback_token}"} if self.plan.feedback_token else None
+        answer = await client.request("POST", f"{self.plan.url}/feedback", headers=auth,
                                       json={"request_id": request_id, "labels": labels})
         ok = answer.status == 200
         self.summary.feedback_sent += ok
@@ -230,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--batch", type=int, default=1, help="texts per request")
-    parser.add_argument("--feedback", action="store_true", help="post true labels to /feedback")
+    parser.add_argument("--feedback", action="store_true", help="post true labels to /feedback, with "
+                        "$KILN_GATEWAY_FEEDBACK_TOKEN (else $KILN_GATEWAY_TOKEN) as bearer token")
     parser.add_argument("--sticky-users", type=int, help="spread requests over N sticky user ids")
     parser.add_argument("--texts", help="a file of texts, one per line (default: the evaluation split)")
     parser.add_argument("--limit", type=int, default=None, help="dataset row limit when reading the split")
@@ -238,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     texts, labels = _texts(args)
     plan = LoadPlan(args.url, args.model, texts, labels, requests=args.requests, seconds=args.seconds,
                     concurrency=args.concurrency, batch=args.batch, feedback=args.feedback,
+                    feedback_token=os.environ.get("KILN_GATEWAY_FEEDBACK_TOKEN") or os.environ.get(TOKEN_ENV),
                     sticky_users=args.sticky_users)
     try:
         summary = generate_load(plan)

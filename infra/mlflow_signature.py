@@ -36,9 +36,10 @@ def verify(secret: str, headers: Any, body: bytes, *, now: float | None = None, 
                               ("X-MLflow-Signature", signature)) if not v]
     if missing:
         raise WebhookRefused(400, f"missing header(s) {', '.join(missing)}; is this an MLflow webhook with a secret?")
-    expected = sign(secret, delivery_id, timestamp, body)
-    # Standard Webhooks allow several space-separated signatures (key rotation); MLflow sends one.
-    if not any(hmac.compare_digest(expected, s) for s in signature.split()):
+    expected = sign(secret, delivery_id, timestamp, body).encode()
+    # Standard Webhooks allow several space-separated signatures (key rotation); MLflow sends one. Compared as
+    # bytes: compare_digest refuses (TypeError) a str with non-ASCII characters, which a header may carry.
+    if not any(hmac.compare_digest(expected, s.encode("utf-8", "replace")) for s in signature.split()):
         raise WebhookRefused(401, "X-MLflow-Signature does not match; the webhook's secret must equal "
                                   "KILN_MLFLOW_WEBHOOK_SECRET")
     try:

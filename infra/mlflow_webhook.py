@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict
 from typing import Any
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 EVENTS = ("model_version.created", "model_version_tag.set")
 WEBHOOK_NAME = "kiln-registry-events"
+MAX_NAME = 256  # longer than any registered model name MLflow's SQL stores hold
 
 
 def mlflow_webhook_route(settings: Settings, starter: Starter, *, events: RegistryEvents | None = None) -> Any:
@@ -52,12 +54,11 @@ def mlflow_webhook_route(settings: Settings, starter: Starter, *, events: Regist
         ok = False
         try:
             try:
-                payload = json.loads(body)
-                event = f"{payload['entity']}.{payload['action']}"
-                data = payload["data"]
-            except (ValueError, KeyError, TypeError):
+                event, data = parse_event(body)
+            except WebhookRefused as exc:
                 ok = True  # a signed body that is not an event: retrying cannot help
-                return JSONResponse({"error": "body is not an MLflow webhook event (entity, action, data)"}, 400)
+                log.warning("refused MLflow webhook delivery %s: %s", delivery_id, exc)
+                return JSONResponse({"error": str(exc)}, exc.status)
             try:
                 outcome = await run_in_threadpool(handle, events, event, data)
             except Exception as exc:  # noqa: BLE001 - MLflow retries a 503 (Prefect or the registry is down)
@@ -72,18 +73,72 @@ def mlflow_webhook_route(settings: Settings, starter: Starter, *, events: Regist
     return Route("/hooks/mlflow", receive, methods=["POST"], name="mlflow_webhook")
 
 
+def parse_event(body: bytes) -> tuple[str, dict[str, Any]]:
+    """``(entity.action, data)`` of a signed delivery, or :class:`WebhookRefused` (400) naming the field that is
+    wrong. Never anything else: bytes that are not UTF-8, NaN, deep nesting and wrong types are all refused.
+
+    The fields Kiln acts on are checked here, so that nothing an event carries can fail later, as a 503 that
+    MLflow would retry for ever.
+    """
+    try:
+        payload = json.loads(body, parse_constant=_not_json)
+    except RecursionError:
+        raise WebhookRefused(400, "body is not an MLflow webhook event: JSON nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError and NaN/Infinity
+        raise WebhookRefused(400, f"body is not an MLflow webhook event: not JSON ({str(exc)[:120]})") from None
+    if not isinstance(payload, dict):
+        raise WebhookRefused(400, "body is not an MLflow webhook event (entity, action, data): not a JSON object")
+    for key in ("entity", "action"):
+        if not isinstance(payload.get(key), str) or not payload[key]:
+            raise WebhookRefused(400, f"body is not an MLflow webhook event (entity, action, data): {key} must be "
+                                      "a non-empty string")
+    data = payload.get("data")
+    if not isinstance(data, dict):
+        raise WebhookRefused(400, "body is not an MLflow webhook event (entity, action, data): data must be an "
+                                  "object")
+    event = f"{payload['entity']}.{payload['action']}"
+    if event in EVENTS:
+        _check_fields(data, event)
+    return event, data
+
+
+def _check_fields(data: dict[str, Any], event: str) -> None:
+    name, version = data.get("name"), data.get("version")
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        raise WebhookRefused(400, f"{event}: data.name must be a model name (a non-empty string of at most "
+                                  f"{MAX_NAME} characters)")
+    if isinstance(version, bool) or not isinstance(version, int | str) \
+            or not re.fullmatch(r"[1-9][0-9]{0,17}", str(version)):
+        raise WebhookRefused(400, f"{event}: data.version must be a version number (1, 2, ...), not "
+                                  f"{str(version)[:40]!r}")
+    tags = data.get("tags")
+    if tags is not None and (not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values())):
+        raise WebhookRefused(400, f"{event}: data.tags must be an object of strings")
+    for key in ("run_id", "key"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise WebhookRefused(400, f"{event}: data.{key} must be a string")
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def handle(events: RegistryEvents, event: str, data: dict[str, Any]) -> Outcome:
-    """Dispatch one webhook event (blocking)."""
+    """Dispatch one webhook event (blocking); ``data`` as :func:`parse_event` checked it.
+
+    At most one run per (model, version, action), however often the event comes (MLflow's retries, a
+    redelivery with a fresh delivery id, the poller hearing the same version): the optimize run is started with
+    an idempotency key made of model and version, never of the delivery, so Prefect hands back the run the first
+    delivery created; a decision resumes only a run that is still paused.
+    """
     if event not in EVENTS:
         return Outcome("ignored", f"Kiln does not act on {event}")
-    name, version = data.get("name"), data.get("version")
-    if not isinstance(name, str) or not name or version is None:
-        return Outcome("ignored", "event names no model version")
+    name, version = data["name"], str(data["version"])
     if event == "model_version.created":
-        return events.version_created(name, str(version), tags=data.get("tags") or {}, run_id=data.get("run_id"))
+        return events.version_created(name, version, tags=data.get("tags") or {}, run_id=data.get("run_id"))
     if data.get("key") not in APPROVAL_KEYS:
         return Outcome("ignored", f"tag {data.get('key')!r} is not an approval")
-    return events.resume_decided(name, str(version))
+    return events.resume_decided(name, version)
 
 
 def create_app(settings: Settings, starter: Starter, **kwargs: Any) -> Any:

@@ -36,10 +36,50 @@ _LENGTH = struct.Struct("<I")
 
 
 def _json(data: bytes | memoryview, what: str) -> Any:
+    return loads(bytes(data), what)
+
+
+def loads(raw: bytes, what: str = "request body") -> Any:
+    """``raw`` as strict JSON: UTF-8, finite numbers only, no lone UTF-16 surrogates, nesting within Python's
+    recursion limit; anything else is an :class:`InferError` (400) naming what is wrong and where.
+
+    NaN and unpaired surrogates are refused here, at the door, because they fail later (the answer cannot be
+    written as JSON) after the request was already counted.
+    """
     try:
-        return json.loads(bytes(data))
+        value = json.loads(raw, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise InferError(f"the {what} is not valid JSON ({exc.__class__.__name__}: {str(exc)[:120]})") from exc
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:120]
+        raise InferError(f"the {what} is not valid JSON ({exc.__class__.__name__}: {reason})") from exc
+    if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can carry a lone surrogate: skip the walk otherwise
+        where = _lone_surrogate(value, "")
+        if where is not None:
+            raise InferError(f"{where or 'the ' + what} holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff "
+                             "escape): send valid Unicode text")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise InferError(f"the JSON holds {name}; numbers must be finite")
+
+
+def _lone_surrogate(value: Any, path: str) -> str | None:
+    """The path (``id``, ``inputs[0].data[1]``) of the first string holding an unpaired surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return path
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        here = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else str(key)
+        if isinstance(key, str) and _lone_surrogate(key, "") is not None:
+            return f"{path or 'the body'}: a key"
+        found = _lone_surrogate(item, here)
+        if found is not None:
+            return found
+    return None
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[Any, memoryview]:

@@ -148,7 +148,7 @@ class RegistryEvents:
         from mlflow.exceptions import MlflowException
 
         linked = self.client.search_model_versions(
-            f"name = '{quote(run.model)}' and tags.`{PROMOTE_RUN_TAG}` = '{run.flow_run_id}'")
+            f"name = {quote(run.model)} and tags.`{PROMOTE_RUN_TAG}` = {quote(run.flow_run_id)}")
         if linked:
             return linked[0]
         try:
@@ -158,7 +158,12 @@ class RegistryEvents:
 
 
 def optimize_key(name: str, version: str) -> str:
-    """The idempotency key shared by the webhook and the poller: one optimize run per version, ever."""
+    """The idempotency key shared by the webhook and the poller: one optimize run per version, ever.
+
+    Made of (model, version, action) only, never of a delivery: MLflow's retries, a redelivery or replay with a
+    fresh delivery id, and the poller hearing the same version all get the run the first one created back from
+    Prefect. (Versions are numbers, so a model name with ``:`` in it cannot make two keys collide.)
+    """
     return f"mlflow:{name}:{version}:optimize"
 
 
@@ -182,5 +187,7 @@ def approval_answer(tags: dict[str, str]) -> dict[str, str] | None:
 
 
 def quote(text: str) -> str:
-    """``text`` as a single-quoted literal's content in an MLflow search filter."""
-    return text.replace("'", "\\'")
+    """``text`` as a string literal in an MLflow search filter, quotes included (see registry.client.literal)."""
+    from kiln.tasks.registry.client import literal
+
+    return literal(text)

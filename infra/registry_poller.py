@@ -87,7 +87,7 @@ class RegistryPoller:
     def _versions(self, name: str) -> dict[str, Any]:
         found, token = {}, None
         while True:
-            page = self.events.client.search_model_versions(f"name = '{quote(name)}'", page_token=token)
+            page = self.events.client.search_model_versions(f"name = {quote(name)}", page_token=token)
             found |= {str(v.version): v for v in page}
             token = page.token
             if not token:

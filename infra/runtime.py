@@ -122,13 +122,15 @@ class ModelRuntime:
         """
         check_model_limits(request, **self.limits)
         if isinstance(request.payload, TensorRequest):
-            logits = _result(await self.batcher.submit(("tensor",), request.payload, request.rows))
+            logits = _finite(_result(await self.batcher.submit(("tensor",), request.payload, request.rows)), "logits")
             return [tensor("logits", "FP32", logits.astype(np.float32))]
         key: Hashable = ("text", int(request.parameters.get("max_new_tokens", 16)) if self.model.task == "causal-lm"
                          else 0)
         columns = _result(await self.batcher.submit(key, request.payload.texts, request.rows))
         if self.model.task == "causal-lm":
             return [tensor("generated_text", "BYTES", columns["generated_text"])]
+        for output in ("score", "scores"):
+            _finite(columns.get(output, ()), output)
         return [tensor("label", "BYTES", columns["label"]), tensor("score", "FP32", columns["score"]),
                 {"name": "scores", "datatype": "FP32", "shape": [request.rows, len(columns["scores"]) // request.rows],
                  "data": columns["scores"]}]
@@ -168,6 +170,14 @@ def _result(value: Any) -> Any:
     if isinstance(value, Exception):  # this request's own engine failure, from a batch retried one by one
         raise value
     return value
+
+
+def _finite(values: Any, name: str) -> Any:
+    """``values``, unless the engine answered NaN or infinity: that is the model's failure (a 500, counted as
+    one), not an answer to send; JSON could not even carry it."""
+    if not np.isfinite(values if isinstance(values, np.ndarray) else np.asarray(values, dtype=np.float64)).all():
+        raise ArithmeticError(f"the model's {name} output holds NaN or infinity")
+    return values
 
 
 def input_limits(predictor: Any) -> dict[str, int | None]:

@@ -14,7 +14,9 @@ version that answered in the protocol's ``model_version`` field (errors too, onc
 field is what clients should read. The ``X-Kiln-Model-Version`` header repeats it so that the gateway can label
 its metrics without parsing bodies. Client mistakes are 4xx with a one-line ``{"error": ...}``: a body over
 ``--max-body-bytes`` or more than ``--max-rows`` rows is 413; tensors outside the model (longer than its
-``seq_len``, token ids past its vocabulary, mask values other than 0/1) are 400.
+``seq_len``, token ids past its vocabulary, mask values other than 0/1) are 400, and so is JSON no answer could
+echo (NaN or infinity, a lone UTF-16 surrogate in any string, absurd nesting), refused before it is counted. A
+model that answers NaN fails that request with a 500 (counted as one), never a 200 that cannot be written.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from kiln.infra import openapi
 from kiln.infra.faults import Faults, FaultyPredictor, InjectedFault
 from kiln.infra.oip import MAX_ROWS, InferError
 from kiln.infra.oip_binary import HEADER_LENGTH, read_request, write_response
@@ -99,7 +102,7 @@ class ModelServer:
             model, outputs = await self.pool.infer(name, version, parsed)
         except InferError as exc:
             return self._infer_error(str(exc), exc.status, name, version)
-        except InjectedFault as exc:  # asked for: no traceback per request
+        except (InjectedFault, ArithmeticError) as exc:  # asked for, or a NaN answer: no traceback per request
             log.debug("inference failed for %s: %s", name, exc)
             return self._infer_error(f"inference failed: {exc}", 500, name, version)
         except Exception as exc:  # noqa: BLE001 - an engine failure is this request's 500, not the server's end
@@ -176,6 +179,7 @@ def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_s
     for prefix in prefixes:
         routes += [Route(prefix, server.model_metadata), Route(f"{prefix}/ready", server.model_ready),
                    Route(f"{prefix}/infer", server.infer, methods=["POST"])]
+    routes.append(openapi.openapi_route(openapi.model_server(sorted({m.name for m in served}))))
     app = Starlette(routes=routes, lifespan=server.lifespan, exception_handlers={HTTPException: _http_error})
     app.state.server = server
     return app

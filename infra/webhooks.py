@@ -10,13 +10,27 @@
     503 the route's secret is not configured (the message names the KILN_ variable)
     413 body larger than KILN_WEBHOOK_MAX_BODY (Content-Length, or counted while reading: never all read)
     401 signature / token missing or wrong (401 for both: the sender did not authenticate)
-    400 missing event or delivery header, malformed JSON, a push without ref/repository/commit SHA
-    409 a delivery id seen before (kept in KILN_HOME/webhooks/deliveries.jsonl, so a restart remembers)
+    415 a Content-Type other than application/json (or GitHub's form encoding, application/x-www-form-urlencoded)
+    400 missing or malformed event or delivery header, a body that is not one JSON object (not UTF-8,
+        NaN, nested too deeply, a form body without exactly one payload= field), a push whose ref,
+        repository, commit SHA, clone URL or ``deleted`` is missing or of the wrong type
     202 {"ignored": "..."} an event that is not a push, another repository or branch, a branch deletion
-    202 {"flow_run_id": ...} the retrain deployment was started (Prefect idempotency key: github:<delivery>)
-                             with the repository URL, never credentials, as a parameter: the worker clones
-                             with its own KILN_REPO_TOKEN
-    503 the Prefect API could not start it (the delivery is not remembered: the sender may redeliver)
+    503 neither KILN_REPO nor KILN_WEBHOOK_REPOSITORIES is set: nothing says what the worker may clone
+    400 KILN_REPO unset and the push's clone URL is not one of KILN_WEBHOOK_REPOSITORIES (a URL that only
+        the payload names is never cloned)
+    409 this commit of this repository was received before: ``{"error": "push <sha> of <repo> was already
+        received (...); nothing started"}``. Pushes coalesce on repository + commit SHA, not on the delivery
+        id, so GitHub's "redeliver" (a fresh delivery id), a replayed capture and two simultaneous
+        deliveries of one push start ONE run. The key, ``push:<owner/name>@<sha>``, is both the Prefect
+        idempotency key and the delivery log's (KILN_HOME/webhooks/deliveries.jsonl, so a restart
+        remembers); a concurrent duplicate finds the first one's claim and answers 409 "in progress".
+        To retrain a commit again, use `kiln trigger retrain`.
+    202 {"flow_run_id": ...} the retrain deployment was started with the repository URL (KILN_REPO, or the
+                             allow-listed one), never credentials, as a parameter: the worker clones with
+                             its own KILN_REPO_TOKEN
+    503 the Prefect API could not start it (the push is not remembered: the sender may redeliver)
+
+A claim is always released or recorded (try/finally): whatever fails after it, a redelivery is tried again.
 
 GitHub's ``ping`` (sent when a hook is created) answers 200 once its signature checks out.
 """
@@ -32,10 +46,8 @@ import os
 import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import parse_qs
 
 from pydantic import SecretStr
 from starlette.applications import Starlette
@@ -44,18 +56,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from kiln.credentials import split_credentials
 from kiln.errors import KilnError
+from kiln.infra import openapi
 from kiln.infra.mlflow_webhook import mlflow_webhook_route
+from kiln.infra.push_payload import Push, clone_url, github_push, gitlab_push, why_ignored
 from kiln.infra.starter import RETRAIN, DeploymentStarter, Started
-from kiln.infra.webhook_body import Reject, read_body
+from kiln.infra.webhook_body import Reject, parse_json, read_body
 from kiln.settings import Settings, load_settings
 from kiln.tasks.lifecycle.retrain import RetrainParams
 
 # not __name__: under `python -m` that is __main__, outside Kiln's loggers
 log = logging.getLogger("kiln.infra.webhooks")
 
-_SHA = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")  # SHA-1, or SHA-256 object format
+_DELIVERY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # GitHub and GitLab send UUIDs
 
 
 class Starter(Protocol):
@@ -66,19 +79,6 @@ class Starter(Protocol):
 
     async def start(self, deployment: str, parameters: dict[str, Any], *, idempotency_key: str | None = None,
                     tags: list[str] | None = None) -> Started: ...
-
-
-@dataclass(frozen=True)
-class Push:
-    """What a push event says, whichever forge sent it."""
-
-    provider: str
-    delivery: str
-    repository: str  # owner/name
-    ref: str
-    sha: str
-    clone_url: str | None
-    deleted: bool
 
 
 # ── delivery de-duplication ──────────────────────────────────────────────────────────────────────────
@@ -160,66 +160,9 @@ def verify_token(secret: bytes, header: str | None) -> None:
         raise Reject(401, "X-Gitlab-Token is wrong; it differs from KILN_GITLAB_TOKEN")
 
 
-def parse_json(body: bytes, content_type: str) -> dict[str, Any]:
-    """The payload as a dict; GitHub's form encoding (``payload=<json>``) is accepted too."""
-    text: str | bytes = body
-    if content_type.startswith("application/x-www-form-urlencoded") and body.startswith(b"payload="):
-        text = parse_qs(body.decode("utf-8", "replace"))["payload"][0]
-    try:
-        payload = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise Reject(400, f"body is not valid JSON ({exc})") from exc
-    if not isinstance(payload, dict):
-        raise Reject(400, "body must be a JSON object")
-    return payload
-
-
-def _field(payload: dict[str, Any], *path: str) -> Any:
-    value: Any = payload
-    for key in path:
-        if not isinstance(value, dict) or value.get(key) in (None, ""):
-            raise Reject(400, f"push payload has no {'.'.join(path)}")
-        value = value[key]
-    return value
-
-
-def _commit(value: Any, name: str) -> str:
-    sha = str(value).lower()
-    if not _SHA.fullmatch(sha):
-        raise Reject(400, f"push payload's {name} {str(value)[:80]!r} is not a full commit SHA")
-    return sha
-
-
-def github_push(payload: dict[str, Any], delivery: str) -> Push:
-    after = _commit(_field(payload, "after"), "after")
-    return Push("github", delivery, str(_field(payload, "repository", "full_name")), str(_field(payload, "ref")),
-                after, (payload.get("repository") or {}).get("clone_url"),
-                bool(payload.get("deleted")) or set(after) == {"0"})
-
-
-def gitlab_push(payload: dict[str, Any], delivery: str) -> Push:
-    after = _commit(_field(payload, "after"), "after")
-    sha = _commit(payload["checkout_sha"], "checkout_sha") if payload.get("checkout_sha") else after
-    return Push("gitlab", delivery, str(_field(payload, "project", "path_with_namespace")),
-                str(_field(payload, "ref")), sha, (payload.get("project") or {}).get("git_http_url"),
-                set(sha) == {"0"})
-
-
-def why_ignored(push: Push, settings: Settings) -> str | None:
-    """Why this push starts nothing (another repository or branch, a deletion), or None to retrain."""
-    wanted = settings.webhook_repository
-    if wanted and push.repository.lower() != wanted.lower():
-        return f"repository {push.repository} is not {wanted} (KILN_WEBHOOK_REPOSITORY)"
-    if push.ref != f"refs/heads/{settings.webhook_branch}":
-        return f"ref {push.ref} is not refs/heads/{settings.webhook_branch} (KILN_WEBHOOK_BRANCH)"
-    if push.deleted:
-        return f"{push.ref} was deleted"
-    return None
-
-
 # ── the app ──────────────────────────────────────────────────────────────────────────────────────────
 class Receiver:
-    """Turns authenticated push deliveries into retrain flow runs, at most one per delivery id."""
+    """Turns authenticated push deliveries into retrain flow runs, at most one per repository and commit."""
 
     def __init__(self, settings: Settings, starter: Starter) -> None:
         self.settings = settings
@@ -231,11 +174,12 @@ class Receiver:
         body = await read_body(request, self.settings.webhook_max_body)
         verify_github(secret, body, request.headers.get("x-hub-signature-256"))
         event = _header(request, "X-GitHub-Event")
-        delivery = _header(request, "X-GitHub-Delivery")
+        delivery = _delivery(_header(request, "X-GitHub-Delivery"), "X-GitHub-Delivery")
         payload = parse_json(body, request.headers.get("content-type", ""))
         if event == "ping":
-            log.info("github delivery %s: ping (hook %s) answered", delivery, payload.get("hook_id"))
-            return JSONResponse({"pong": True, "zen": payload.get("zen")})
+            zen = payload.get("zen")
+            log.info("github delivery %s: ping answered", delivery)
+            return JSONResponse({"pong": True, "zen": zen if isinstance(zen, str) and zen.isprintable() else None})
         if event != "push":
             return self._ignored("github", delivery, f"event {event!r} is not a push")
         return await self._push(github_push(payload, delivery))
@@ -248,36 +192,43 @@ class Receiver:
         delivery = request.headers.get("x-gitlab-event-uuid") or request.headers.get("idempotency-key")
         if not delivery:
             raise Reject(400, "missing X-Gitlab-Event-UUID (or Idempotency-Key) header: no delivery id")
+        delivery = _delivery(delivery, "X-Gitlab-Event-UUID")
         payload = parse_json(body, request.headers.get("content-type", ""))
         if event != "Push Hook":
             return self._ignored("gitlab", delivery, f"event {event!r} is not a Push Hook")
         return await self._push(gitlab_push(payload, delivery))
 
     async def _push(self, push: Push) -> JSONResponse:
-        key = f"{push.provider}:{push.delivery}"
+        reason = why_ignored(push, self.settings)
+        if reason:  # not remembered: the same commit pushed to the watched branch later must still retrain
+            return self._ignored(push.provider, push.delivery, reason)
+        repo = clone_url(push, self.settings)
+        key = f"push:{push.repository.lower()}@{push.sha}"
         # Claimed before the first await: a concurrent duplicate (same event loop) sees the claim.
         earlier = self.deliveries.claim(key)
         if earlier is not None:
-            raise Reject(409, f"delivery {push.delivery} was already received ({earlier.get('outcome')}); "
-                              "nothing started")
-        reason = why_ignored(push, self.settings)
-        if reason:
-            self.deliveries.record(key, "ignored", reason=reason)
-            return self._ignored(push.provider, push.delivery, reason)
-        # No credentials in a run's parameters: KILN_REPO's live in settings.repo_token, the worker adds them.
-        clone_url = split_credentials(push.clone_url)[0] if push.clone_url else None
-        params = RetrainParams(sha=push.sha, repo=self.settings.repo or clone_url,
-                               branch=push.ref.removeprefix("refs/heads/"),
-                               triggered_by=f"webhook:{push.provider}:{push.delivery}")
+            via = f"delivery {earlier['delivery']}: " if earlier.get("delivery") else ""
+            raise Reject(409, f"push {push.sha[:12]} of {push.repository} was already received ({via}"
+                              f"{earlier.get('outcome')}); nothing started")
+        recorded = False
         try:
-            started = await self.starter.start(RETRAIN, {"params": params.model_dump(mode="json", exclude_none=True)},
-                                               idempotency_key=key, tags=["kiln", f"webhook:{push.provider}"])
-        except Exception as exc:  # noqa: BLE001 - any failure to reach Prefect is answered, not raised
-            self.deliveries.release(key)
-            log.error("%s delivery %s: push %s of %s NOT started: %s", push.provider, push.delivery, push.sha[:12],
-                      push.repository, exc)
-            raise Reject(503, str(exc) if isinstance(exc, KilnError) else f"could not start {RETRAIN}: {exc}") from exc
-        self.deliveries.record(key, "started", sha=push.sha, flow_run_id=started.flow_run_id)
+            params = RetrainParams(sha=push.sha, repo=repo, branch=push.ref.removeprefix("refs/heads/"),
+                                   triggered_by=f"webhook:{push.provider}:{push.delivery}")
+            try:
+                started = await self.starter.start(RETRAIN, {"params": params.model_dump(mode="json",
+                                                                                         exclude_none=True)},
+                                                   idempotency_key=key, tags=["kiln", f"webhook:{push.provider}"])
+            except Exception as exc:  # noqa: BLE001 - any failure to reach Prefect is answered, not raised
+                log.error("%s delivery %s: push %s of %s NOT started: %s", push.provider, push.delivery,
+                          push.sha[:12], push.repository, exc)
+                raise Reject(503, str(exc) if isinstance(exc, KilnError) else
+                             f"could not start {RETRAIN}: {type(exc).__name__}") from exc
+            self.deliveries.record(key, "started", delivery=push.delivery, sha=push.sha,
+                                   flow_run_id=started.flow_run_id)
+            recorded = True
+        finally:
+            if not recorded:  # whatever failed, a redelivery is tried again (Prefect's key still dedupes)
+                self.deliveries.release(key)
         log.info("%s delivery %s: push %s to %s of %s started %s (flow run %s)", push.provider, push.delivery,
                  push.sha[:12], push.ref, push.repository, RETRAIN, started.flow_run_id)
         return JSONResponse({"flow_run_id": started.flow_run_id, "flow_run_name": started.name,
@@ -294,6 +245,14 @@ def _header(request: Request, name: str) -> str:
     value = request.headers.get(name)
     if not value:
         raise Reject(400, f"missing {name} header")
+    if len(value) > 128 or not value.isprintable():
+        raise Reject(400, f"{name} header is not printable text of at most 128 characters")
+    return value
+
+
+def _delivery(value: str, name: str) -> str:
+    if not _DELIVERY.fullmatch(value):
+        raise Reject(400, f"{name} header {value[:40]!r} is not a delivery id (letters, digits, '.', '_', ':', '-')")
     return value
 
 
@@ -332,6 +291,7 @@ def create_app(settings: Settings, starter: Starter | None = None) -> Starlette:
               Route("/hooks/gitlab", _guarded(receiver.gitlab), methods=["POST"]),
               Route("/health", health, methods=["GET"])]
     routes.append(mlflow_webhook_route(settings, receiver.starter))  # POST /hooks/mlflow: registry events
+    routes.append(openapi.openapi_route(openapi.webhooks()))
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _bug})
     app.state.receiver = receiver
     return app

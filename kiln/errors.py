@@ -132,6 +132,13 @@ class DataCheckFailed(KilnError):
         self.report = report or {}
 
 
+class ServiceUnavailable(KilnError):
+    """A service Kiln needs (the MLflow server, the artifact store, Prefect) dropped or refused the connection.
+
+    Not a bug and not the input: the environment. Finished stages are cached, so running again resumes.
+    """
+
+
 class ExportError(KilnError):
     """A model could not be exported to ONNX (unsupported operator or architecture)."""
 

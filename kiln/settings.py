@@ -13,12 +13,12 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kiln.credentials import split_credentials
 from kiln.errors import ConfigError, unknown_key, validation_problems
+from kiln.yamlfile import read_yaml
 
 _GATEWAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     experiment: str = Field("kiln", description="MLflow experiment that optimize runs are logged to.")
     threads: int = Field(2, ge=1, le=256, description="Intra-op threads for engines and benchmarks.")
     seed: int = Field(0, description="Seed for splits, sampling and training.")
+    device: str = Field("auto", description="Where fine-tuning, distillation and QAT train: auto (a CUDA GPU when "
+                        "torch sees one, else the CPU), cpu, cuda or cuda:N. Engines and benchmarks ignore it.")
     bench_seconds: float = Field(3.0, gt=0, description="Seconds of timed runs per model and batch size.")
 
     # ---- the local stack (`kiln up`): every service binds to `host` ----
@@ -50,6 +52,13 @@ class Settings(BaseSettings):
                                      "registry whether the alias moved (`kiln serve --follow-interval`).")
     gateway_port: int = Field(8080, ge=1, le=65535, description="Canary gateway port.")
     gateway_token: SecretStr | None = Field(None, description="Bearer token of the gateway's admin API.")
+    gateway_feedback_token: SecretStr | None = Field(None, description=(
+        "Bearer token that POST /feedback also takes besides the admin token (give it to whatever posts true "
+        "labels, so it cannot move traffic). Unset: feedback needs the admin token."))
+    rollout_lease_s: float | None = Field(None, ge=1, le=3600, description=(
+        "The lease a rollout holds on its model, in seconds, and so the TTL of the traffic split it sets: a driver "
+        "that dies leaves a split that lapses back to the champion within this time. Unset: the lease's default, "
+        "60 s. Shorter reverts sooner; the driver renews every third of it."))
     handover_timeout_s: float = Field(120.0, gt=0, description="After a canary promotes, how long the rollout waits "
                                       "for the gateway's champion upstream (a server following NAME@champion) to "
                                       "serve the new champion before it leaves the split as it is and says what to "
@@ -75,6 +84,13 @@ class Settings(BaseSettings):
     webhook_repository: str | None = Field(None, description="Only pushes to this repository (owner/name) retrain.")
     webhook_branch: str = Field("main", description="Only pushes to this branch retrain.")
     webhook_max_body: int = Field(1_048_576, ge=1024, description="Largest webhook body accepted, bytes.")
+    # NoDecode: KILN_WEBHOOK_REPOSITORIES=https://github.com/acme/models.git,... (a JSON list works too).
+    webhook_repositories: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Clone URLs a push may name when KILN_REPO is unset; the run clones the listed URL. With neither set, "
+        "pushes are refused (503): a URL only the payload names is never cloned."))
+    train_models: Annotated[list[str] | None, NoDecode] = Field(None, description=(
+        "Model names a pushed kiln-train.yaml may train into (a list, or a,b). Unset or empty: only names "
+        "already registered. A retrained version never gets an alias by itself, a new name's first one included."))
     repo: str | None = Field(None, description="Git repository (path or URL) holding the training config; "
                              "credentials written into its URL move to repo_token.")
     repo_token: SecretStr | None = Field(None, description=(
@@ -104,7 +120,7 @@ class Settings(BaseSettings):
         "Your SSH private key (or its .pub, with the key in ssh-agent), used by `kiln approve|reject`, "
         "`kiln rollout pause|resume|promote|abort` and `kiln optimize --sign`; --key overrides it."))
 
-    @field_validator("approvers", mode="before")
+    @field_validator("approvers", "webhook_repositories", "train_models", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if not isinstance(value, str):
@@ -147,6 +163,21 @@ class Settings(BaseSettings):
         if data.get("repo_token"):
             raise ValueError("repo carries credentials and repo_token is set too; keep one (KILN_REPO_TOKEN)")
         return data | {"repo": public, "repo_token": credentials}
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"KILN_DEVICE={value!r}: use auto, cpu, cuda or cuda:N (e.g. cuda:0)")
+        if value.startswith("cuda"):  # torch is imported only when CUDA is asked for: `kiln --help` stays quick
+            import torch
+
+            index, count = int(value.partition(":")[2] or 0), torch.cuda.device_count()
+            if not torch.cuda.is_available() or index >= count:
+                raise ValueError(f"KILN_DEVICE={value} but torch sees {count} CUDA GPU(s) here; "
+                                 "set KILN_DEVICE=auto or cpu")
+        return value
 
     @field_validator("home")
     @classmethod
@@ -206,10 +237,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if path is not None:
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; create it or unset KILN_CONFIG")
-        try:
-            file_values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        file_values = read_yaml(path, f"config file {path}") or {}
         if not isinstance(file_values, dict):
             raise ConfigError(f"config file {path} must be a mapping of setting: value")
         unknown = [unknown_key(key, list(Settings.model_fields)) for key in file_values
@@ -225,4 +253,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return Settings(**merged)
     except ValidationError as exc:
         problems = validation_problems(exc, model=Settings)
-        raise ConfigError(f"invalid settings ({problems}); fix the KILN_* variable or config file") from exc
+        where = f"config file {path}" if path is not None else "config file"
+        raise ConfigError(f"invalid settings ({problems}); fix the KILN_* variable or {where}") from exc

@@ -22,7 +22,7 @@ from typing import Any
 from kiln.errors import ArtifactError
 from kiln.tasks.engines.base import sha256_file
 from kiln.tasks.models.predictor import META_FILE, WEIGHT_SUFFIXES, PackageMeta, verify
-from kiln.tasks.registry.storage import _s3_error, verify_package
+from kiln.tasks.registry.storage import _s3_error, local_path, verify_package
 
 SHA_KEY = "kiln-sha256"  # user metadata: x-amz-meta-kiln-sha256
 CHUNK_BYTES = 8 << 20  # multipart part size (boto3's default); the composite checksum depends on it
@@ -118,9 +118,10 @@ def download_package(client: Any, uri: str, dst: Path, tags: Mapping[str, str] |
     if f"{prefix}/{META_FILE}" not in keys:
         raise ArtifactError(f"{uri} holds no complete Kiln package (no {META_FILE}); publish it again")
     partial = dst.with_name(dst.name + ".partial")
+    targets = [(key, local_path(partial, key[len(prefix) + 1:], uri)) for key in keys]  # all checked before any write
     shutil.rmtree(partial, ignore_errors=True)
-    for key in keys:
-        download_file(client, bucket, key, partial / key[len(prefix) + 1:])
+    for key, target in targets:
+        download_file(client, bucket, key, target)
     try:
         verify_package(partial, tags or {}, uri)
     except ArtifactError:

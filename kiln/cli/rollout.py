@@ -55,6 +55,7 @@ def start(
     from pydantic import ValidationError
 
     from kiln.errors import ConfigError, validation_problems
+    from kiln.flows import crashed
     from kiln.flows.rollout import rollout
     from kiln.tasks.rollout.launch import preflight
     from kiln.tasks.rollout.params import RolloutParams
@@ -64,7 +65,8 @@ def start(
     except ValidationError as exc:
         raise ConfigError(f"kiln rollout: {validation_problems(exc, model=RolloutParams)}") from exc
     preflight(params, settings)[1].close()  # a bad spec, token or gateway fails here, before a flow run
-    result = rollout(params)
+    with crashed.owned():  # the run carries this process: a kill is marked Crashed by the next run
+        result = rollout(params)
     raise typer.Exit(OK if result["status"] == "promoted" else DECLINED)
 
 
@@ -73,27 +75,33 @@ def start(
 def status(name: NameArg, config: ConfigOpt = None) -> None:
     """Where the last rollout of NAME stands: step, weight, and every verdict with its reasons."""
     settings = load(config)
+    from kiln.tasks.core import tags as vocab
     from kiln.tasks.registry import client as registry
     from kiln.tasks.rollout.state import RolloutStore
-    from kiln.tasks.rollout.status import describe, describe_version, last_rolled_out
+    from kiln.tasks.rollout.status import describe, describe_version, driver_gone, last_rolled_out
 
+    client = registry.connect(settings)
     state = RolloutStore(settings.home).load(name)
     if state is not None:
         typer.echo("\n".join(describe(state)))
-        return
-    # Not run from this machine: the registry still has the summary.
-    version = last_rolled_out(registry.connect(settings), name)
-    typer.echo(describe_version(version) if version is not None else f"{name}: no rollout recorded")
+        gone = driver_gone(client, name, state.challenger, state.status)
+    else:  # not run from this machine: the registry still has the summary
+        version = last_rolled_out(client, name)
+        typer.echo(describe_version(version) if version is not None else f"{name}: no rollout recorded")
+        gone = version and driver_gone(client, name, version.version, version.tags.get(vocab.ROLLOUT_STATUS))
+    if gone:
+        typer.echo(f"  STALE: {gone}")
 
 
 def _command(name: str, command: str, reason: str, key: Path | None, approver: str | None,
              config: Path | None) -> None:
     settings = load(config)
     from kiln.tasks.registry import client as registry
-    from kiln.tasks.rollout.commands import send_command
+    from kiln.tasks.rollout.commands import refuse_if_driverless, send_command
 
-    version = send_command(registry.connect(settings), name, command, settings=settings, reason=reason, key=key,
-                           approver=approver)
+    client = registry.connect(settings)
+    refuse_if_driverless(client, name)  # a command to a dead rollout would be left for the next one to ignore
+    version = send_command(client, name, command, settings=settings, reason=reason, key=key, approver=approver)
     typer.echo(f"{name} v{version}: {command} sent, signed; the rollout acts on it within its poll interval "
                f"(`kiln rollout status {name}`)")
 

@@ -220,10 +220,12 @@ def gateway(
     port = settings.gateway_port if port is None else port
     if problem := grpc_options_problem(grpc_port, champion_grpc, challenger_grpc, port):
         raise ConfigError(problem)
+    feedback = settings.gateway_feedback_token
     try:
         gw = Gateway(Upstream(urls["--champion"], champion_version), Upstream(urls["--challenger"], challenger_version),
                      settings.gateway_token.get_secret_value(), weight=weight, timeout_s=timeout,
-                     model_name=model_name, poll_s=poll_interval,
+                     model_name=model_name, poll_s=poll_interval, max_body_bytes=settings.server_max_body_bytes,
+                     feedback_token=feedback and feedback.get_secret_value(),
                      state_file=None if no_state_file else state_file or default_state_file(settings.home, port))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from typing import Annotated, NoReturn, ParamSpec, TypeVar
 import click
 import typer
 
-from kiln.errors import ExitCode, KilnError
+from kiln.errors import ExitCode, KilnError, ServiceUnavailable
 from kiln.settings import Settings, load_settings
 
 OK, INTERNAL, BAD_INPUT, DECLINED = ExitCode.OK, ExitCode.INTERNAL, ExitCode.BAD_INPUT, ExitCode.DECLINED
@@ -95,7 +96,34 @@ def exit_codes() -> Iterator[None]:
     except KilnError as exc:
         fail(exc)
     except Exception as exc:  # noqa: BLE001 - anything else is a bug, and is reported as one
+        outage = unreachable(exc)
+        if outage is not None:
+            fail(outage)
         crash(exc)
+
+
+# Raised by the HTTP stacks under MLflow, boto3 and Prefect when the other end is gone; by name, so that none of
+# those libraries has to be imported to recognise them.
+_CONNECTION_ERRORS = {"ConnectionError", "ConnectTimeout", "ConnectTimeoutError", "MaxRetryError", "ProtocolError",
+                      "EndpointConnectionError", "ConnectionClosedError", "NewConnectionError", "RemoteDisconnected",
+                      "ConnectError", "ReadError", "RemoteProtocolError"}
+
+
+def unreachable(exc: BaseException) -> ServiceUnavailable | None:
+    """``exc`` as a :class:`ServiceUnavailable` when a connection to a service failed anywhere in its chain (the
+    MLflow server or the artifact store died mid-run); None for anything else, which stays a bug."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionError) or type(current).__name__ in _CONNECTION_ERRORS:
+            where = re.search(r"https?://[^/\s'\"]+", str(exc)) or re.search(r"https?://[^/\s'\"]+", str(current))
+            target = where.group(0) if where else "a service"
+            return ServiceUnavailable(
+                f"{target} did not answer ({type(current).__name__}); check that it is up (`kiln status`) and run "
+                "the command again: finished stages are reused")
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def handle_errors(command: Callable[P, R]) -> Callable[P, R]:

@@ -7,6 +7,9 @@ served ``retrain/kiln-retrain`` deployment through the Prefect API (``PREFECT_AP
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -48,9 +51,11 @@ def retrain(
     params = _params(sha=sha, repo=repo, branch=branch, config_path=config_path, model=model,
                      chain_optimize=optimize, triggered_by=_who())
     if local:
+        from kiln.flows import crashed
         from kiln.flows.retrain import retrain as retrain_flow
 
-        summary = retrain_flow(params)
+        with _user_errors_without_tracebacks(), crashed.owned():  # a kill: Crashed by the next run
+            summary = retrain_flow(params)
         typer.echo(f"{'found' if summary['reused'] else 'registered'} {summary['name']} v{summary['version']} "
                    f"for {summary['sha'][:12]}")
         return
@@ -65,6 +70,27 @@ def retrain(
         typer.echo(f"flow run {started.name}: {state}")
         if state != _SUCCESS:
             raise typer.Exit(INTERNAL)
+
+
+@contextmanager
+def _user_errors_without_tracebacks() -> Iterator[None]:
+    """While the flow runs here, Prefect's run loggers log a bad config (a KilnError) as its one line: the CLI
+    prints it once more and exits 2; a traceback is for bugs."""
+    from kiln.errors import KilnError
+
+    def one_line(record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KilnError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    loggers = [logging.getLogger(name) for name in ("prefect.task_runs", "prefect.flow_runs")]
+    for logger in loggers:
+        logger.addFilter(one_line)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(one_line)
 
 
 def _who() -> str:

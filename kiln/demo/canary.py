@@ -112,7 +112,7 @@ def run_canary(settings: Settings, name: str, texts: list[str], labels: list[str
     with canary_stack(settings, name, faults) as (url, token):
         stop = threading.Event()
         plan = LoadPlan(url=url, model=name, texts=texts, labels=labels, requests=200_000, seconds=3600,
-                        concurrency=4, feedback=True, rate_per_s=rate_per_s, stop=stop)
+                        concurrency=4, feedback=True, feedback_token=token, rate_per_s=rate_per_s, stop=stop)
         box: dict[str, LoadSummary] = {}
         traffic = threading.Thread(target=lambda: box.update(summary=generate_load(plan)), daemon=True,
                                    name="demo-traffic")

@@ -21,6 +21,7 @@ from kiln.demo.canary import DEMO_SPEC, canary_demo
 from kiln.errors import DataError
 from kiln.flows.optimize import OptimizeParams, optimize
 from kiln.settings import Settings, load_settings
+from kiln.tasks.core.device import resolve_device
 from kiln.tasks.data import checks as datachecks
 from kiln.tasks.data.datasets import DatasetSpec, load_splits
 from kiln.tasks.lifecycle.retrain import cached_finetune
@@ -63,7 +64,8 @@ def finetune(spec: DatasetSpec, steps: int, settings: Settings) -> Path:
                             eval_every=max(steps // 4, 1))
     base = base_model_dir()
     # The shipped model is identified by where its package installed it, as it has no registry version.
-    folder, metrics, cached = cached_finetune(base, str(base), splits, splits.labels, config, settings.cache_dir)
+    folder, metrics, cached = cached_finetune(base, str(base), splits, splits.labels, config, settings.cache_dir,
+                                              resolve_device(settings.device))
     log.info("fine-tuned MiniLM (%s): %s", "cached" if cached else "trained", metrics)
     return folder
 

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from kiln.errors import ConfigError, known_keys, unknown_key, validation_problems
 from kiln.tasks.core.cache import StageCache, code_version, make_key
+from kiln.tasks.core.device import key_part
 from kiln.tasks.core.stages import Artifact, Stage, StageContext, StageResult
 from kiln.tasks.presets import PRESETS as _PRESET_DIR
 from kiln.yamlfile import read_mapping
@@ -66,6 +67,8 @@ PARAMS: dict[str, str] = {
     "weight_only": "kiln.tasks.compress.quantization.dynamic:WeightOnlyParams",
     "qat": "kiln.tasks.compress.quantization.qat:QatParams",
 }
+# Stages that train on ctx.device: off the CPU their cache key names the device (a GPU rounds differently).
+TRAINS_ON_DEVICE = frozenset({"distill", "qat"})
 
 
 class _Strict(BaseModel):
@@ -284,10 +287,12 @@ def build(recipe: Recipe, source: Artifact, source_key: str, make_ctx: Any, cach
     artifact, precision, key, records = source, "fp32", source_key, []
     # The tokenizer travels with the model: a stage may rewrite it (prune_vocab), and every later stage,
     # the quality check and the package must then use the new one.
-    tokenizer_dir = make_ctx(source.path).tokenizer_dir
+    first = make_ctx(source.path)
+    tokenizer_dir = first.tokenizer_dir
     for spec in recipe.stages:
         fn = stage_function(spec.stage)
-        key = make_key(key, spec.stage, spec.params, code_version(fn))
+        device = key_part(first.device) if spec.stage in TRAINS_ON_DEVICE else ()
+        key = make_key(key, spec.stage, spec.params, code_version(fn), *device)
         started = time.perf_counter()
 
         def run(workdir: Path, fn: Stage = fn, spec: StageSpec = spec, artifact: Artifact = artifact,

@@ -8,6 +8,11 @@ killed at any point skips what already finished when started again. A stage work
 never mistaken for a finished one; the partial folder survives a crash so that a stage which
 checkpoints (distillation) resumes where it stopped.
 
+Concurrency: :meth:`StageCache.run` computes a key under an exclusive ``flock`` on ``.<key>.lock``, so of two
+processes (or threads) asking for one key one computes and the other waits, then reuses the result. The kernel
+drops the lock when its holder dies, SIGKILL included, so a crashed holder never blocks anyone; the next holder
+discards what the crashed one may have left half-done (see :meth:`StageCache.run`).
+
 What "the code a stage runs" means (:func:`code_files`): the module that defines the stage function,
 the other modules of its package (its technique: ``prune/`` for a pruning stage), and, transitively,
 every module of Kiln (or of the stage's own top-level package) that those import, read statically from
@@ -18,20 +23,25 @@ their source, imports inside functions included, with the packages above each. T
 from __future__ import annotations
 
 import ast
+import contextlib
+import fcntl
 import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from kiln import __version__
+
+log = logging.getLogger(__name__)
 
 KILN = "kiln"  # the top-level package whose modules a key hashes (besides the stage's own package)
 
@@ -211,6 +221,9 @@ def _version(dist: str) -> str:
 # ---- the cache ---------------------------------------------------------------------------------------------------
 
 
+RESULT = "result.json"
+
+
 class StageCache:
     """Finished results under ``root/<key>/``: a ``result.json`` plus whatever files the stage wrote."""
 
@@ -222,7 +235,7 @@ class StageCache:
         return self.root / key
 
     def get(self, key: str) -> dict[str, Any] | None:
-        path = self.root / key / "result.json"
+        path = self.root / key / RESULT
         if not path.is_file():
             return None
         try:
@@ -233,18 +246,60 @@ class StageCache:
     def run(self, key: str, fn: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """Return the cached result for ``key``, or call ``fn(workdir)`` and persist what it returns.
 
+        One caller at a time computes ``key`` (an exclusive lock on ``.<key>.lock``); a caller that finds the
+        lock taken waits for it, then finds the result its holder persisted. A holder that died (any signal)
+        released the lock with its process and left its work folder behind: the next holder keeps that folder,
+        so a stage that checkpoints resumes, but drops the ``result.json`` a holder killed between writing it
+        and publishing the folder may have left, so nothing half-done is ever taken for finished. Stages write
+        their checkpoints atomically (``distill`` does: temp file, then ``os.replace``) and overwrite their
+        other outputs, so they need no more than that.
+
         Returns:
             The result and whether it came from the cache.
         """
         cached = self.get(key)
         if cached is not None:
             return cached, True
-        final = self.root / key
-        # A stable name, kept after a failure: a stage that checkpoints (distill) resumes from it.
-        work = self.root / f".{key}.partial"
-        work.mkdir(parents=True, exist_ok=True)
-        result = fn(work)
-        (work / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(work, final)
-        return result, False
+        with self._lock(key):
+            cached = self.get(key)  # computed by the holder this caller waited for
+            if cached is not None:
+                return cached, True
+            final = self.root / key
+            # A stable name, kept after a failure: a stage that checkpoints (distill) resumes from it.
+            work = self.root / f".{key}.partial"
+            work.mkdir(parents=True, exist_ok=True)
+            for stale in (RESULT, RESULT + ".tmp"):  # a crashed holder's unpublished result is not to be trusted
+                (work / stale).unlink(missing_ok=True)
+            result = fn(work)
+            tmp = work / (RESULT + ".tmp")
+            tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+            os.replace(tmp, work / RESULT)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(work, final)
+            return result, False
+
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        """Hold the exclusive ``flock`` of ``key`` (waiting for it); released on exit, or by the kernel on death.
+
+        The lock file stays: deleting it while another process waits on it would let a third lock a new file
+        of the same name. ``flock`` locks an open file description, so two threads of one process exclude each
+        other as two processes do (and a stage must not ask for its own key: it would wait for itself; stages
+        that nest keys, an evaluation and its footprint, always take them in the same order).
+
+        On a shared filesystem this holds among the processes of one machine; across machines it depends on the
+        filesystem: Linux NFS clients emulate ``flock`` with NFS byte-range locks
+        (NFSv4 leases, so a dead client's lock lapses after the lease time), older or other network filesystems
+        may lock only locally. Give each machine its own ``KILN_HOME`` (cache) when unsure; results then repeat
+        across machines but never collide.
+        """
+        fd = os.open(self.root / f".{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another run is computing %s; waiting for it to finish", key)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock

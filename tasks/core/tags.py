@@ -16,6 +16,8 @@ from collections.abc import Mapping
 CHAMPION = "champion"  # serves production traffic
 CHALLENGER = "challenger"  # passed its gate; the next version to roll out or promote
 PREVIOUS = "previous"  # the champion before the last promotion: the rollback target
+DECISIONS = frozenset({CHAMPION, CHALLENGER, PREVIOUS})  # moved only by promotion's decisions, never by point()
+BENCH = "kiln-bench"  # the serving benchmark's own alias: it moves this one, never @champion
 
 # ── model-version tags: where a version comes from (written when it is registered) ──────────────────
 CANDIDATE_KEY = "kiln.candidate_key"  # the optimize work that built it; re-runs find the version by it
@@ -28,6 +30,7 @@ METRICS = "kiln.metrics"  # JSON: the candidate's measured metrics
 STAGES = "kiln.stages"  # JSON: each stage with its params and metrics
 SHA256 = "kiln.sha256"  # JSON: the package's file checksums (checked on every download)
 SOURCE_SHA256 = "kiln.source_sha256"  # checksum of a registered folder's weights
+SOURCE_DIGEST = "kiln.source_digest"  # "files-v1:<sha256>" of every file that defines a registered folder's model
 PACKAGE_DIGEST = "kiln.package_digest"  # sha256 of the package's kiln.json bytes: pins the whole package
 ORIGIN = "kiln.origin"  # the local folder a source version was registered from
 GIT_COMMIT = "kiln.git_commit"  # Kiln's own commit that built the engine

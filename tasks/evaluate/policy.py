@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kiln.errors import ConfigError, validation_problems
 from kiln.tasks.core.stages import TaskType
 from kiln.tasks.presets import PRESETS
-from kiln.yamlfile import parse_yaml
+from kiln.yamlfile import read_yaml
 
 COMMON_METRICS = {
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "batch_latency_p50_ms", "batch_latency_p95_ms",
@@ -90,7 +90,8 @@ class Clause:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # `clause:` for `clauses:` is an error, not a policy that passes all
+    # `clause:` for `clauses:` is an error, not a policy that passes all; `.inf` / `.nan` would switch a check off
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ClauseSpec(_Strict):
@@ -189,7 +190,7 @@ def load_policy(path: Path | None, task: TaskType) -> Policy:
     path = path or PRESETS / f"policy-{task}.yaml"
     if not Path(path).is_file():
         raise ConfigError(f"policy file {path} does not exist; pass an existing YAML file to --policy")
-    raw: Any = parse_yaml(Path(path).read_text(), f"policy file {path}")
+    raw: Any = read_yaml(Path(path), f"policy file {path}")
     if not isinstance(raw, dict):
         raise ConfigError(f"policy file {path} must be a mapping with 'clauses', 'objective', 'parity'")
     try:
@@ -197,7 +198,10 @@ def load_policy(path: Path | None, task: TaskType) -> Policy:
     except ValidationError as exc:
         problems = validation_problems(exc, model=Policy)
         raise ConfigError(f"policy file {path} is invalid: {problems}") from exc
-    policy.check_metrics(task)
+    try:
+        policy.check_metrics(task)
+    except ConfigError as exc:
+        raise ConfigError(f"policy file {path}: {exc}") from None
     return policy
 
 

@@ -34,7 +34,7 @@ from kiln.tasks.core import tags as vocab
 from kiln.tasks.lifecycle import signatures
 from kiln.tasks.lifecycle.approvers import ApprovalPolicy, ApprovalRefused, Outcome, load_approval_policy
 from kiln.tasks.registry.audit import now_iso
-from kiln.tasks.registry.client import ModelRef
+from kiln.tasks.registry.client import ModelRef, versions_of
 from kiln.tasks.registry.nominations import current_nomination
 from kiln.tasks.registry.pins import pinned_digest
 
@@ -312,9 +312,8 @@ def requester_of(client: MlflowClient, mv: ModelVersion, trust: Trust) -> tuple[
         return None, f"request: for {request.model}, not {mv.name}"
     if mv.tags.get(vocab.REQUEST_ID) != request.id:
         return None, f"request: {vocab.REQUEST_ID} does not name this request"
-    name = mv.name.replace("'", "\\'")  # request.id is hex (the statement's pattern)
-    others = [v.version for v in client.search_model_versions(
-        f"name = '{name}' and tags.`{vocab.REQUEST_ID}` = '{request.id}'") if str(v.version) != str(mv.version)]
+    others = [v.version for v in versions_of(client, mv.name, **{vocab.REQUEST_ID: request.id})
+              if str(v.version) != str(mv.version)]
     if others:
         return None, f"request: also claimed by v{', v'.join(map(str, others))}"
     try:

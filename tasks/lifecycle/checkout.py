@@ -58,6 +58,25 @@ def public_repo(repo: str) -> str:
     return repo
 
 
+def same_repository(url: str, other: str) -> bool:
+    """One repository, whatever the credentials, the case of scheme and host, a trailing slash or ``.git``."""
+    def norm(value: str) -> tuple[str, str, str]:
+        parts = urlsplit(public_repo(value))
+        return parts.scheme.lower(), parts.netloc.lower(), parts.path.rstrip("/").removesuffix(".git")
+
+    try:
+        return norm(url) == norm(other)
+    except ValueError:  # an unparsable URL (bad port, bracket) is nobody's repository
+        return False
+
+
+def webhook_repository(repo: str, settings: Settings) -> bool:
+    """May a run a webhook started clone ``repo``? Only KILN_REPO or one of KILN_WEBHOOK_REPOSITORIES: a push's
+    payload never names what a worker clones on its own."""
+    allowed = ([settings.repo] if settings.repo else []) + list(settings.webhook_repositories)
+    return any(same_repository(repo, url) for url in allowed)
+
+
 def clone_credentials(repo: str, settings: Settings) -> str | None:
     """What the worker clones ``repo`` with: its ``repo_token``, and only for KILN_REPO's scheme, host and port.
 

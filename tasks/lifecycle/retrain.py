@@ -9,6 +9,13 @@ the data file and the base model reference (``sentiment@champion``). A re-run wi
 the version it registered before instead of training again, even after the alias moved (``kiln.git_sha``
 + ``kiln.config_digest`` + ``kiln.data_digest`` + ``kiln.base_model`` tags); ``kiln.base_version`` records
 which version the reference named when it was trained.
+
+A pushed config is confined (it comes from whoever can push, not from the operator): ``data`` is a
+relative path that resolves inside the checkout (no absolute path, no ``..``, no symlink out of it),
+checked before anything is copied; ``name`` is a registered model, or one KILN_TRAIN_MODELS lists; every
+number is bounded (the error names the field); YAML bombs are refused by :func:`kiln.yamlfile.read_yaml`;
+errors never quote the data. A retrained version never gets an alias by itself — not even the first
+version of a new name: the chained optimize gates it, and promotion moves aliases.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from kiln.errors import ConfigError, DataError, validation_problems
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.data.checks import DataCheckConfig
 from kiln.tasks.lifecycle.checkout import Checkout, public_repo
-from kiln.yamlfile import parse_yaml
+from kiln.yamlfile import read_yaml
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -45,6 +52,10 @@ CONFIG_FILE = "kiln-train.yaml"
 # Tags that together identify a retrained version; a re-run matching all of them registers nothing.
 IDENTITY_TAGS = (vocab.GIT_SHA, vocab.CONFIG_DIGEST, vocab.DATA_DIGEST, vocab.BASE_MODEL)
 _SHA = re.compile(r"[0-9a-fA-F]{7,64}")
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"  # a registered model name Kiln can put in paths and filters
+MAX_CONFIG_BYTES = 64 << 10  # a training config is a few lines; more is a mistake or an attack
+# Bounds on what a push may ask a worker to do; generous for fine-tuning a small classifier, finite on purpose.
+MAX_STEPS, MAX_BATCH, MAX_ROWS = 100_000, 1024, 10_000_000
 
 
 class RetrainParams(BaseModel):
@@ -90,25 +101,44 @@ class _Checks(DataCheckConfig):
 class TrainConfig(BaseModel):
     """``kiln-train.yaml``: what to fine-tune, on which data, with which budget; read at the pushed commit."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(..., description="Registered model the new version is created in.")
-    model: str | None = Field(None, description="Base model to fine-tune (NAME@ALIAS or NAME/VERSION); "
-                                                "default: NAME@champion.")
-    data: str = Field(..., description="Labelled data (.csv/.parquet/.jsonl): a path in the repository or absolute.")
-    text_column: str = Field("text", description="Column holding the input text.")
-    label_column: str = Field("label", description="Column holding the class label.")
-    limit: int | None = Field(None, gt=0, description="Keep at most this many rows (seeded sample).")
+    name: str = Field(..., pattern=_NAME, description="Registered model the new version is created in: one "
+                      "already registered, or listed in KILN_TRAIN_MODELS.")
+    model: str | None = Field(None, max_length=256, description="Base model to fine-tune (NAME@ALIAS or "
+                              "NAME/VERSION); default: NAME@champion.")
+    data: str = Field(..., min_length=1, max_length=1024, description="Labelled data (.csv/.parquet/.jsonl): a "
+                      "relative path inside the repository.")
+    text_column: str = Field("text", min_length=1, max_length=256, description="Column holding the input text.")
+    label_column: str = Field("label", min_length=1, max_length=256, description="Column holding the class label.")
+    limit: int | None = Field(None, gt=0, le=MAX_ROWS, description="Keep at most this many rows (seeded sample).")
     validation_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of rows for checkpoint selection.")
     test_fraction: float = Field(0.1, gt=0, lt=0.5, description="Share of rows held out for the optimize gate.")
-    steps: int = Field(200, ge=1, description="Optimiser steps.")
-    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
-    batch_size: int = Field(32, ge=1, description="Examples per step.")
+    steps: int = Field(200, ge=1, le=MAX_STEPS, description="Optimiser steps.")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate (AdamW).")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Examples per step.")
     max_length: int = Field(64, ge=8, le=4096, description="Longest sequence, in tokens (also the serving length).")
-    seed: int | None = Field(None, description="Seed for split and training; default: KILN_SEED.")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Seed for split and training; default: KILN_SEED.")
     data_checks: _Checks | None = Field(default_factory=_Checks, description="Data suite thresholds; null skips it.")
-    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Recipes the chained optimize builds.")
-    eval_limit: int | None = Field(None, gt=0, description="Judge the optimize candidates on this many test rows.")
+    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], max_length=16,
+                               description="Recipes the chained optimize builds.")
+    eval_limit: int | None = Field(None, gt=0, le=MAX_ROWS,
+                                   description="Judge the optimize candidates on this many test rows.")
+
+    @field_validator("recipes")
+    @classmethod
+    def _distinct_recipes(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("must name at least one recipe, each once, e.g. [onnx-fp32, int8-dynamic]")
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _in_repository(cls, value: str) -> str:
+        path = Path(value)
+        if path.is_absolute() or ".." in path.parts or "\x00" in value or "\\" in value:
+            raise ValueError("must be a relative path inside the repository, without '..', e.g. data/reviews.csv")
+        return value
 
     def base_ref(self, override: str | None) -> str:
         return override or self.model or f"{self.name}@champion"
@@ -123,6 +153,7 @@ class RetrainPlan:
     config: TrainConfig
     data: DatasetSpec  # points at a content-addressed copy of the data file under KILN_HOME
     tags: dict[str, str] = field(default_factory=dict)
+    new_model: bool = False  # no such registered model yet: its first version is registered without an alias
 
     @property
     def identity(self) -> dict[str, str]:
@@ -138,11 +169,16 @@ def _inside(tree: Path, relative: str, what: str) -> Path:
 
 
 def load_config(path: Path, where: str) -> TrainConfig:
-    """Parse and validate a training config; errors name ``where`` (``repo@sha:kiln-train.yaml``)."""
+    """Parse and validate a training config; errors name ``where`` (``repo@sha:kiln-train.yaml``).
+
+    Errors name fields and lines, never quote the file: it may be a symlink's target or someone else's data.
+    """
     if not path.is_file():
         raise ConfigError(f"{where} does not exist; commit a training config there (see examples/kiln-train.yaml) "
                           "or pass --config-path")
-    raw = parse_yaml(path.read_text(), where)
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{where} is larger than {MAX_CONFIG_BYTES} bytes; a training config is a few lines")
+    raw = read_yaml(path, where)  # bounded: not UTF-8, alias bombs, deep nesting are one-line errors
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping of field: value (name, data, steps, ...)")
     try:
@@ -150,6 +186,22 @@ def load_config(path: Path, where: str) -> TrainConfig:
     except ValidationError as exc:
         problems = validation_problems(exc, model=TrainConfig)
         raise ConfigError(f"{where} is invalid: {problems}; fix it and push again") from exc
+
+
+def check_name(name: str, settings: Settings, client: MlflowClient, where: str) -> bool:
+    """Refuse a model name the config may not train into; True when it is not registered yet (a new name)."""
+    from kiln.tasks.registry import client as registry
+
+    registered = registry.model_exists(client, name)
+    if settings.train_models:  # unset or empty: registered names only
+        if name not in settings.train_models:
+            raise ConfigError(f"{where} names model {name!r}, which KILN_TRAIN_MODELS does not list; train one of "
+                              f"{', '.join(settings.train_models)} or add it there")
+    elif not registered:
+        raise ConfigError(f"{where} names model {name!r}, which is not registered; a pushed config retrains "
+                          "registered models only: register it first (`kiln register`) or list it in "
+                          "KILN_TRAIN_MODELS")
+    return not registered
 
 
 def _sha256(path: Path) -> str:
@@ -166,10 +218,19 @@ def plan(params: RetrainParams, tree: Checkout, settings: Settings, client: Mlfl
     where = f"{public_repo(tree.repo)}@{tree.sha[:12]}:{params.config_path}"
     config_file = _inside(tree.path, params.config_path, "config_path")
     config = load_config(config_file, where)
-    data_file = Path(config.data) if Path(config.data).is_absolute() else _inside(tree.path, config.data, "data")
+    new_model = check_name(config.name, settings, client, where)
+    data_file = _inside(tree.path, config.data, f"{where}: data")  # resolved: a symlink out of the tree is refused
     if not data_file.is_file():
-        raise DataError(f"{where} names data {config.data!r}, which does not exist at that commit; commit the "
-                        "file or give an absolute path the worker can read")
+        raise DataError(f"{where} names data {config.data!r}, which is not a file at that commit; commit it")
+    seed = settings.seed if config.seed is None else config.seed
+    try:  # validated on the checkout's path; only then is anything copied
+        spec = DatasetSpec(source=str(data_file), text_column=config.text_column, label_column=config.label_column,
+                           validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
+                           seed=seed, limit=config.limit)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {validation_problems(exc)}") from exc
+    base = config.base_ref(params.model)
+    registry.resolve(client, registry.ModelRef.parse(base))  # fail now on a bad name or alias, before training
     data_digest = _sha256(data_file)
     # The checkout is temporary; the version records (and the chained optimize reads) a stable copy.
     kept = settings.home / "datasets" / f"{data_digest[:16]}{data_file.suffix.lower()}"
@@ -177,15 +238,7 @@ def plan(params: RetrainParams, tree: Checkout, settings: Settings, client: Mlfl
         kept.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data_file, kept.with_suffix(".partial"))
         os.replace(kept.with_suffix(".partial"), kept)
-    seed = settings.seed if config.seed is None else config.seed
-    try:
-        spec = DatasetSpec(source=str(kept), text_column=config.text_column, label_column=config.label_column,
-                           validation_fraction=config.validation_fraction, test_fraction=config.test_fraction,
-                           seed=seed, limit=config.limit)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: {validation_problems(exc)}") from exc
-    base = config.base_ref(params.model)
-    registry.resolve(client, registry.ModelRef.parse(base))  # fail now on a bad name or alias, before training
+    spec = spec.model_copy(update={"source": str(kept)})
     tags = {
         vocab.GIT_SHA: tree.sha,
         vocab.GIT_REPO: public_repo(tree.repo),
@@ -197,14 +250,15 @@ def plan(params: RetrainParams, tree: Checkout, settings: Settings, client: Mlfl
         vocab.BASE_MODEL: base,
         vocab.TRIGGERED_BY: params.triggered_by,
     }
-    return RetrainPlan(config.name, base, config, spec, tags)
+    return RetrainPlan(config.name, base, config, spec, tags, new_model)
 
 
 def find_retrained(client: MlflowClient, retrain_plan: RetrainPlan) -> ModelVersion | None:
     """The version registered before from the same commit, config, data and base, if any."""
+    from kiln.tasks.registry import client as registry
+
     identity = retrain_plan.identity
-    found = client.search_model_versions(
-        f"name = '{retrain_plan.name}' and tags.`{vocab.GIT_SHA}` = '{identity[vocab.GIT_SHA]}'")
+    found = registry.versions_of(client, retrain_plan.name, **{vocab.GIT_SHA: identity[vocab.GIT_SHA]})
     same = [v for v in found if all(v.tags.get(k) == value for k, value in identity.items())]
     return max(same, key=lambda v: int(v.version)) if same else None
 
@@ -238,6 +292,7 @@ def finetune(retrain_plan: RetrainPlan, splits: Splits, settings: Settings, clie
 
     An engine reference (``NAME@challenger`` built by optimize) is followed back to its Hugging Face source.
     """
+    from kiln.tasks.core.device import resolve_device
     from kiln.tasks.models.finetune import FinetuneConfig
     from kiln.tasks.optimize.candidates import resolve_source
     from kiln.tasks.registry import client as registry
@@ -252,7 +307,8 @@ def finetune(retrain_plan: RetrainPlan, splits: Splits, settings: Settings, clie
     config = FinetuneConfig(max_steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.learning_rate,
                             seq_len=cfg.max_length, eval_every=max(cfg.steps // 4, 1),
                             seed=retrain_plan.data.seed, threads=settings.threads)
-    folder, metrics, cached = cached_finetune(source.folder, source.key, splits, labels, config, settings.cache_dir)
+    folder, metrics, cached = cached_finetune(source.folder, source.key, splits, labels, config, settings.cache_dir,
+                                              resolve_device(settings.device))
     base_version = f"{source.version.name}/{source.version.version}"
     log.info("fine-tuned %s at %s (%s): %s", base_version, retrain_plan.tags[vocab.GIT_SHA][:12],
              "cached" if cached else "trained", metrics)
@@ -260,7 +316,7 @@ def finetune(retrain_plan: RetrainPlan, splits: Splits, settings: Settings, clie
 
 
 def cached_finetune(base: Path, base_key: str, splits: Splits, labels: tuple[str, ...], config: FinetuneConfig,
-                    cache_dir: Path) -> tuple[Path, dict[str, float], bool]:
+                    cache_dir: Path, device: str = "cpu") -> tuple[Path, dict[str, float], bool]:
     """Fine-tune the classifier in ``base`` on ``splits`` once; later calls with the same inputs reuse it.
 
     The demo's fine-tune goes through here too, so there is one cached fine-tune.
@@ -269,18 +325,21 @@ def cached_finetune(base: Path, base_key: str, splits: Splits, labels: tuple[str
         base: the Hugging Face folder to start from.
         base_key: what identifies that model (a registry version's key, or the folder of a shipped model).
         labels: the class labels, in the order the classifier head uses.
+        device: the resolved torch device to train on; the key names it only off the CPU.
 
     Returns:
         The fine-tuned folder (the best checkpoint), its metrics, and whether it came from the cache.
     """
     from kiln.tasks.core.cache import StageCache, code_version, make_key
+    from kiln.tasks.core.device import key_part
     from kiln.tasks.models.finetune import finetune_classifier
 
-    key = make_key("finetune", base_key, splits.digest, labels, config.model_dump(), code_version(finetune_classifier))
+    key = make_key("finetune", base_key, splits.digest, labels, config.model_dump(), code_version(finetune_classifier),
+                   *key_part(device))
 
     def run(workdir: Path) -> dict[str, Any]:
         return {"metrics": finetune_classifier(base, splits.train, splits.validation, labels, workdir / "model",
-                                               config)}
+                                               config, device=device)}
 
     cache = StageCache(cache_dir)
     result, cached = cache.run(key, run)
@@ -304,15 +363,19 @@ def register_trained(retrain_plan: RetrainPlan, trained: Trained, settings: Sett
                      client: MlflowClient) -> ModelVersion:
     """Register the fine-tuned folder in ``name`` with the commit, digests and trigger as tags.
 
-    The first version of a new name becomes its ``champion`` (as ``kiln register`` does); later ones get
-    no alias: the chained optimize gates them against the champion.
+    No alias, ever — not even for the first version of a new name (``kiln register`` would make it the
+    champion): what a push trained passes the chained optimize's gate and a promotion before it serves.
     """
     from kiln.tasks.registry.onboard import register_folder
 
     tags = retrain_plan.tags | {vocab.BASE_VERSION: trained.base_version,
                                 vocab.TRAIN_METRICS: json.dumps(trained.metrics, sort_keys=True)}
     version = register_folder(client, settings, trained.folder, retrain_plan.name, "sequence-classification",
-                              retrain_plan.data, seq_len=retrain_plan.config.max_length, extra_tags=tags)
+                              retrain_plan.data, alias=None, seq_len=retrain_plan.config.max_length,
+                              extra_tags=tags)
+    if retrain_plan.new_model:
+        log.warning("%s is a new model: v%s is registered without an alias (not @champion); promote it with "
+                    "`kiln promote` once it has passed its gate", version.name, version.version)
     if version.tags.get(vocab.GIT_SHA) != retrain_plan.tags[vocab.GIT_SHA]:
         log.info("identical weights are already registered as %s v%s (from %s); reusing it", version.name,
                  version.version, version.tags.get(vocab.GIT_SHA, "outside retraining"))

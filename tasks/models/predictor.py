@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
@@ -52,12 +52,41 @@ class PackageMeta:
         if not path.is_file():
             raise ArtifactError(f"{folder} is not a Kiln model package (no {META_FILE}); re-register the model")
         try:
-            return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise ArtifactError(f"{path} is corrupt ({exc}); re-register the model") from exc
+            raw = json.loads(path.read_bytes())
+        except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, a number past Python's digit limit
+            raise ArtifactError(f"{path} is corrupt ({str(exc).splitlines()[0][:120]}); re-register the model"
+                                ) from None
+        problem = _meta_problem(raw)
+        if problem:
+            raise ArtifactError(f"{path} is corrupt ({problem}); re-register the model")
+        return cls(**raw)
 
     def write(self, folder: Path) -> None:
         (folder / META_FILE).write_text(json.dumps(self.__dict__, indent=2, sort_keys=True))
+
+
+_META_TYPES = {"format": str, "task": str, "labels": list, "seq_len": int, "precision": str, "recipe": str,
+               "engine": dict, "sha256": dict}
+
+
+def _meta_problem(raw: Any) -> str | None:
+    """What makes a decoded ``kiln.json`` unusable (naming the field), or None."""
+    if not isinstance(raw, dict):
+        return "not a JSON object"
+    missing = [key for key in ("format", "task") if key not in raw]
+    unknown = [str(key) for key in raw if key not in _META_TYPES]
+    if missing or unknown:
+        return f"missing {missing}" if missing else f"unknown field(s) {unknown[:5]}"
+    for key, kind in _META_TYPES.items():
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            return f"{key} must be a {kind.__name__}, not {type(raw[key]).__name__}"
+    if raw["task"] not in get_args(TaskType):
+        return f"task {str(raw['task'])[:40]!r} is not one of {list(get_args(TaskType))}"
+    if not 0 < raw.get("seq_len", 64) <= 1 << 20:
+        return "seq_len must be between 1 and 1048576"
+    if not all(isinstance(v, str) for v in [*raw.get("labels", []), *raw.get("sha256", {}).values()]):
+        return "labels and sha256 values must be strings"
+    return None
 
 
 def package(artifact: Artifact, tokenizer_dir: Path, out_dir: Path, meta: PackageMeta) -> Path:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from kiln.settings import Settings
 from kiln.tasks.compress.recipes import BuiltCandidate
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.core.cache import StageCache, code_version, make_key
+from kiln.tasks.core.device import resolve_device
 from kiln.tasks.core.stages import StageContext
 from kiln.tasks.data.datasets import DatasetSpec, Splits
 from kiln.tasks.engines import EngineOptions
@@ -102,11 +105,13 @@ def _recorded_dataset(version: ModelVersion) -> DatasetSpec:
 def stage_context_factory(source: Source, splits: Splits, settings: Settings, seq_len: int
                           ) -> Callable[[Path], StageContext]:
     """``workdir -> StageContext`` for the recipe runner: the same data and knobs for every stage."""
+    device = resolve_device(settings.device)
+
     def make(workdir: Path) -> StageContext:
         return StageContext(task=source.meta.task, workdir=workdir, tokenizer_dir=source.folder,
                             train=splits.train, validation=splits.validation, labels=splits.labels,
                             source_dir=source.folder, seq_len=seq_len, seed=settings.seed,
-                            threads=settings.threads)
+                            threads=settings.threads, device=device)
 
     return make
 
@@ -116,12 +121,22 @@ def package_candidate(built: BuiltCandidate, source: Source, cache: StageCache, 
     """The candidate's Kiln package (engine + tokenizer + checksums), made once per backend."""
     # "m2": packages whose kiln.json lists every file; a cached older one (weights only) would be refused.
     folder = cache.folder(built.key) / f"package-{backend}-seq{seq_len}-m2"
-    if not (folder / "kiln.json").exists():
-        meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels),
-                           seq_len=seq_len, precision=built.precision, recipe=built.recipe.name)
-        package(built.artifact, built.tokenizer_dir, folder, meta)
-        if backend == "tensorrt":
-            add_tensorrt_plan(folder)
+    if (folder / "kiln.json").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # left by a version of Kiln that wrote packages in place
+    # Built aside and renamed into place: a run killed mid-write leaves a stray folder, never a half package
+    # (an empty kiln.json) that the next run would take for a finished one.
+    work = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(work, ignore_errors=True)
+    meta = PackageMeta(format="onnx", task=source.meta.task, labels=list(source.meta.labels),
+                       seq_len=seq_len, precision=built.precision, recipe=built.recipe.name)
+    package(built.artifact, built.tokenizer_dir, work, meta)
+    if backend == "tensorrt":
+        add_tensorrt_plan(work)
+    try:
+        os.replace(work, folder)
+    except OSError:  # another run finished the same package first: theirs is as good
+        shutil.rmtree(work, ignore_errors=True)
     return folder
 
 

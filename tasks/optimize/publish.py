@@ -6,6 +6,11 @@ only then does the ``challenger`` alias move (through :mod:`kiln.tasks.registry.
 registration runs under the model's ``publish`` lease, so it refuses (and registers nothing) while a
 rollout, a promotion or a rollback of the model holds it. Re-running the same work finds the version it
 registered before (tag ``kiln.candidate_key``) instead of registering a duplicate.
+
+Two optimize runs of one model (two machines, or a redelivered trigger) therefore never register twice: the
+check for that version and the registration both happen under the lease, which one holder at a time takes
+(across processes and machines: :mod:`kiln.tasks.registry.lease`). A run that finds another *publish* holding
+the lease waits for it, a few seconds as a rule, up to ``PUBLISH_WAIT_S``, and then finds what it registered.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ from kiln.tasks.core import tags as vocab
 from kiln.tasks.optimize.candidates import Evaluated, Source, git_commit
 from kiln.tasks.registry import aliases, audit
 from kiln.tasks.registry import client as registry
-from kiln.tasks.registry.lease import ModelLease
+from kiln.tasks.registry.lease import ModelLease, wait_for_publish
 from kiln.tasks.registry.pins import package_digest
 from kiln.tasks.registry.pyfunc import log_package
 
 log = logging.getLogger(__name__)
+
+PUBLISH_WAIT_S = 120.0  # how long to wait while another run publishes the same model (a publish takes seconds)
 
 
 def mlflow_key(text: str) -> str:
@@ -57,14 +64,18 @@ def log_candidate(run_id: str, cand: Evaluated, staging: Path) -> str:
 
 
 def register_candidate(client: MlflowClient, source: Source, cand: Evaluated, model_id: str, run_id: str,
-                       extra_tags: dict[str, str], home: Path) -> ModelVersion:
+                       extra_tags: dict[str, str], home: Path, *, wait_s: float = PUBLISH_WAIT_S) -> ModelVersion:
     """Register ``cand`` (once) as a new version of the source's registered model; move ``challenger``.
 
-    Under the model's ``publish`` lease: :class:`~kiln.tasks.registry.lease_record.LeaseHeld` while someone
-    else acts.
+    Under the model's ``publish`` lease: waits (up to ``wait_s``) while another run publishes the model, then
+    finds the version that run registered if it was this candidate;
+    :class:`~kiln.tasks.registry.lease_record.LeaseHeld` at once while a rollout, promotion or rollback acts.
     """
-    with ModelLease(client, source.version.name, home, purpose="publish") as lease:
+    lease = wait_for_publish(client, source.version.name, home, wait_s)
+    try:
         return _register(client, source, cand, model_id, run_id, extra_tags, home, lease)
+    finally:
+        lease.release()
 
 
 def _register(client: MlflowClient, source: Source, cand: Evaluated, model_id: str, run_id: str,

@@ -6,6 +6,7 @@ aliases it expects before and after.
     claim_first       @champion set when there is none  (a newly registered model)
     promote           @champion → @previous, @challenger → @champion, @challenger removed
     restore_previous  @previous → @champion, @previous removed (the demoted champion keeps no alias)
+    point / drop      any other alias set or removed     (an operator's own alias, the serving benchmark's)
 
 MLflow moves one alias per call, so a promotion is three calls; they are ordered so that a crash
 half-way leaves a state the next ``promote`` finishes (``champion`` and ``challenger`` on the same
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from kiln.errors import ConfigError
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.registry.client import aliases_of
 from kiln.tasks.registry.lease import ModelLease
@@ -133,6 +135,38 @@ def restore_previous(client: MlflowClient, name: str, *, home: Path, expected: d
         client.delete_registered_model_alias(name, vocab.PREVIOUS)
         _expect(client, name, _without(expected, vocab.PREVIOUS) | {vocab.CHAMPION: target}, after=True)
     return expected.get(vocab.CHAMPION)
+
+
+def point(client: MlflowClient, name: str, alias: str, version: str, *, home: Path,
+          lease: ModelLease | None = None) -> None:
+    """Point ``alias`` at ``version`` (a ``publish`` lease), for aliases Kiln does not decide on.
+
+    @champion, @challenger and @previous are refused: they move only through the decisions above, so that no
+    version reaches them without its gate and approvals (the serving benchmark swaps ``@kiln-bench``).
+    """
+    _not_a_decision(alias)
+    with under_lease(client, name, home, lease, "publish", version):
+        before = aliases_of(client, name)
+        client.set_registered_model_alias(name, alias, str(version))
+        _expect(client, name, before | {alias: str(version)}, after=True)
+
+
+def drop(client: MlflowClient, name: str, alias: str, *, home: Path, lease: ModelLease | None = None) -> bool:
+    """Remove ``alias`` (not one of Kiln's decisions) when it is set; returns whether it was."""
+    _not_a_decision(alias)
+    with under_lease(client, name, home, lease, "publish"):
+        before = aliases_of(client, name)
+        if alias not in before:
+            return False
+        client.delete_registered_model_alias(name, alias)
+        _expect(client, name, _without(before, alias), after=True)
+    return True
+
+
+def _not_a_decision(alias: str) -> None:
+    if alias in vocab.DECISIONS:
+        raise ConfigError(f"@{alias} moves only through promotion (kiln promote / kiln rollout / kiln rollback), "
+                         "never by pointing it")
 
 
 def _without(aliases: dict[str, str], alias: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from kiln.settings import Settings, load_settings
 from kiln.tasks.core import tags as vocab
+from kiln.tasks.registry.client import versions_of
 
 AUDIT_FILE = "audit.jsonl"  # the events it holds are named in kiln.tasks.core.tags (EVENT_*)
 
@@ -133,7 +134,7 @@ def history(client: MlflowClient, name: str, log: AuditLog) -> list[AuditEvent]:
     """
     logged = log.read(name)
     seen = {(e.version, e.event) for e in logged}
-    from_tags = [e for v in client.search_model_versions(f"name = '{name}'") for e in events_from_tags(name, v)
+    from_tags = [e for v in versions_of(client, name) for e in events_from_tags(name, v)
                  if (e.version, e.event) not in seen]
     return sorted(logged + from_tags, key=lambda e: (e.timestamp, int(e.version) if e.version.isdigit() else 0))
 

@@ -44,13 +44,16 @@ class ModelRef:
             raise ConfigError("empty model reference; write NAME, NAME@ALIAS or NAME/VERSION")
         if "@" in text:
             name, alias = text.rsplit("@", 1)
-            if not name or not re.fullmatch(r"[\w\-]+", alias):
+            if not name or not re.fullmatch(r"[\w\-]+", alias, flags=re.ASCII):
                 raise ConfigError(f"bad model reference {text!r}; write NAME@ALIAS, e.g. sentiment@champion")
-            return cls(name, alias=alias)
-        m = re.fullmatch(r"(.+)/(\d+)", text)
-        if m:
-            return cls(m.group(1), version=m.group(2))
-        return cls(text, alias=vocab.CHAMPION)
+            return cls(check_name(name), alias=alias)
+        name, _, version = text.rpartition("/")
+        if re.fullmatch(r"[1-9]\d{0,9}", version) and name:
+            return cls(check_name(name), version=version)
+        if re.fullmatch(r"[-+]?\d+(\.\d*)?", version):  # 0, -1, 01, 2.0: meant as a version, but not one
+            raise ConfigError(f"bad model reference {text!r}: versions are whole numbers from 1; write NAME/VERSION "
+                              "(e.g. sentiment/3), NAME@ALIAS or NAME")
+        return cls(check_name(text), alias=vocab.CHAMPION)
 
     def __str__(self) -> str:
         return f"{self.name}/{self.version}" if self.version else f"{self.name}@{self.alias}"
@@ -153,9 +156,48 @@ def fetch_package(client: MlflowClient, version: ModelVersion, dst: Path) -> Pat
     return folder
 
 
+def check_name(name: str, *, new: bool = False) -> str:
+    """``name`` if it can name a registered model, else :class:`ConfigError` saying why.
+
+    Control characters cannot be shown or typed back; a name holding both quote characters cannot be searched
+    for (:func:`literal`); a ``new`` name (one about to be registered) may not hold ``/`` or ``:``, which MLflow
+    refuses.
+    """
+    if not name or name != name.strip():
+        raise ConfigError(f"bad model name {name!r}: it is empty or starts or ends with spaces")
+    bad = sorted({c for c in name if (new and c in "/:") or ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise ConfigError(f"bad model name {name!r}: it may not contain {', '.join(map(repr, bad))}; use letters, "
+                          "digits, '-', '_' and '.'")
+    literal(name)
+    return name
+
+
+def literal(value: str, what: str = "model name") -> str:
+    """``value`` as a string literal in an MLflow search filter, quotes included.
+
+    MLflow's filter grammar has no escape character (``\\'`` and ``''`` both match nothing): a value is written
+    in single quotes, or in double quotes when it holds a single one. A value holding both cannot be written
+    at all and is refused (:class:`ConfigError`), never searched for as something else.
+    """
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{what} {value!r} holds both ' and \", which an MLflow registry search cannot express; "
+                      "use a name without quotes")
+
+
+def versions_of(client: MlflowClient, name: str, **tags: str) -> list[ModelVersion]:
+    """Every version of ``name`` (carrying each ``tags`` key=value, when given), the name quoted safely."""
+    clauses = [f"name = {literal(name)}", *(f"tags.`{key}` = {literal(value, 'tag value')}"
+                                             for key, value in tags.items())]
+    return list(client.search_model_versions(" and ".join(clauses)))
+
+
 def find_version(client: MlflowClient, name: str, tag: str, value: str) -> ModelVersion | None:
     """The newest version of ``name`` carrying ``tag=value`` (how re-runs avoid duplicate versions)."""
-    found = client.search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'")
+    found = versions_of(client, name, **{tag: value})
     return max(found, key=lambda v: int(v.version)) if found else None
 
 

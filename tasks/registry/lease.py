@@ -173,10 +173,11 @@ class ModelLease:
                 return
             if info is not None and info.problem:
                 raise LeaseCorrupt(info.corrupt_message())
-            if info is not None and not info.expired():
+            if info is not None and not info.expired() and not info.holder_gone():
                 raise LeaseHeld(info.held_message(), info)
             if info is not None:
-                log.warning("taking over the expired lease of %s: %s", self.name, info.summary())
+                why = "expired" if info.expired() else "dead holder's"  # a killed holder on this machine
+                log.warning("taking over the %s lease of %s: %s", why, self.name, info.summary())
                 try:
                     self.client.delete_registered_model(self.model)
                 except REGISTRY_ERRORS as exc:
@@ -262,3 +263,21 @@ class ModelLease:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the flock
             self._fd = None
+
+
+def wait_for_publish(client: MlflowClient, name: str, home: Path, wait_s: float, *, poll_s: float = 0.5) -> ModelLease:
+    """The ``publish`` lease of ``name``, taken; waits up to ``wait_s`` while another publish holds it (or a holder
+    on this machine that has not said yet what it does), never for a rollout, promotion or rollback.
+
+    For registrations, whose check ("is this already registered?") and write must not interleave with another
+    run's: the second of two runs publishing the same thing waits a few seconds, then finds the first one's version.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ModelLease(client, name, home, purpose="publish").acquire()
+        except LeaseHeld as exc:
+            if (exc.info is not None and exc.info.purpose != "publish") or time.monotonic() >= deadline:
+                raise
+            log.info("another run is publishing %s; waiting for it (%s)", name, exc)
+            time.sleep(poll_s)

@@ -12,6 +12,7 @@ corrupt (:class:`LeaseCorrupt`): refused with how to clear it, never taken over 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,20 @@ class LeaseInfo:
     def expired(self, now: float | None = None) -> bool:
         """Whether a sound lease's expiry has passed (a corrupt one never expires: it must be cleared)."""
         return self.problem is None and self.expires is not None and self.expires <= (now or time.time())
+
+    def holder_gone(self) -> bool:
+        """Whether the holder ran on this machine and its process no longer exists (killed: it cannot release)."""
+        host, _, rest = self.owner.partition(":")
+        pid = rest.partition(":")[0]
+        if host != os.uname().nodename or not pid.isdigit():
+            return False
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # exists, someone else's
+            return False
+        return False
 
     def doing(self) -> str:
         """``a canary rollout of v5``."""

@@ -2,14 +2,21 @@
 
 The folder is checked (config, weights, tokenizer, task), packaged with checksums, logged as a pyfunc
 model and registered with its dataset recorded, so that ``kiln optimize NAME`` needs nothing else.
-Registering the same weights twice returns the existing version.
+Registering the same folder twice returns the existing version; a folder whose weights, config, tokenizer or
+any other file that defines the model changed is a new version (:func:`source_digest`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import logging
+import os
+import re
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlflow
@@ -28,6 +35,29 @@ from kiln.tasks.registry.pins import package_digest
 from kiln.tasks.registry.pyfunc import log_package
 
 log = logging.getLogger(__name__)
+
+DIGEST_SCHEME = "files-v1"  # what source_digest covers; a new scheme gets a new name, so old digests never match
+# Files that never define a model: what file managers and editors leave behind, and documentation (a model card).
+IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+IGNORED_SUFFIXES = (".md",)
+
+
+def source_digest(path: Path) -> str:
+    """``files-v1:<sha256>`` over the name and sha256 of every file that defines the model in folder ``path``.
+
+    Weights, config, tokenizer files, generation config, label files...: every top-level file, as the package
+    copies them, by name in sorted order, except hidden files, OS litter and Markdown documentation. So a changed
+    ``tokenizer_config.json`` is a new version, a ``.DS_Store`` or an edited README is not.
+    """
+    digest = hashlib.sha256()
+    for item in sorted(path.iterdir(), key=lambda p: p.name):
+        if item.is_file() and not _ignored(item.name):
+            digest.update(f"{item.name}\0{sha256_file(item)}\n".encode())
+    return f"{DIGEST_SCHEME}:{digest.hexdigest()}"
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_FILES or name.lower().endswith(IGNORED_SUFFIXES)
 
 
 def inspect_folder(path: Path, task: TaskType) -> list[str]:
@@ -57,24 +87,23 @@ def register_folder(client: MlflowClient, settings: Settings, path: Path, name: 
                     extra_tags: dict[str, str] | None = None) -> ModelVersion:
     """Package and register ``path`` as a version of ``name``; set ``alias`` when there is none yet.
 
-    The weights' digest and the package pin go on when the version is created, so registering the same
-    weights again finds that version, and a registration that crashed half-way is finished by the next one:
-    its missing tags are written, the stored package is checked against the pin, and only then may an alias
-    move.
+    The weights' digest and the package pin go on when the version is created, the source digest with the
+    other tags, so registering the same folder again finds that version (:func:`_registered`), and a
+    registration that crashed half-way is finished by the next one: its missing tags are written, the stored
+    package is checked against the pin, and only then may an alias move.
     """
     labels = inspect_folder(path, task)
     weights = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    digest = sha256_file(weights[0])
-    existing = registry.find_version(client, name, vocab.SOURCE_SHA256, digest) \
-        if registry.model_exists(client, name) else None
-    with tempfile.TemporaryDirectory() as tmp:
+    digest, source = sha256_file(weights[0]), source_digest(path)
+    with _registering(settings.home, name), tempfile.TemporaryDirectory() as tmp:
+        existing, packaged = _registered(client, name, path, digest, source, lambda: _package(
+            path, task, labels, seq_len, Path(tmp)))
         if existing is not None:
             log.info("%s is already registered as %s v%s", path, name, existing.version)
             version, run_id = existing, existing.run_id or ""
-            pinned = existing.tags.get(vocab.PACKAGE_DIGEST) or package_digest(_package(path, task, labels, seq_len,
-                                                                                       Path(tmp)))
+            pinned = existing.tags.get(vocab.PACKAGE_DIGEST) or package_digest(packaged())
         else:
-            folder = _package(path, task, labels, seq_len, Path(tmp))
+            folder = packaged()
             pinned = package_digest(folder)
             experiment = registry.ensure_experiment(client, settings)
             with mlflow.start_run(experiment_id=experiment, run_name=f"register {name}") as run:
@@ -84,8 +113,10 @@ def register_folder(client: MlflowClient, settings: Settings, path: Path, name: 
                                             tags={vocab.SOURCE_SHA256: digest, vocab.PACKAGE_DIGEST: pinned})
         tags = {vocab.TASK: task, vocab.RECIPE: "source", vocab.PRECISION: "fp32", vocab.SOURCE_SHA256: digest,
                 vocab.DATASET: data.model_dump_json(), vocab.ORIGIN: str(path), vocab.RUN_ID: run_id,
-                vocab.PACKAGE_DIGEST: pinned}
-        if existing is None or not set(tags) <= set(existing.tags):  # new, or a registration that stopped half-way
+                vocab.PACKAGE_DIGEST: pinned, vocab.SOURCE_DIGEST: source}
+        # New, or a registration that stopped half-way. (A version registered before source digests existed gets
+        # its digest added, and is otherwise complete.)
+        if existing is None or not set(tags) - {vocab.SOURCE_DIGEST} <= set(existing.tags):
             tags |= extra_tags or {}  # a complete version found again keeps its own story (e.g. who retrained it)
         version, _ = registry.complete_tags(client, version, tags)
         # What the store holds, read back against the pin; into a scratch folder, so every later command still
@@ -94,6 +125,50 @@ def register_folder(client: MlflowClient, settings: Settings, path: Path, name: 
     if alias:
         aliases.claim_first(client, name, version.version, home=settings.home, alias=alias)
     return client.get_model_version(name, version.version)
+
+
+@contextlib.contextmanager
+def _registering(home: Path, name: str) -> Iterator[None]:
+    """This machine's lock on registering into ``name``, held from "is it registered?" to the tags: two runs
+    registering the same folder at once (two retrains of one push) make one version, the second finds it.
+
+    A file lock (released by the kernel if its holder dies), not the model's lease: registering moves no alias,
+    so a canary rollout holding the lease must not block it. Runs on two machines sharing a registry are not
+    serialised by it; they may each register the folder once.
+    """
+    folder = home / "locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / ("register-" + re.sub(r"[^\w.-]", "_", name) + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _registered(client: MlflowClient, name: str, path: Path, weights_sha: str, source: str,
+                package_now: Callable[[], Path]) -> tuple[ModelVersion | None, Callable[[], Path]]:
+    """The version ``path`` was registered as before (None: none), and the folder's package (built once, lazily).
+
+    Found by its source digest; a version registered before source digests existed (only the weights' sha256)
+    counts when the package this folder makes now is exactly the one it pinned, config and tokenizer included.
+    """
+    built: list[Path] = []
+
+    def packaged() -> Path:
+        if not built:
+            built.append(package_now())
+        return built[0]
+
+    if not registry.model_exists(client, name):
+        return None, packaged
+    found = registry.find_version(client, name, vocab.SOURCE_DIGEST, source)
+    if found is None:
+        legacy = registry.find_version(client, name, vocab.SOURCE_SHA256, weights_sha)
+        if legacy is not None and vocab.SOURCE_DIGEST not in legacy.tags \
+                and legacy.tags.get(vocab.PACKAGE_DIGEST) == package_digest(packaged()):
+            found = legacy
+    return found, packaged
 
 
 def _package(path: Path, task: TaskType, labels: list[str], seq_len: int, tmp: Path) -> Path:

@@ -28,10 +28,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from kiln.errors import ArtifactError
+from kiln.errors import ArtifactError, ConfigError
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.models.predictor import PackageMeta, Predictor
 from kiln.tasks.registry.pins import check_pin, package_digest
+from kiln.yamlfile import read_yaml
 
 PACKAGE_ARTIFACT = "model"
 MLMODEL = "MLmodel"
@@ -91,9 +92,11 @@ def _registered_as(model_dir: Path) -> tuple[str | None, str | None]:
     if not path.is_file():
         return None, None
     try:
-        meta = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ArtifactError(f"{path} is unreadable ({exc.__class__.__name__}); load the model again") from exc
+        meta = read_yaml(path, str(path)) or {}
+    except ConfigError as exc:
+        raise ArtifactError(f"{exc}; load the model again") from exc
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{path} must be a mapping with model_name and model_version; load the model again")
     name, version = meta.get("model_name"), meta.get("model_version")
     return (str(name), str(version)) if name and version else (None, None)
 

@@ -80,6 +80,19 @@ def verify_package(folder: Path, tags: Mapping[str, str], what: str | None = Non
     return meta
 
 
+def local_path(folder: Path, key: str, where: str) -> Path:
+    """Where the object ``key`` (relative to a package's prefix) goes under ``folder``; refuses a key that is
+    absolute or that resolves outside ``folder`` (``../``, ``a/../../b``), which a bucket writable by others could
+    otherwise use to write anywhere the process may."""
+    parts = key.replace("\\", "/").split("/")
+    target = (folder / key).resolve()
+    if key.startswith(("/", "\\")) or (parts and parts[0].endswith(":")) or ".." in parts or \
+            not target.is_relative_to(folder.resolve()) or target == folder.resolve():
+        raise ArtifactError(f"{where} holds the object key {key!r}, which points outside the package folder; "
+                            "refusing to download it: remove that object from the bucket and publish the package again")
+    return target
+
+
 def _code(exc: Any) -> str:
     return str(exc.response.get("Error", {}).get("Code") or exc)
 

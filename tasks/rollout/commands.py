@@ -28,6 +28,7 @@ from kiln.tasks.lifecycle.approvals import CommandStatement, Signed, Trust
 from kiln.tasks.registry import audit
 from kiln.tasks.registry import client as registry
 from kiln.tasks.rollout.params import RolloutError
+from kiln.tasks.rollout.status import driver_gone
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,17 @@ def send_command(client: MlflowClient, model: str, command: str, *, settings: Se
                                  at=audit.now_iso(), id=uuid.uuid4().hex, signer=signer)
     client.set_model_version_tag(model, version, vocab.ROLLOUT_COMMAND, approvals.sign(statement, key).tag())
     return version
+
+
+def refuse_if_driverless(client: MlflowClient, model: str) -> None:
+    """Raise :class:`RolloutError` when ``model``'s challenger says a rollout runs but no driver holds it (killed):
+    a command sent now would only wait, stale, for the next rollout to ignore it."""
+    version = registry.existing_aliases(client, model).get(vocab.CHALLENGER)
+    if version is None:
+        return  # send_command says why no rollout can be running
+    gone = driver_gone(client, model, version, client.get_model_version(model, version).tags.get(vocab.ROLLOUT_STATUS))
+    if gone:
+        raise RolloutError(f"{gone}; nothing was sent")
 
 
 @dataclass

@@ -61,7 +61,7 @@ from kiln.tasks.rollout.judge import (
 from kiln.tasks.rollout.params import RolloutError
 from kiln.tasks.rollout.router import ALL_ON_CHAMPION, CanaryRouter, Split, SplitLapsed
 from kiln.tasks.rollout.state import FINAL, RolloutLock, RolloutState, RolloutStore, Status, Verdict
-from kiln.tasks.rollout.status import summary_tags
+from kiln.tasks.rollout.status import summary_tags, verdict_figures
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,34 @@ class RolloutDriver:
         self.router.roll_back()
         self.state.weight, self.state.shadow = ALL_ON_CHAMPION.weight, ALL_ON_CHAMPION.shadow
 
+    def _reset_after_error(self) -> str:
+        """All traffic back on the champion after an error, and where traffic truly stands: "back on the champion"
+        only once the router confirms it, otherwise the weight it reports and what fixes it."""
+        ttl = self._split_ttl
+        try:
+            self._all_on_champion()
+            now = self.router.read_split()
+            if now.weight == 0 and now.shadow == 0:
+                return "traffic back on the champion"
+            problem = f"the gateway still sends {now.weight:g}% to the challenger (shadow {now.shadow:g})"
+        except Exception as exc:  # noqa: BLE001 - the rollout is failing anyway; this is about telling the truth
+            problem = f"traffic could NOT be put back on the champion ({str(exc)[:200]})"
+            with contextlib.suppress(Exception):
+                now = self.router.read_split()
+                problem += f"; the gateway reports {now.weight:g}% on the challenger"
+        lapse = f"the split lapses to the champion by itself within {ttl:g} s of its last renewal; " if ttl else ""
+        return (f"{problem}: {lapse}to reset it now, POST /admin/split {{\"weight\": 0, \"shadow\": 0}} to the "
+                f"gateway at {self.router.url} (bearer KILN_GATEWAY_TOKEN)")
+
     # -- the run --
     def run(self) -> RolloutState:
         """Drive the rollout to its end under the per-machine rollout lock and the model's lease; returns the
         final state."""
         s = self.state
+        ttl = {"ttl_s": self.settings.rollout_lease_s} if self.settings.rollout_lease_s else {}  # else the default
         with RolloutLock(self.settings.home, s.model), ModelLease(self.client, s.model, self.settings.home,
-                                                                  purpose="rollout", version=s.challenger) as lease:
+                                                                  purpose="rollout", version=s.challenger,
+                                                                  **ttl) as lease:
             self.lease = lease
             tracking.open_run(self.client, self.settings, self.state, self.spec)
             self.commands = CommandReader(self.client, Trust.from_settings(self.settings), s.model, s.challenger,
@@ -153,11 +174,12 @@ class RolloutDriver:
                 self._loop()
             except BaseException as exc:
                 if self.state.status not in FINAL:  # an error must not leave live traffic on an unjudged model
-                    with contextlib.suppress(Exception):
-                        self._all_on_champion()
+                    traffic = self._reset_after_error()
                     self.state.status = "aborted"
                     with contextlib.suppress(Exception):
-                        self._save(f"stopped by an error, traffic back on the champion: {exc}"[:500])
+                        self._save(f"stopped by an error, {traffic}: {exc}"[:500])
+                    with contextlib.suppress(Exception):
+                        self._say(f"STOPPED by an error, {traffic}")
                 raise
             finally:
                 tracking.close_run(self.client, self.state, self.store)
@@ -191,7 +213,7 @@ class RolloutDriver:
             action = next_action(spec, s.step, history)
             record = Verdict(analysis=len(s.verdicts), step=s.step, weight=step.weight, shadow=step.shadow,
                              outcome=verdict.outcome, action=action.kind, reasons=verdict.reasons,
-                             figures=_figures(window, verdict))
+                             figures=verdict_figures(window, verdict))
             s.verdicts.append(record)
             tracking.log_verdict(self.client, s, record)
             self._say(f"analysis {record.analysis + 1}: {verdict.outcome.upper()} → {action.kind}")
@@ -375,14 +397,3 @@ class RolloutDriver:
         self._say(f"{status.upper().replace('_', ' ')}: weight 0, @champion v{s.champion} untouched, "
                   f"@challenger removed ({reason})")
 
-
-def _figures(window: dict[str, Any], verdict: StepVerdict) -> dict[str, float | None]:
-    stats = stats_from_state(window)
-    ch, cp = stats[CHALLENGER], stats[CHAMPION]
-    p95c, p95p = ch.quantile_ms(0.95), cp.quantile_ms(0.95)
-    return {"challenger_requests": float(ch.requests), "champion_requests": float(cp.requests),
-            "challenger_error_rate": ch.error_rate, "champion_error_rate": cp.error_rate,
-            "challenger_p95_ms": p95c, "champion_p95_ms": p95p,
-            "p95_ratio": p95c / p95p if p95c and p95p else None,
-            "agreement": ch.agreement, "challenger_accuracy": ch.accuracy, "champion_accuracy": cp.accuracy,
-            "passed": 1.0 if verdict.outcome == "pass" else 0.0}

@@ -31,7 +31,7 @@ from kiln.tasks.rollout.stats import (  # re-exported: the judge's inputs live b
     mann_whitney_u,
     stats_from_state,
 )
-from kiln.yamlfile import parse_yaml
+from kiln.yamlfile import parse_yaml, read_text
 
 __all__ = ["CHALLENGER", "CHAMPION", "Action", "Check", "LatencyTest",
            "MetricThresholds", "RankTest", "RolloutSpec", "Step", "StepVerdict",
@@ -113,7 +113,7 @@ def load_spec(source: Path | str | dict[str, Any]) -> RolloutSpec:
         where = f"rollout spec {source}"
         if not source.is_file():
             raise ConfigError(f"{where} does not exist; pass an existing YAML file")
-        source = source.read_text()
+        source = read_text(source, where)
     if isinstance(source, str):
         raw = parse_yaml(source, where)
     if not isinstance(raw, dict):

@@ -11,10 +11,12 @@ import socket
 from contextlib import ExitStack, contextmanager
 from types import SimpleNamespace
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from typer.testing import CliRunner
 
 from kiln.cli.app import app as cli
@@ -65,7 +67,7 @@ def _gateway(servers, challenger_grpc=None):
     with serving(app) as http:
         client = triton.InferenceServerClient(front.address)
         try:
-            yield SimpleNamespace(url=http.url, client=client, gateway=gateway)
+            yield SimpleNamespace(url=http.url, client=client, gateway=gateway, address=front.address)
         finally:
             client.close()
 
@@ -94,7 +96,11 @@ def test_infer_health_and_metadata_through_the_gateway_follow_the_split(servers)
         direct = httpx.post(servers["champion"].http + "/v2/models/tiny/infer",
                             json={"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": TEXTS}]})
         assert labels == next(o["data"] for o in direct.json()["outputs"] if o["name"] == "label")
-        scored = httpx.post(gw.url + "/feedback", json={"request_id": "r-1", "labels": labels})
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        forged = httpx.post(gw.url + "/feedback", json={"request_id": "r-1", "labels": labels}, headers=auth)
+        assert forged.status_code == 404  # a client's id is never the key: the gateway's own is
+        scored = httpx.post(gw.url + "/feedback", json={"request_id": _gateway_id(gw, "r-2"), "labels": labels},
+                            headers=auth)
         assert scored.json()["scored"] == {"champion/live": 1.0}  # the gRPC answer was recorded under its id
 
         _admin(gw, "POST", "/admin/split", weight=100)
@@ -106,12 +112,23 @@ def test_infer_health_and_metadata_through_the_gateway_follow_the_split(servers)
         state = _admin(gw, "GET", "/admin/state")
         window = state["window"]
         assert window["champion"]["requests"] >= 1 and window["challenger"]["requests"] >= 4
-        assert window["champion"]["requests"] + window["challenger"]["requests"] == 11
+        assert window["champion"]["requests"] + window["challenger"]["requests"] == 12
         assert window["champion"]["errors"] == window["challenger"]["errors"] == 0
         assert sum(window["challenger"]["labels"].values()) >= 8  # two rows per answer, by the label output
         assert state["upstreams"]["challenger"]["version"] == "4"  # learnt from the answers' model_version
         metrics = httpx.get(gw.url + "/metrics").text
         assert 'kiln_gateway_requests_total{code="200",role="challenger",version="4"}' in metrics
+
+
+def _gateway_id(gw, client_id: str) -> str:
+    """Send one infer call with the raw stub and return the request id the gateway sent back in its metadata."""
+    request = service_pb2.ModelInferRequest(model_name="tiny", id=client_id)
+    tensor = request.inputs.add(name="text", datatype="BYTES", shape=[len(TEXTS)])
+    tensor.contents.bytes_contents.extend(t.encode() for t in TEXTS)
+    with grpc.insecure_channel(gw.address) as channel:
+        response, call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.with_call(request, timeout=30)
+    assert response.id == client_id  # the protocol's id is echoed; the bookkeeping key is another
+    return dict(call.initial_metadata())["x-kiln-request-id"]
 
 
 def test_an_upstream_error_passes_through_and_is_counted(servers):

@@ -119,6 +119,20 @@ def test_an_expired_lease_of_a_crashed_holder_is_taken_over(tiny, settings):
         assert read_lease(tiny, "tiny").owner == lease.owner
 
 
+def test_a_live_lease_of_a_killed_holder_on_this_machine_is_taken_over_at_once(tiny, settings):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no process now
+    _hand_made_lease(tiny, f"{time.time() + 60:.3f}", owner=f"{os.uname().nodename}:{dead.pid}:dead")
+    with ModelLease(tiny, "tiny", settings.home, purpose="promote") as lease:  # no 60 s wait for the expiry
+        assert read_lease(tiny, "tiny").owner == lease.owner
+    alive = f"{os.uname().nodename}:{os.getpid()}:alive"  # a live holder here (or elsewhere) still holds it
+    for owner in (alive, f"another-host:{dead.pid}:dead"):
+        _hand_made_lease(tiny, f"{time.time() + 60:.3f}", owner=owner)
+        with pytest.raises(LeaseHeld):
+            ModelLease(tiny, "tiny", settings.home, purpose="promote").acquire()
+        break_lease(tiny, "tiny", actor="test", reason="next case", home=settings.home, force=True)
+
+
 FLAKY = """
 import sys
 from mlflow.exceptions import MlflowException
@@ -328,3 +342,21 @@ def test_a_rollout_whose_lease_is_broken_stops_with_traffic_on_the_champion(tiny
     assert "lost the lease of 'tiny' (it was broken)" in str(failure["error"])
     assert router.split == Split() and tiny.get_model_version("tiny", "3").tags[vocab.ROLLOUT_STATUS] == "aborted"
     assert registry.aliases_of(tiny, "tiny") == {"previous": "1", "champion": "2", "challenger": "3"}
+
+
+def test_point_moves_an_operators_alias_under_the_lease_and_never_a_decision(tiny, settings, elsewhere):
+    from kiln.errors import ConfigError
+
+    aliases.point(tiny, "tiny", vocab.BENCH, "2", home=settings.home)
+    assert str(tiny.get_registered_model("tiny").aliases[vocab.BENCH]) == "2"
+    for decision in (vocab.CHAMPION, vocab.CHALLENGER, vocab.PREVIOUS):
+        before = registry_state(tiny, "tiny")
+        with pytest.raises(ConfigError, match="moves only through promotion"):
+            aliases.point(tiny, "tiny", decision, "2", home=settings.home)
+        assert registry_state(tiny, "tiny") == before
+    with ModelLease(tiny, "tiny", elsewhere, purpose="rollout"):  # another machine holds the model
+        with pytest.raises(LeaseHeld):
+            aliases.point(tiny, "tiny", vocab.BENCH, "1", home=settings.home)
+    assert aliases.drop(tiny, "tiny", vocab.BENCH, home=settings.home)
+    assert not aliases.drop(tiny, "tiny", vocab.BENCH, home=settings.home)
+    assert vocab.BENCH not in tiny.get_registered_model("tiny").aliases

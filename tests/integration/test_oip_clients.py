@@ -118,9 +118,14 @@ def test_the_gateway_counts_labels_and_inputs_of_binary_traffic(urls):
     gateway = urls["gateway_object"]
     window = gateway.window.live["champion"]
     labels_before, rows_before = sum(window.labels.values()), window.input_rows
-    request_id = "binary-feedback-1"
-    result = _client(urls["gateway"]).infer("tiny", [_input("text", "BYTES", np.array(TEXTS, dtype=object))],
-                                            headers={"X-Kiln-Request-Id": request_id})
+    body, json_size = triton.InferenceServerClient.generate_request_body(
+        [_input("text", "BYTES", np.array(TEXTS, dtype=object))])
+    answer = httpx.post(urls["gateway"] + "/v2/models/tiny/infer", content=body,
+                        headers={HEADER_LENGTH: str(json_size), "X-Kiln-Request-Id": "forged-1"})
+    request_id = answer.headers["x-kiln-request-id"]
+    assert request_id != "forged-1"  # the gateway's own id, never the client's
+    result = triton.InferResult.from_response_body(answer.content,
+                                                   header_length=int(answer.headers[HEADER_LENGTH.lower()]))
     labels = [b.decode() for b in result.as_numpy("label")]
     assert sum(window.labels.values()) == labels_before + 3
     for _ in range(50):  # inputs are recorded after the answer has gone out
@@ -128,7 +133,8 @@ def test_the_gateway_counts_labels_and_inputs_of_binary_traffic(urls):
             break
         time.sleep(0.02)
     assert window.input_rows == rows_before + 3
-    scored = httpx.post(urls["gateway"] + "/feedback", json={"request_id": request_id, "labels": labels})
+    scored = httpx.post(urls["gateway"] + "/feedback", json={"request_id": request_id, "labels": labels},
+                        headers={"Authorization": f"Bearer {TOKEN}"})
     assert scored.status_code == 200 and scored.json()["scored"]["champion/live"] == 1.0
 
 

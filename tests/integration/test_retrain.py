@@ -130,6 +130,7 @@ def pushed(settings, monkeypatch, tmp_path, deployment):
     monkeypatch.setenv("KILN_REPO", str(origin))  # where the flow run (the "worker") clones from
     monkeypatch.setenv("KILN_WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("KILN_WEBHOOK_REPOSITORY", "acme/models")
+    monkeypatch.setenv("KILN_TRAIN_MODELS", "tiny-retrained")  # a new name: pushes may create only listed ones
     receiver_settings = load_settings(webhook_max_body=4096)
     # The receiver's threads do not see the test harness's Prefect context: name its API explicitly.
     with serving(create_app(receiver_settings, DeploymentStarter(PREFECT_API_URL.value()))) as server:
@@ -161,17 +162,18 @@ def test_git_push_starts_and_runs_retrain(base, pushed, deployment):
     (run,) = [r for r in _runs(deployment) if r.id not in before]
     assert str(run.id) == delivery["answer"]["flow_run_id"]
     assert run.parameters["params"]["sha"] == sha and run.parameters["params"]["branch"] == "main"
-    assert run.idempotency_key == f"github:{delivery['delivery']}"
+    assert run.idempotency_key == f"push:acme/models@{sha}"  # coalesced on repository + commit
 
     # What the served deployment's runner does with the scheduled run: execute it (here, in-process).
     summary = run_flow(retrain, flow_run=run)
     assert summary["name"] == "tiny-retrained" and summary["version"] == "1" and not summary["reused"]
+    assert summary["new_model"]  # said so: registered without an alias
     tags = base.get_model_version("tiny-retrained", "1").tags
     assert tags["kiln.git_sha"] == sha and tags["kiln.triggered_by"] == f"webhook:github:{delivery['delivery']}"
     assert tags["kiln.base_version"] == "tiny/1" and tags["kiln.git_branch"] == "main"
-    # The chained optimize built a gated challenger from the retrained version.
+    # The chained optimize built a gated challenger from the retrained version; a push crowned nothing.
     assert summary["optimize"]["registered"]["name"] == "tiny-retrained"
-    assert registry.aliases_of(base, "tiny-retrained") == {"champion": "1", "challenger": "2"}
+    assert "champion" not in registry.aliases_of(base, "tiny-retrained")
     (done,) = [r for r in _runs(deployment) if r.id == run.id]
     assert done.state.is_completed()
 
@@ -196,6 +198,8 @@ def test_refused_deliveries_start_nothing(pushed, deployment, settings):
 
     replayed = post(body, **{"X-GitHub-Delivery": accepted["delivery"]})
     assert replayed.status_code == 409 and accepted["delivery"] in replayed.json()["error"]
+    redelivered = post(body, **{"X-GitHub-Delivery": "redelivered-1"})  # GitHub's redeliver: a fresh id
+    assert redelivered.status_code == 409 and "was already received" in redelivered.json()["error"]
     forged = post(body.replace(b"main", b"mainx"), **{"X-GitHub-Delivery": "forged-1"})
     assert forged.status_code == 401 and "X-Hub-Signature-256" in forged.json()["error"]
     big = json.dumps(json.loads(body) | {"padding": "x" * 8192}).encode()

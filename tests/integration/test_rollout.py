@@ -162,7 +162,7 @@ class _Traffic:
     def __init__(self, url: str, rate: float = 150.0) -> None:
         self.stop = threading.Event()
         self.plan = LoadPlan(url=url, model="tiny", texts=TEXTS, labels=TRUTH, requests=100_000, seconds=120,
-                             concurrency=4, feedback=True, rate_per_s=rate, stop=self.stop)
+                             concurrency=4, feedback=True, feedback_token=TOKEN, rate_per_s=rate, stop=self.stop)
         self.summary = None
         self.thread = threading.Thread(target=self._run, daemon=True)
 

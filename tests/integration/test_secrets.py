@@ -213,7 +213,8 @@ def test_no_secret_leaves_settings_for_argv_logs_files_mlflow_or_prefect(stack_e
     env = stack_env | seaweedfs.env() | others | {
         "KILN_DATABASE_URL": database_url, "KILN_S3_BUCKET": bucket, "KILN_S3_ENDPOINT_URL": seaweedfs.endpoint,
         "KILN_REPO": public_url.replace("http://", f"http://{USER}:{token}@"), "KILN_WEBHOOK_SECRET": webhook_secret,
-        "KILN_WEBHOOK_REPOSITORY": "acme/models", "KILN_BENCH_SECONDS": "0.2"}
+        "KILN_WEBHOOK_REPOSITORY": "acme/models", "KILN_BENCH_SECONDS": "0.2",
+        "KILN_TRAIN_MODELS": "tiny-retrained"}  # a new name: a pushed config may create only listed ones
     mlflow_url, api = (f"http://127.0.0.1:{env['KILN_MLFLOW_PORT']}",
                        f"http://127.0.0.1:{env['KILN_PREFECT_PORT']}/api")
     outputs = []

@@ -258,13 +258,13 @@ def test_feedback_scores_each_upstream_and_feeds_the_canary_judge(gateway, tiny_
     httpx.post(gateway.url + "/admin/weight", json={"weight": 50}, headers=AUTH)
     test = tiny_splits.test
     summary = generate_load(LoadPlan(gateway.url, "tiny", test["text"].tolist(), test["label"].tolist(),
-                                     requests=120, concurrency=4, feedback=True, seconds=50))
+                                     requests=120, concurrency=4, feedback=True, seconds=50, feedback_token=TOKEN))
     assert summary.feedback_sent == 120 and summary.feedback_failed == 0
     state = httpx.get(gateway.url + "/admin/state", params={"samples": 1}, headers=AUTH).json()
     window = state["window"]
     assert window["champion"]["feedback"] + window["challenger"]["feedback"] == 120
     assert 0 <= window["challenger"]["accuracy"] <= 1 and len(window["champion"]["latency_ms"]) == 60
-    missing = httpx.post(gateway.url + "/feedback", json={"request_id": "nope", "label": "positive"})
+    missing = httpx.post(gateway.url + "/feedback", json={"request_id": "nope", "label": "positive"}, headers=AUTH)
     assert missing.status_code == 404 and "nope" in missing.json()["error"]
 
     stats = stats_from_state(state)

@@ -1,5 +1,11 @@
 import importlib
+import json
+import multiprocessing
+import os
+import signal
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -126,3 +132,91 @@ def test_the_export_stage_depends_on_the_export_module():
     pruning = {path.resolve() for path in code_files(prune.prune_heads).values()}
     assert {TASKS / "compress" / "prune" / "scores.py", TASKS / "compress" / "prune" / "surgery.py"} <= pruning
     assert TASKS / "compress" / "quantization" / "dynamic.py" not in pruning  # another technique
+
+
+# ---- two callers, one key ------------------------------------------------------------------------------------
+# Module-level functions, so that spawned processes can import them.
+def _slow_stage(root: str, calls: str, seconds: float, started: str | None = None):
+    def fn(folder: Path) -> dict:
+        with open(calls, "a") as out:  # one line per computation, whichever process runs it
+            out.write(f"{os.getpid()}\n")
+        (folder / "half.bin").write_bytes(b"x")
+        (folder / "result.json").write_text("{not finished")  # what a holder killed at the wrong time leaves
+        if started:
+            Path(started).touch()
+        time.sleep(seconds)
+        return {"answer": 42}
+    return StageCache(Path(root)).run("k", fn)
+
+
+def _race(root: str, calls: str, go, results) -> None:
+    go.wait(10)
+    results.put(_slow_stage(root, calls, 1.0))
+
+
+def _hold_forever(root: str, calls: str, started: str) -> None:
+    _slow_stage(root, calls, 3600, started)
+
+
+def _wait_for(check, timeout_s: float = 20.0) -> None:
+    end = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.02)
+
+
+def test_two_processes_asking_for_one_key_compute_it_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    calls = tmp_path / "calls"
+    procs = [ctx.Process(target=_race, args=(str(tmp_path / "cache"), str(calls), go, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    go.set()
+    got = [results.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert len(calls.read_text().splitlines()) == 1  # one computed, the other waited and reused it
+    assert sorted(hit for _, hit in got) == [False, True] and all(r == {"answer": 42} for r, _ in got)
+    assert not (tmp_path / "cache" / ".k.partial").exists()
+
+
+def test_two_threads_asking_for_one_key_compute_it_once(tmp_path):
+    calls = tmp_path / "calls"
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda _: _slow_stage(str(tmp_path), str(calls), 0.3), range(2)))
+    assert len(calls.read_text().splitlines()) == 1 and sorted(hit for _, hit in got) == [False, True]
+
+
+def test_a_holder_killed_mid_stage_blocks_nobody_and_leaves_nothing_trusted(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    root, calls, started = tmp_path / "cache", tmp_path / "calls", tmp_path / "started"
+    holder = ctx.Process(target=_hold_forever, args=(str(root), str(calls), str(started)))
+    holder.start()
+    _wait_for(started.exists)
+    go, results = ctx.Event(), ctx.Queue()
+    go.set()
+    waiter = ctx.Process(target=_race, args=(str(root), str(calls), go, results))
+    waiter.start()
+    time.sleep(0.5)  # the waiter is blocked on the holder's lock
+    assert results.empty()
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(10)
+    result, hit = results.get(timeout=30)  # the kernel released the lock: the waiter computed the stage
+    waiter.join(10)
+    assert (result, hit) == ({"answer": 42}, False) and len(calls.read_text().splitlines()) == 2
+    assert json.loads((root / "k" / "result.json").read_text()) == {"answer": 42}
+
+
+def test_the_next_holder_resumes_the_work_folder_but_not_a_stale_result(tmp_path):
+    work = tmp_path / ".k.partial"
+    work.mkdir()
+    (work / "checkpoints").mkdir()
+    (work / "checkpoints" / "step-00000010.pt").write_bytes(b"ckpt")
+    (work / "result.json").write_text('{"answer": "from a holder that died before publishing"}')
+
+    def resume(folder: Path) -> dict:
+        assert not (folder / "result.json").exists()  # a stale result is never trusted ...
+        return {"resumed_from": sorted(p.name for p in (folder / "checkpoints").iterdir())}  # ... checkpoints are
+
+    assert StageCache(tmp_path).run("k", resume) == ({"resumed_from": ["step-00000010.pt"]}, False)

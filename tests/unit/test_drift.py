@@ -162,7 +162,9 @@ def test_gateway_records_input_lengths_and_skips_malformed_bodies():
             window = _wait_for(c, lambda w: w["champion"]["input_rows"] >= 3)
             assert window["champion"]["input_chars"] == [9, 29, 0]
             assert window["champion"]["input_words"] == [2, 6, 0]
-            assert window["champion"]["requests"] == 6 and window["challenger"]["input_rows"] == 0
+            # only inference is canary evidence: the 4 refused bodies are 4xx (not requests), the GET not counted
+            assert window["champion"]["requests"] == 1 and window["champion"]["refused"] == 4
+            assert window["challenger"]["input_rows"] == 0
 
             gateway.set_routing(shadow=1.0)  # mirrored inputs are seen by the challenger too, with its labels
             assert c.post("/v2/models/tiny/infer", json=body).status_code == 200

@@ -57,6 +57,12 @@ def test_gate_policy(tmp_path):
     gate.write_text("clauses: [{clause: 'latency_p50_ms <= champion', alpha: 0.7}]\n")
     with _raises("alpha"):
         load_policy(gate, "sequence-classification")
+    gate.write_text("clauses: ['size_mb <= 1']\nparity: {fp32: {max_abs: .inf}}\n")  # inf: no parity check at all
+    with _raises("parity.fp32.max_abs"):
+        load_policy(gate, "sequence-classification")
+    gate.write_text("clauses: ['size_mb <= 1']\nclauses: ['size_mb <= 1000']\n")  # YAML keeps the last one
+    with _raises(f"policy file {gate} repeats the key 'clauses' (line 2); keep one of them"):
+        load_policy(gate, "sequence-classification")
 
 
 def test_approvers_yaml(tmp_path, clean):
@@ -113,6 +119,10 @@ def test_training_file(tmp_path):
     train.write_text("name: tiny\ndata: data/reviews.csv\ndata_checks: {max_text_char: 10}\n")
     with _raises("data_checks: unknown key 'max_text_char' (did you mean 'max_text_chars'?)"):
         load_config(train, where)
+    for recipes in ("[]", "[onnx-fp32, onnx-fp32]"):  # refused before training, not at the chained optimize
+        train.write_text(f"name: tiny\ndata: data/reviews.csv\nrecipes: {recipes}\n")
+        with _raises("recipes: must name at least one recipe, each once"):
+            load_config(train, where)
 
 
 def test_kiln_yaml(tmp_path, clean):

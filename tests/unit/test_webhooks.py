@@ -66,7 +66,7 @@ def post_github(client, payload, **kwargs) -> httpx.Response:
     return client.post("/hooks/github", content=body, headers=headers)
 
 
-def test_signed_push_starts_the_retrain_deployment_once_per_delivery(hook):
+def test_signed_push_starts_the_retrain_deployment_once_per_push(hook):
     client, starter = hook
     body, headers = signed(github_push(), delivery="d-1")
     answer = client.post("/hooks/github", content=body, headers=headers)
@@ -74,26 +74,30 @@ def test_signed_push_starts_the_retrain_deployment_once_per_delivery(hook):
     assert answer.json() == {"flow_run_id": "run-1", "flow_run_name": "name-1", "deployment": RETRAIN, "sha": SHA,
                              "delivery": "d-1"}
     (call,) = starter.calls
-    assert call["deployment"] == RETRAIN and call["key"] == "github:d-1"
+    assert call["deployment"] == RETRAIN and call["key"] == f"push:acme/models@{SHA}"
     assert call["parameters"] == {"params": {"sha": SHA, "repo": "/srv/git/models.git", "branch": "main",
                                              "config_path": "kiln-train.yaml", "chain_optimize": True,
                                              "triggered_by": "webhook:github:d-1"}}
     replay = client.post("/hooks/github", content=body, headers=headers)
-    assert replay.status_code == 409 and "d-1 was already received" in replay.json()["error"]
+    assert replay.status_code == 409 and "was already received (delivery d-1: started)" in replay.json()["error"]
+    # GitHub's "redeliver" sends the same push with a new delivery id: coalesced on repository + commit.
+    redelivered = client.post("/hooks/github", content=body, headers=headers | {"X-GitHub-Delivery": "d-2"})
+    assert redelivered.status_code == 409 and f"push {SHA[:12]} of acme/models" in redelivered.json()["error"]
     assert len(starter.calls) == 1
 
 
 @pytest.mark.parametrize("repo", [None, "https://ci:repo-token@git.example.com/acme/models.git"])
 def test_the_run_parameter_carries_the_repository_without_credentials(settings, repo):
-    """Credentials in KILN_REPO (or a pushed clone URL) stay with the worker's settings, out of the flow run."""
+    """Credentials in KILN_REPO (or a pushed, allow-listed clone URL) stay out of the flow run."""
     starter = RecordingStarter()
     clone = "https://ci:clone-token@github.com/acme/models.git"
-    with serving(create_app(_settings(repo=repo), starter)) as server, httpx.Client(base_url=server.url) as client:
+    overrides = {"repo": repo, "webhook_repositories": ["https://GitHub.com/acme/models"]}
+    with serving(create_app(_settings(**overrides), starter)) as server, httpx.Client(base_url=server.url) as client:
         assert post_github(client, github_push(repository={"full_name": "acme/models", "clone_url": clone}),
                            delivery="creds-1").status_code == 202
     (call,) = starter.calls
     assert call["parameters"]["params"]["repo"] == ("https://git.example.com/acme/models.git" if repo else
-                                                    "https://github.com/acme/models.git")
+                                                    "https://GitHub.com/acme/models")  # the listed URL
     assert "token" not in json.dumps(call["parameters"])
 
 
