@@ -63,6 +63,7 @@ def project(tmp_path_factory, tiny_models, tiny_spec):
         (files / "neg-inf.yaml").write_text("clauses: ['accuracy >= champion - -inf']\n")
         (files / "nan-alpha.yaml").write_text("clauses: ['size_mb <= 25']\nevidence: {alpha: .nan}\n")
         (files / "nan-parity.yaml").write_text("clauses: ['size_mb <= 25']\nparity: {default: {max_abs: .nan}}\n")
+        (files / "inf-parity.yaml").write_text("clauses: ['size_mb <= 25']\nparity: {default: {max_abs: .inf}}\n")
         (files / "weights.bin").write_bytes(b"\0" * 16)
         locked = files / "unreadable.yaml"
         locked.write_text("clauses: ['size_mb <= 25']\n")
@@ -145,8 +146,10 @@ PATHS = {
     "policy-nan-word-threshold": (("--policy", "nan-word.yaml"), "cannot parse clause 'accuracy >= nan'"),
     "policy-inf-threshold": (("--policy", "inf.yaml"), "cannot parse clause 'size_mb <= inf'"),
     "policy-negative-inf-margin": (("--policy", "neg-inf.yaml"), "cannot parse clause 'accuracy >= champion - -inf'"),
-    "policy-nan-alpha": (("--policy", "nan-alpha.yaml"), "evidence.alpha: Input should be less than 0.5"),
-    "policy-nan-parity": (("--policy", "nan-parity.yaml"), "parity.default.max_abs: Input should be greater than 0"),
+    "policy-nan-alpha": (("--policy", "nan-alpha.yaml"), "evidence.alpha: Input should be a finite number"),
+    "policy-nan-parity": (("--policy", "nan-parity.yaml"), "parity.default.max_abs: Input should be a finite number"),
+    # .inf would switch the parity check off without a word
+    "policy-inf-parity": (("--policy", "inf-parity.yaml"), "parity.default.max_abs: Input should be a finite number"),
     "recipes-file-a-list": (("--recipe-file", "list.yaml"), "must be a mapping of recipe names"),
     "recipes-file-a-scalar": (("--recipe-file", "scalar.yaml"), "must be a mapping of recipe names"),
     "recipes-file-missing": (("--recipe-file", "missing.yaml"), "missing.yaml is unreadable (No such file"),

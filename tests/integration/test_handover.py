@@ -326,11 +326,13 @@ def short_lease(monkeypatch):
     monkeypatch.setattr(rollout_driver, "ModelLease", functools.partial(ModelLease, ttl_s=3.0))
 
 
-def test_a_driver_that_renews_keeps_its_split_past_the_ttl(stand_ins, settings, tmp_path, keys, short_lease):
+def test_a_driver_that_renews_keeps_its_split_past_the_ttl(stand_ins, settings, tmp_path, keys, monkeypatch):
     approve(stand_ins, "tiny", "2", keys, "alice", "ok")
-    # Analyses longer than the TTL, renewed all along: it promotes (no server follows here, so the hand-over gives
-    # up after 1 s, saying so) and the split never lapsed.
-    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 4}, {"weight": 100, "analysis_s": 4}])
+    # A 5 s lease (renewed every 1.7 s: a 3 s one lapsed once on a loaded 2-core CI machine, where a renewal's
+    # SQLite write waited behind others). Analyses longer than the TTL, renewed all along: it promotes (no server
+    # follows here, so the hand-over gives up after 1 s, saying so) and the split never lapsed.
+    monkeypatch.setattr(rollout_driver, "ModelLease", functools.partial(ModelLease, ttl_s=5.0))
+    spec = _spec(tmp_path, [{"weight": 50, "analysis_s": 6}, {"weight": 100, "analysis_s": 6}])
     with _stand_in_stack(tmp_path) as gw, _Probe(gw.url, ["some text"]):
         state = run_rollout(RolloutParams(model="tiny", spec=spec, poll_s=0.2),
                             _settings(settings, gw.url, handover_timeout_s=1.0))
