@@ -49,6 +49,7 @@ from kiln.infra.gateway_stats import (
     Window,
     choose,
 )
+from kiln.infra.http_body import read_limited
 from kiln.infra.oip import InferError, TextRequest, labels_of
 from kiln.infra.oip_binary import HEADER_LENGTH, loads, read_request, read_response
 from kiln.infra.server import MAX_BODY_BYTES, VERSION_HEADER
@@ -345,20 +346,13 @@ def _answer_labels(answer: Answer) -> list[str] | None:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) past ``limit`` bytes: at once when its declared length says so, else as soon
-    as the stream passes it, so an oversized body is never held whole."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise InferError(f"the request body has {declared} bytes; this gateway takes at most {limit} "
-                         "(max_body_bytes): send fewer rows per request", 413)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise InferError(f"the request body is over {limit} bytes, the most this gateway takes (max_body_bytes):"
-                             " send fewer rows per request", 413)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The request body, refused (413) past ``limit`` bytes (see :func:`kiln.infra.http_body.read_limited`)."""
+    def refuse(size: int | None) -> InferError:
+        amount = f"has {size} bytes" if size is not None else f"is over {limit} bytes"
+        return InferError(f"the request body {amount}; this gateway takes at most {limit} (max_body_bytes): send "
+                          "fewer rows per request", 413)
+
+    return await read_limited(request, limit, refuse)
 
 
 async def _record_inputs(body: bytes, header_length: str | None, windows: list[TrafficWindow]) -> None:

@@ -38,6 +38,7 @@ from starlette.routing import Route
 
 from kiln.infra import openapi
 from kiln.infra.faults import Faults, FaultyPredictor, InjectedFault
+from kiln.infra.http_body import read_limited
 from kiln.infra.oip import MAX_ROWS, InferError
 from kiln.infra.oip_binary import HEADER_LENGTH, read_request, write_response
 from kiln.infra.runtime import ModelPool, ModelRuntime, ServedModel
@@ -116,23 +117,18 @@ class ModelServer:
         return Response(content, headers=headers | {VERSION_HEADER: model.version})
 
     async def _body(self, request: Request) -> bytes:
-        """The request body, refused (413) past ``max_body_bytes`` before reading it where its length is declared."""
+        """The request body, refused (413) past ``max_body_bytes`` (see :func:`kiln.infra.http_body.read_limited`)."""
         limit = self.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise InferError(f"the request body has {declared} bytes; this server takes at most {limit} "
-                             "(--max-body-bytes): send fewer rows per request", 413)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding != "identity":
             raise InferError(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed", 415)
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise InferError(f"the request body is over {limit} bytes, the most this server takes "
-                                 "(--max-body-bytes): send fewer rows per request", 413)
-            chunks.append(chunk)
-        return b"".join(chunks)
+
+        def refuse(size: int | None) -> InferError:
+            amount = f"has {size} bytes" if size is not None else f"is over {limit} bytes"
+            return InferError(f"the request body {amount}; this server takes at most {limit} (--max-body-bytes): "
+                              "send fewer rows per request", 413)
+
+        return await read_limited(request, limit, refuse)
 
     def _infer_error(self, message: str, status: int, name: str, version: str | None) -> JSONResponse:
         """``{"error": ...}``, naming the model and version that would have answered when there is one."""

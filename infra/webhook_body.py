@@ -7,6 +7,8 @@ import json
 from typing import Any
 from urllib.parse import parse_qs
 
+from kiln.infra.http_body import read_limited
+
 
 class Reject(Exception):
     """An answer other than "started": a status and a message for the sender and the operator's log."""
@@ -20,17 +22,14 @@ class Reject(Exception):
 async def read_body(request: Any, limit: int) -> bytes:
     """The raw body, or 413 as soon as it is known to exceed ``limit`` (from Content-Length or while reading)."""
     declared = request.headers.get("content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise Reject(400, f"Content-Length {declared[:40]!r} is not a number")
-        if int(declared) > limit:
-            raise Reject(413, f"body of {declared} bytes exceeds the limit of {limit} (KILN_WEBHOOK_MAX_BODY)")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise Reject(413, f"body exceeds the limit of {limit} bytes (KILN_WEBHOOK_MAX_BODY)")
-    return bytes(body)
+    if declared is not None and not declared.isdigit():
+        raise Reject(400, f"Content-Length {declared[:40]!r} is not a number")
+
+    def refuse(size: int | None) -> Reject:
+        body = f"body of {size} bytes exceeds" if size is not None else "body exceeds"
+        return Reject(413, f"{body} the limit of {limit} bytes (KILN_WEBHOOK_MAX_BODY)")
+
+    return await read_limited(request, limit, refuse)
 
 
 def _no_constant(name: str) -> Any:
