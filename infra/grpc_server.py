@@ -204,8 +204,8 @@ def _unimplemented(what: str) -> Any:
 
 for _method, _what in {"ModelStreamInfer": "streaming inference (use ModelInfer)",
                        "ModelStatistics": "ModelStatistics (see the server's /metrics)",
-                       "RepositoryModelLoad": "loading models (the server serves the versions it started with)",
-                       "RepositoryModelUnload": "unloading models (the server serves the versions it started with)",
+                       "RepositoryModelLoad": "loading models on request (it serves what its registry alias names)",
+                       "RepositoryModelUnload": "unloading models on request (it serves what its registry alias names)",
                        "SystemSharedMemoryStatus": "shared memory", "SystemSharedMemoryRegister": "shared memory",
                        "SystemSharedMemoryUnregister": "shared memory", "CudaSharedMemoryStatus": "shared memory",
                        "CudaSharedMemoryRegister": "shared memory", "CudaSharedMemoryUnregister": "shared memory",

@@ -119,7 +119,12 @@ def _v2_paths(names: list[str] | None, *, ready_fails: bool = True) -> dict[str,
 
 def model_server(names: list[str] | None = None) -> dict[str, Any]:
     """The model server's description; ``names``: the models it serves."""
-    paths = _v2_paths(names) | {"/metrics": _METRICS}
+    index = {"type": "array", "items": {"type": "object", "required": ["name", "version", "state"], "properties": {
+        "name": {"type": "string"}, "version": {"type": "string"}, "state": {"type": "string"}}}}
+    paths = _v2_paths(names) | {"/metrics": _METRICS, "/v2/repository/index": {"post": _op(
+        "The models this server serves (model-repository extension; load/unload are refused: the registry decides)",
+        _responses({"200": _json(index)}, 400, 413), requestBody={"required": False, "content": {JSON: {
+            "schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}}})}}
     return _document("Kiln model server", "Open Inference Protocol v2 over HTTP/JSON (and binary tensor data).",
                      paths, schemas=("Error", "Tensor", "InferRequest", "InferResponse", "ModelMetadata"))
 

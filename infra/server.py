@@ -40,7 +40,7 @@ from kiln.infra import openapi
 from kiln.infra.faults import Faults, FaultyPredictor, InjectedFault
 from kiln.infra.http_body import read_limited
 from kiln.infra.oip import MAX_ROWS, InferError
-from kiln.infra.oip_binary import HEADER_LENGTH, read_request, write_response
+from kiln.infra.oip_binary import HEADER_LENGTH, loads, read_request, write_response
 from kiln.infra.runtime import ModelPool, ModelRuntime, ServedModel
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,30 @@ class ModelServer:
         return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
 
     async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse({"name": "kiln", "version": "1", "extensions": ["binary_tensor_data"]})
+        return JSONResponse({"name": "kiln", "version": "1", "extensions": ["binary_tensor_data", "model_repository"]})
+
+    async def repository_index(self, request: Request) -> Response:
+        """``POST /v2/repository/index`` (the model-repository extension): the models this server serves, their
+        versions and state; ``{"ready": true}`` lists only ready ones."""
+        try:
+            raw = await self._body(request)
+            body = loads(raw, "repository index request") if raw.strip() else {}
+        except InferError as exc:
+            return _error(str(exc), exc.status)
+        if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+            return _error('the repository index request must be empty or {"ready": true|false}', 400)
+        if body.get("ready") and not self.ready:
+            return JSONResponse([])
+        state = "READY" if self.ready else "UNAVAILABLE"
+        return JSONResponse([{"name": rt.model.name, "version": rt.model.version, "state": state}
+                             for rt in self.pool.all_runtimes()])
+
+    async def repository_control(self, request: Request) -> Response:
+        """``load`` / ``unload``: refused, by design — what a Kiln server serves is what the registry says."""
+        action = request.url.path.rsplit("/", 1)[-1]
+        return _error(f"this server does not {action} models on request: it serves the version its registry alias "
+                      "names and follows the alias (move it: `kiln promote`, `kiln rollback`), or the --package it "
+                      "was started with", 400)
 
     async def model_metadata(self, request: Request) -> Response:
         try:
@@ -171,7 +194,10 @@ def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_s
                          max_body_bytes=max_body_bytes, max_rows=max_rows)
     prefixes = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
     routes = [Route("/v2/health/live", server.live), Route("/v2/health/ready", server.health_ready),
-              Route("/v2", server.server_metadata), Route("/metrics", server.prometheus)]
+              Route("/v2", server.server_metadata), Route("/metrics", server.prometheus),
+              Route("/v2/repository/index", server.repository_index, methods=["POST"])]
+    routes += [Route(f"/v2/repository/models/{{name}}/{action}", server.repository_control, methods=["POST"])
+               for action in ("load", "unload")]
     for prefix in prefixes:
         routes += [Route(prefix, server.model_metadata), Route(f"{prefix}/ready", server.model_ready),
                    Route(f"{prefix}/infer", server.infer, methods=["POST"])]

@@ -197,3 +197,16 @@ def test_tritonclient_sees_the_limits_as_client_errors(urls, model, base):
             client.infer("tiny", inputs)
         assert caught.value.status() == status and message in caught.value.message(), caught.value
     assert client.infer("tiny", [_input("text", "BYTES", np.array(["still fine"], dtype=object))]).as_numpy("label")
+
+
+def test_tritonclient_reads_the_repository_index_and_load_unload_are_refused_with_the_reason(urls, model):
+    client = _client(urls["server"])
+    assert "model_repository" in client.get_server_metadata()["extensions"]
+    assert client.get_model_repository_index() == [{"name": "tiny", "version": "4", "state": "READY"}]
+    ready_only = httpx.post(f"{urls['server']}/v2/repository/index", json={"ready": True})
+    assert ready_only.json() == [{"name": "tiny", "version": "4", "state": "READY"}]
+    for action in ("load_model", "unload_model"):
+        with pytest.raises(InferenceServerException, match="serves the version its registry alias names"):
+            getattr(client, action)("tiny")
+    bad = httpx.post(f"{urls['server']}/v2/repository/index", json={"ready": "yes"})
+    assert bad.status_code == 400 and "ready" in bad.json()["error"]
