@@ -12,7 +12,8 @@
    ``model_version`` changed. Target: 0 failures. @kiln-bench is removed at the end, whatever happens.
 2. **Transports vs in-process** at concurrency 1, 8, 32: rows/s and p50/p99 of the same model through a
    :class:`~kiln.infra.runtime.ModelPool` in this process (same batcher, no transport), HTTP JSON, HTTP binary
-   (``tritonclient.http`` defaults) and gRPC (``tritonclient.grpc``); the ratio to in-process.
+   (``tritonclient.http`` defaults) and gRPC (``tritonclient.grpc``); the ratio to in-process. Each level runs in
+   ~1 s blocks, the transports interleaved in turning order, so that other load on the machine falls on all.
 3. **Gateway added latency** at concurrency 1: direct to the server vs through ``kiln.infra.gateway`` (weight 0),
    in interleaved rounds (as :mod:`kiln.tasks.evaluate.latency` times engines) so machine drift cancels; the
    added p50 with a 95% interval from resampling whole rounds.
@@ -285,11 +286,18 @@ def transports_part(folder: Path, name: str, server: str, grpc: str, seconds: fl
                   "http-binary": triton_call(thttp, server.removeprefix("http://"), name, text),
                   "grpc": triton_call(tgrpc, grpc, name, text)}
     rows: dict[str, dict[str, Any]] = {}
+    rounds = max(3, round(seconds))  # ~1 s blocks: a load that comes and goes on the machine hits every transport
     try:
         for c in LEVELS:
-            for label, make in transports.items():  # one level at a time, every transport: drift hits all alike
+            for make in transports.values():
                 closed_loop(make, c, min(1.0, seconds / 2))  # warm up
-                rows.setdefault(label, {})[str(c)] = stats(closed_loop(make, c, seconds), seconds)
+            records: dict[str, list[tuple[float, float, Any]]] = {label: [] for label in transports}
+            for r in range(rounds):  # interleaved, in an order that turns each round, as part 3 does
+                order = list(transports)[r % len(transports):] + list(transports)[:r % len(transports)]
+                for label in order:
+                    records[label] += closed_loop(transports[label], c, seconds / rounds)
+            for label, recs in records.items():
+                rows.setdefault(label, {})[str(c)] = stats(recs, seconds)
     finally:
         loop.call_soon_threadsafe(finish.set)
         runner.join(60)

@@ -18,6 +18,11 @@ alias is deleted), ``pending_version`` (named by the alias but not serving) and 
 version is tried again after a back-off (interval × 2^failures, at most 5 minutes), or at once by
 :meth:`AliasFollower.check_now`. A deleted alias (``@challenger`` after a promotion) leaves the server serving
 what it served, and saying so.
+
+Polling is not the only way to notice: MLflow's alias webhooks (``model_version_alias.created`` / ``.deleted``)
+posted to the server's ``POST /hooks/mlflow`` call :meth:`AliasFollower.check_now` at once
+(:mod:`kiln.infra.follow_events`; ``kiln serve --webhook-url`` registers the webhook). The event only wakes the
+follower, which reads the alias from the registry as a poll does; polling stays as the safety net.
 """
 
 from __future__ import annotations

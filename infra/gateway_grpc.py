@@ -8,12 +8,15 @@ It fronts the same :class:`~kiln.infra.gateway_proxy.Gateway` as the HTTP routes
 split governs both transports. Each ``ModelInfer`` goes to the role :func:`~kiln.infra.gateway_stats.choose` picks
 (weight, or the ``x-kiln-sticky`` metadata key, as the HTTP header); when that upstream cannot be reached (the
 call never left) the other answers instead. The outcome lands in the HTTP traffic's metrics and analysis
-window: count, status, latency, the version the answer names (``model_version``) and the predicted ``label``
-output, recorded under the gateway's own request id for ``POST /feedback`` (sent back in the initial metadata as
-``x-kiln-request-id``, with ``x-kiln-upstream``; a client's id is never the key). gRPC statuses are counted as
-the HTTP statuses the model server answers for the same errors, so error rates mean the same on both transports.
-Not done over gRPC: shadow mirroring (shadow traffic comes from HTTP requests) and input-length statistics.
-Health, metadata, config and repository calls go to the champion; streaming inference is refused.
+window: count, status, latency, the version the answer names (``model_version``), the predicted ``label``
+output and the text rows' lengths, recorded under the gateway's own request id for ``POST /feedback`` (sent back
+in the initial metadata as ``x-kiln-request-id``, with ``x-kiln-upstream``; a client's id is never the key). gRPC
+statuses are counted as the HTTP statuses the model server answers for the same errors, so error rates mean the
+same on both transports. A champion-answered call is mirrored to the challenger's gRPC API under the shadow share
+(:meth:`~kiln.infra.gateway_proxy.Gateway.mirror`: the HTTP mirrors' bound, window, metrics and feedback), as a
+task started once the client's answer is known, so a slow or unreachable challenger never delays or fails the
+client (it counts as a failed shadow request). Health, metadata, config and repository calls go to the champion;
+streaming inference is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -31,9 +35,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from kiln.infra.gateway_proxy import REQUEST_ID_HEADER, STICKY_HEADER, UPSTREAM_HEADER, Gateway
-from kiln.infra.gateway_stats import CHALLENGER, CHAMPION, choose
-from kiln.infra.grpc_server import check_port
-from kiln.infra.oip import InferError
+from kiln.infra.gateway_stats import CHALLENGER, CHAMPION, TrafficWindow, choose
+from kiln.infra.grpc_server import check_port, request_body
+from kiln.infra.oip import InferError, TextRequest, parse_infer
 from kiln.infra.oip_binary import decode_tensor
 
 if TYPE_CHECKING:
@@ -47,6 +51,7 @@ _HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.INVALID_ARGUMENT: 400, 
                 grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
                 grpc.StatusCode.CANCELLED: 499}
 _MAX_LABEL_ROWS = 100_000
+_MAX_PARSE_BYTES = 1 << 20  # input lengths are noted for requests up to 1 MB, as over HTTP
 # Unary calls forwarded to the champion as they are (what it does not support, it refuses itself).
 _TO_CHAMPION = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelConfig",
                 "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad", "RepositoryModelUnload",
@@ -75,6 +80,19 @@ def labels_in(response: pb.ModelInferResponse) -> list[str] | None:
     return None
 
 
+def _record_inputs(request: pb.ModelInferRequest, windows: list[TrafficWindow]) -> None:
+    """Note the text rows' lengths of an infer call in ``windows``; anything but a v2 text request is skipped."""
+    if request.ByteSize() > _MAX_PARSE_BYTES:
+        return
+    try:
+        payload = parse_infer(request_body(request)).payload
+    except (InferError, ValueError, TypeError, RecursionError):
+        return
+    if isinstance(payload, TextRequest):
+        for window in windows:
+            window.record_inputs(payload.texts)
+
+
 class _Unreachable(Exception):
     """The upstream could not be reached: the call never left, so it may go elsewhere."""
 
@@ -101,11 +119,14 @@ class GatewayService(service_pb2_grpc.GRPCInferenceServiceServicer):
             return await getattr(self.stubs[role], method)(request, timeout=self._timeout(context),
                                                            metadata=metadata or None)
         except grpc.aio.AioRpcError as exc:
-            # A server that answers UNAVAILABLE itself (starting, draining) leaves the channel READY.
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and \
-                    self.channels[role].get_state() != grpc.ChannelConnectivity.READY:
+            if self._unreachable(role, exc):
                 raise _Unreachable(exc) from exc
             raise
+
+    def _unreachable(self, role: str, exc: grpc.aio.AioRpcError) -> bool:
+        # A server that answers UNAVAILABLE itself (starting, draining) leaves the channel READY.
+        return exc.code() == grpc.StatusCode.UNAVAILABLE and \
+            self.channels[role].get_state() != grpc.ChannelConnectivity.READY
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:  # noqa: N802
         gw = self.gateway
@@ -135,13 +156,35 @@ class GatewayService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 window.labels[label] += 1
                 gw.metrics.predictions.labels(role, version, label).inc()
             gw.predictions.add(request_id, "live", role, version, labels)
+        mirrored = role == CHAMPION and routing.shadow > 0 and \
+            gw.mirror(routing, request_id, labels, partial(self._send_shadow, request, forwarded))
+        # Input lengths are noted on the next loop turn, so parsing them never delays the answer.
+        windows = [gw.window.live[role]] + ([gw.window.shadow] if mirrored else [])
+        asyncio.get_running_loop().call_soon(_record_inputs, request, windows)
         return response
+
+    async def _send_shadow(self, request: pb.ModelInferRequest,
+                           metadata: tuple[tuple[str, str], ...]) -> tuple[int, list[str] | None]:
+        """The gRPC mirror: the challenger's status (as the HTTP status counted for it) and predicted labels."""
+        sent = time.monotonic()
+        try:
+            response = await self.stubs[CHALLENGER].ModelInfer(request, timeout=self.gateway.timeout_s,
+                                                               metadata=metadata)
+        except grpc.aio.AioRpcError as exc:  # unreachable: 502, as the HTTP mirror counts a connection not made
+            return 502 if self._unreachable(CHALLENGER, exc) else http_status(exc.code()), None
+        self._observe(CHALLENGER, response, sent)
+        return 200, labels_in(response)
+
+    def _observe(self, role: str, response: pb.ModelInferResponse, sent: float) -> None:
+        """Note the version ``role`` answered with (saved when it changed)."""
+        if response.model_version and self.gateway.upstreams[role].observe(response.model_version, sent):
+            log.info("the %s upstream now serves %s v%s (over gRPC)", role, response.model_name,
+                     response.model_version)
+            self.gateway.control.save()
 
     async def _infer(self, role: str, request: pb.ModelInferRequest, context: Any,
                      metadata: tuple[tuple[str, str], ...]) -> pb.ModelInferResponse:
         """Forward one infer call to ``role`` and record it as the HTTP proxy records its requests."""
-        gw = self.gateway
-        upstream = gw.upstreams[role]
         started, sent = time.perf_counter(), time.monotonic()
         try:
             response = await self._call(role, "ModelInfer", request, context, metadata)
@@ -153,10 +196,7 @@ class GatewayService(service_pb2_grpc.GRPCInferenceServiceServicer):
             context.set_trailing_metadata(((UPSTREAM_KEY, role),))
             await context.abort(exc.code(), exc.details() or f"upstream {role} failed")
             raise
-        if response.model_version and upstream.observe(response.model_version, sent):
-            log.info("the %s upstream now serves %s v%s (over gRPC)", role, response.model_name,
-                     response.model_version)
-            gw.control.save()
+        self._observe(role, response, sent)
         self._record(role, 200, time.perf_counter() - started)
         return response
 
@@ -240,10 +280,12 @@ class GatewayGrpc:
                  self.upstreams[CHALLENGER])
 
     async def stop(self) -> None:
-        """Refuse new calls, let those in flight finish (up to ``grace_s``), then close the upstream channels."""
+        """Refuse new calls, let those in flight finish (up to ``grace_s``) and then their mirrors, then close the
+        upstream channels."""
         if self._server is not None:
             await self._server.stop(self.grace_s)
             self._server = None
+            await self.gateway.wait_mirrors()  # the channels carry the gRPC mirrors still in flight
         await self._close_channels()
 
     async def _close_channels(self) -> None:

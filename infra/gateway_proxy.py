@@ -12,8 +12,9 @@ but not counted, and an upstream's 4xx (the client's mistake) is neither a reque
 upstream. When the upstream chosen for a request cannot be reached or drops the connection before answering
 (a model server killed under load), the other upstream answers it instead: inference has no side effects,
 so the client sees no failure, and the failure is counted against the side that failed.
-Shadow mode mirrors a share of champion-answered requests to the challenger in the background and
-records whether the predicted labels agree; the client only ever sees the champion's answer.
+Shadow mode mirrors a share of champion-answered requests (HTTP here, gRPC in :mod:`kiln.infra.gateway_grpc`, both
+through :meth:`Gateway.mirror`) to the challenger in the background and records whether the predicted labels
+agree; the client only ever sees the champion's answer.
 
 The split, windows and metrics themselves live in :mod:`kiln.infra.gateway_stats`; the split's TTL, the
 versions the upstreams serve and the state file in :mod:`kiln.infra.gateway_state`; the admin routes that
@@ -29,6 +30,8 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +128,7 @@ class Gateway:
                 watch.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await watch
-                # Let mirrors in flight finish (bounded), so their answers are counted rather than torn.
-                if self._shadow_tasks:
-                    await asyncio.wait(self._shadow_tasks, timeout=self.timeout_s)
+                await self.wait_mirrors()
                 self.client = None
 
     # ---- live traffic -------------------------------------------------------------------------------------
@@ -139,14 +140,18 @@ class Gateway:
             body = await read_body(request, self.max_body_bytes)
         except InferError as exc:
             return error_response(str(exc), exc.status)
+        # The scope's path and query as they are: building Starlette's URL object costs more than the rest of it.
+        scope_path, query = request.scope["path"], request.scope.get("query_string", b"")
         if self.control.model is None:
-            self.control.learn_model(request.url.path)
+            self.control.learn_model(scope_path)
         role = choose(routing, request.headers.get(STICKY_HEADER), self.splitter)
         request_id = uuid.uuid4().hex  # the gateway's own: a client cannot choose which sample its feedback scores
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
         headers[REQUEST_ID_HEADER] = request_id
-        path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        is_infer = request.method == "POST" and request.url.path.endswith("/infer")
+        # Forwarded as the client sent it (still percent-encoded), not as Starlette decoded it.
+        raw_path = request.scope.get("raw_path") or scope_path.encode()
+        path = raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
+        is_infer = request.method == "POST" and scope_path.endswith("/infer")
         answer = await self._send(role, request.method, path, headers, body, is_infer)
         if isinstance(answer, Failure) and answer.kind != "timeout":
             # Unreachable or dropped before answering (counted against ``role`` already): inference has no side
@@ -162,7 +167,7 @@ class Gateway:
         if labels is not None:
             self.predictions.add(request_id, "live", role, self.upstreams[role].label, labels)
         mirrored = (is_infer and role == CHAMPION and answer.status == 200 and routing.shadow > 0
-                    and self._mirror(routing, path, headers, body, request_id, labels))
+                    and self.mirror(routing, request_id, labels, partial(self._send_shadow, path, headers, body)))
         passed = {k: v for k, v in answer.headers.items() if k.lower() in _PASS_BACK}
         # Inputs are recorded after the answer has gone out, so parsing them never delays the client; a
         # request the upstream refused as the client's mistake (4xx) is not traffic the model saw.
@@ -202,37 +207,52 @@ class Gateway:
 
     # ---- shadow traffic ------------------------------------------------------------------------------------
 
-    def _mirror(self, routing: Routing, path: str, headers: dict[str, str], body: bytes, request_id: str,
-                champion_labels: list[str] | None) -> bool:
-        """Mirror the request to the challenger when the shadow share says so; True when it was sent."""
+    def mirror(self, routing: Routing, request_id: str, champion_labels: list[str] | None,
+               send: Callable[[], Awaitable[tuple[int, list[str] | None]]]) -> bool:
+        """Mirror a champion-answered request to the challenger when the shadow share says so; True when it was sent.
+
+        ``send`` forwards it over the client's transport (HTTP or gRPC) and returns the challenger's status, counted
+        as the HTTP proxy counts it, and its predicted labels (None when it has none); it runs as a task, so the
+        client's answer never waits for it. Both transports share this bound and :meth:`_shadow`'s bookkeeping.
+        """
         if not self.shadow_splitter.take(routing.shadow):
             return False
         if len(self._shadow_tasks) >= self.max_shadow_inflight:  # shadowing must never slow live traffic
             self.window.shadow.dropped += 1
             self.metrics.shadow_dropped.inc()
             return False
-        task = asyncio.create_task(self._shadow(path, headers, body, request_id, champion_labels))
+        task = asyncio.create_task(self._shadow(send, request_id, champion_labels))
         self._shadow_tasks.add(task)
         self._mirroring.add(request_id)
         task.add_done_callback(self._shadow_tasks.discard)
         task.add_done_callback(lambda _: self._mirroring.discard(request_id))
         return True
 
-    async def _shadow(self, path: str, headers: dict[str, str], body: bytes, request_id: str,
-                      champion_labels: list[str] | None) -> None:
+    async def wait_mirrors(self) -> None:
+        """Let mirrors in flight finish (bounded by the upstream timeout), so their answers are counted, not torn."""
+        if self._shadow_tasks:
+            await asyncio.wait(self._shadow_tasks, timeout=self.timeout_s)
+
+    async def _send_shadow(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, list[str] | None]:
+        """The HTTP mirror: the challenger's status and predicted labels for the same request."""
         assert self.client is not None
-        upstream, window = self.upstreams[CHALLENGER], self.window.shadow
-        started, sent = time.perf_counter(), time.monotonic()
-        answer = await self.client.request("POST", upstream.url + path, headers=headers, body=body)
-        code = answer.status
+        sent = time.monotonic()
+        answer = await self.client.request("POST", self.upstreams[CHALLENGER].url + path, headers=headers, body=body)
         if isinstance(answer, Answer) and VERSION_HEADER_KEY in answer.headers:
             self.control.observe(CHALLENGER, answer, sent)
+        return answer.status, _answer_labels(answer) if isinstance(answer, Answer) else None
+
+    async def _shadow(self, send: Callable[[], Awaitable[tuple[int, list[str] | None]]], request_id: str,
+                      champion_labels: list[str] | None) -> None:
+        """Send one mirror and score it: the shadow window, metrics, agreement with the champion, feedback."""
+        upstream, window = self.upstreams[CHALLENGER], self.window.shadow
+        started = time.perf_counter()
+        code, labels = await send()
         seconds = time.perf_counter() - started
         window.record(code, seconds)
         self.metrics.shadow_requests.labels(upstream.label, str(code)).inc()
         if code < 500:
             self.metrics.shadow_duration.labels(upstream.label).observe(seconds)
-        labels = _answer_labels(answer) if isinstance(answer, Answer) else None
         for label in labels or []:  # the challenger's predicted classes, for the class drift check
             window.labels[label] += 1
         if labels is None or champion_labels is None or len(labels) != len(champion_labels):

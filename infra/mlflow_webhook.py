@@ -148,8 +148,10 @@ def create_app(settings: Settings, starter: Starter, **kwargs: Any) -> Any:
     return Starlette(routes=[mlflow_webhook_route(settings, starter, **kwargs)])
 
 
-def register_mlflow_webhook(settings: Settings, url: str, secret: str) -> Any:
-    """Create (or update) the MLflow webhook that sends Kiln's events to ``url``; returns it.
+def register_mlflow_webhook(settings: Settings, url: str, secret: str, *, name: str = WEBHOOK_NAME,
+                            events: tuple[str, ...] = EVENTS, description: str | None = None) -> Any:
+    """Create (or update) the MLflow webhook ``name`` that sends ``events`` (Kiln's receiver's by default) to
+    ``url``; returns it. :mod:`kiln.infra.follow_events` registers a model server's alias events with it.
 
     The MLflow server needs ``MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https`` and
     ``MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true`` for a receiver on loopback, and one
@@ -165,12 +167,12 @@ def register_mlflow_webhook(settings: Settings, url: str, secret: str) -> Any:
     existing, token = None, None
     while existing is None:
         page = client.list_webhooks(max_results=100, page_token=token)
-        existing = next((w for w in page if w.name == WEBHOOK_NAME), None)
+        existing = next((w for w in page if w.name == name), None)
         token = page.token
         if not token:
             break
-    description = "Kiln: new versions start optimize; approval tags resume promotions"
+    description = description or "Kiln: new versions start optimize; approval tags resume promotions"
     if existing is not None:
-        return client.update_webhook(existing.webhook_id, url=url, events=list(EVENTS), secret=secret,
+        return client.update_webhook(existing.webhook_id, url=url, events=list(events), secret=secret,
                                      description=description, status="ACTIVE")
-    return client.create_webhook(WEBHOOK_NAME, url, list(EVENTS), description=description, secret=secret)
+    return client.create_webhook(name, url, list(events), description=description, secret=secret)

@@ -256,7 +256,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-follow", dest="follow", action="store_false", help="serve what each NAME@ALIAS names "
                         "now, for good (default: follow the alias as it moves; see kiln.infra.follow)")
     parser.add_argument("--follow-interval", type=float, help="seconds between looks at the registry (default: the "
-                        "follow_interval_s setting, 5)")
+                        "follow_interval_s setting, 5; with --webhook-url, follow_webhook_interval_s, 60)")
+    parser.add_argument("--webhook-url", help="register an MLflow webhook that POSTs alias events to this URL, the "
+                        "address of this server's /hooks/mlflow (needs KILN_MLFLOW_WEBHOOK_SECRET and an MLflow "
+                        "server; see kiln.infra.follow_events)")
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--max-wait-ms", type=float, default=0.0, help="batching delay (default 0: greedy)")
     parser.add_argument("--max-body-bytes", type=int, help="largest infer request body; larger ones get 413 "
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from kiln.errors import KilnError
+    from kiln.infra.follow_events import check_options, follow_events
     from kiln.settings import load_settings
     from kiln.tasks.engines import EngineOptions
     from kiln.tasks.models.predictor import Predictor
@@ -303,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"error: {exc}") from exc
     try:
         settings = load_settings()
+        check_options(settings, args.model, follow=args.follow, webhook_url=args.webhook_url)
         options = EngineOptions(backend=args.backend, threads=args.threads or serving_threads(settings))
         models = load_registered(args.model, settings, options) if args.model else \
             [ServedModel(args.name, "1", Predictor(args.package, options))]
@@ -315,8 +320,13 @@ def main(argv: list[str] | None = None) -> None:
         from kiln.infra.follow import follow_refs
 
         faults = Faults(args.fault_errors, args.fault_latency_ms, args.fault_wrong)
-        follow_refs(app.state.server.pool, args.model, models, settings, options, follow=args.follow,
-                    interval_s=args.follow_interval, prepare=lambda model: with_faults([model], faults)[0])
+        followers = follow_refs(app.state.server.pool, args.model, models, settings, options, follow=args.follow,
+                                interval_s=args.follow_interval, prepare=lambda model: with_faults([model], faults)[0])
+        try:  # POST /hooks/mlflow: MLflow alias events wake the followers (kiln.infra.follow_events)
+            follow_events(app, followers, settings, webhook_url=args.webhook_url,
+                          interval_given=args.follow_interval is not None)
+        except KilnError as exc:
+            raise SystemExit(f"error: {exc}") from exc
     if args.grpc_port is not None:
         add_grpc(app, host=args.host, port=args.grpc_port)  # on the same event loop and model pool as HTTP
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_keep_alive=30)

@@ -50,6 +50,9 @@ class Settings(BaseSettings):
                                        "takes; larger ones are refused with 413 (`--max-body-bytes`).")
     follow_interval_s: float = Field(5.0, gt=0, description="How often a model server on NAME@ALIAS asks the "
                                      "registry whether the alias moved (`kiln serve --follow-interval`).")
+    follow_webhook_interval_s: float = Field(60.0, gt=0, description="How often a model server that registered an "
+                                             "MLflow webhook for alias events (`kiln serve --webhook-url`) still "
+                                             "polls, in case a delivery is lost; --follow-interval overrides it.")
     gateway_port: int = Field(8080, ge=1, le=65535, description="Canary gateway port.")
     gateway_token: SecretStr | None = Field(None, description="Bearer token of the gateway's admin API.")
     gateway_feedback_token: SecretStr | None = Field(None, description=(

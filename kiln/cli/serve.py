@@ -61,8 +61,13 @@ def serve(
                                          "verify, swap, drain. --no-follow serves what it names now, for good.")
                       ] = True,
     follow_interval: Annotated[float | None, typer.Option(
-        help="Seconds between looks at the registry (default: the follow_interval_s setting, 5).",
-        show_default=False)] = None,
+        help="Seconds between looks at the registry (default: the follow_interval_s setting, 5; with "
+             "--webhook-url, follow_webhook_interval_s, 60).", show_default=False)] = None,
+    webhook_url: Annotated[str | None, typer.Option(
+        help="Register an MLflow webhook that POSTs alias events to this URL, the address MLflow can reach this "
+             "server's /hooks/mlflow at (e.g. http://this-host:8000/hooks/mlflow): the server then swaps as soon as "
+             "an alias moves, and polls only as a safety net. Needs KILN_MLFLOW_WEBHOOK_SECRET and an MLflow "
+             "server; the webhook is deleted when the server stops.", show_default=False)] = None,
     max_batch_size: Annotated[int, typer.Option(help="Most rows merged into one engine call.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(help="Batching delay; 0 batches greedily.")] = 0.0,
     max_body_bytes: Annotated[int | None, typer.Option(help="Largest infer request body; larger ones get 413 "
@@ -89,8 +94,9 @@ def serve(
     swaps with no request failing. If the new version fails, the old one keeps serving and says so: a log
     line, `kiln_server_swaps_total{result="failed"}` on /metrics and `last_error` in `GET /v2/models/NAME`
     (`parameters`: following, served_version, alias_version, pending_version, last_error). Every answer
-    names its version (`model_version`). Bad input (an unknown model, a package that does not verify, a taken
-    port) exits 2 before anything serves.
+    names its version (`model_version`). With KILN_MLFLOW_WEBHOOK_SECRET set, MLflow alias events POSTed to
+    /hooks/mlflow wake the follower at once (--webhook-url registers that webhook). Bad input (an unknown
+    model, a package that does not verify, a taken port) exits 2 before anything serves.
     """
     from kiln.infra.faults import Faults
 
@@ -105,6 +111,9 @@ def serve(
                           f"(got {max_body_bytes})")
     if follow_interval is not None and follow_interval <= 0:
         raise ConfigError(f"--follow-interval must be a positive number of seconds, not {follow_interval:g}")
+    from kiln.infra.follow_events import check_options
+
+    check_options(settings, models or [], follow=follow, webhook_url=webhook_url)
     if package is not None and not (package / "kiln.json").is_file():
         raise ConfigError(f"{package} is not a Kiln package (no kiln.json); give a folder `kiln optimize` built")
     port = settings.server_port if port is None else port
@@ -124,7 +133,7 @@ def serve(
             except OSError as exc:
                 raise ConfigError(str(exc)) from exc
         app = _server_app(settings, models or [], package, name, faults, follow=follow,
-                          follow_interval=follow_interval, backend=backend, threads=threads,
+                          follow_interval=follow_interval, webhook_url=webhook_url, backend=backend, threads=threads,
                           limits={"max_batch_size": max_batch_size, "max_wait_ms": max_wait_ms,
                                   "max_body_bytes": max_body_bytes or settings.server_max_body_bytes,
                                   **({"max_rows": max_rows} if max_rows else {})})
@@ -139,10 +148,13 @@ def serve(
 
 
 def _server_app(settings: Any, refs: list[str], package: Path | None, name: str, faults: Any, *, follow: bool,
-                follow_interval: float | None, backend: str, threads: int | None, limits: dict[str, Any]) -> Any:
-    """The model server's ASGI app, its models loaded (and verified) and followers attached; ``limits`` are
+                follow_interval: float | None, webhook_url: str | None, backend: str, threads: int | None,
+                limits: dict[str, Any]) -> Any:
+    """The model server's ASGI app, its models loaded (and verified), followers attached and woken by MLflow
+    alias events (the webhook registered when ``webhook_url``); ``limits`` are
     :func:`kiln.infra.server.create_app`'s batching and request-size keywords."""
     from kiln.infra.follow import follow_refs
+    from kiln.infra.follow_events import follow_events
     from kiln.infra.runtime import ServedModel
     from kiln.infra.server import create_app, load_registered, serving_threads, with_faults
     from kiln.tasks.engines import EngineOptions
@@ -153,8 +165,9 @@ def _server_app(settings: Any, refs: list[str], package: Path | None, name: str,
     served = with_faults(served, faults)
     app = create_app(served, **limits)
     if refs:
-        follow_refs(app.state.server.pool, refs, served, settings, options, follow=follow, interval_s=follow_interval,
-                    prepare=lambda model: with_faults([model], faults)[0])
+        followers = follow_refs(app.state.server.pool, refs, served, settings, options, follow=follow,
+                                interval_s=follow_interval, prepare=lambda model: with_faults([model], faults)[0])
+        follow_events(app, followers, settings, webhook_url=webhook_url, interval_given=follow_interval is not None)
     return app
 
 
@@ -202,7 +215,7 @@ def gateway(
     is asked which version it serves, so servers that follow an alias are reported as they swap. Prometheus
     metrics by upstream and version on /metrics. With --grpc-port (and --champion-grpc, --challenger-grpc: the
     servers' gRPC addresses) gRPC clients such as tritonclient.grpc are routed by the same split and counted in
-    the same metrics (shadow mirroring stays HTTP-only).
+    the same metrics, and mirrored to the challenger's gRPC API under the shadow share.
     """
     from kiln.infra.gateway import create_app, default_state_file, grpc_options_problem
     from kiln.infra.gateway_proxy import TOKEN_ENV, Gateway, Upstream

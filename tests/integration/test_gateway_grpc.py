@@ -2,12 +2,17 @@
 
 Two real model servers (the tiny BERT package as ``tiny`` v3 and v4, HTTP and gRPC each) behind one gateway with a
 gRPC port: the split set over the admin API routes gRPC calls as it routes HTTP, ``/admin/state`` counts them per
-role, and a challenger nobody listens on falls back to the champion.
+role, and a challenger nobody listens on falls back to the champion. With a shadow share, champion-answered calls are
+mirrored to the challenger's gRPC API and scored as the HTTP proxy's mirrors are, never failing the client's call.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import socket
+import threading
+import time
 from contextlib import ExitStack, contextmanager
 from types import SimpleNamespace
 
@@ -22,6 +27,7 @@ from typer.testing import CliRunner
 from kiln.cli.app import app as cli
 from kiln.infra.background import serving
 from kiln.infra.gateway import create_app as gateway_app
+from kiln.infra.gateway_grpc import GatewayService
 from kiln.infra.gateway_grpc import add_grpc as add_gateway_grpc
 from kiln.infra.gateway_proxy import Gateway, Upstream
 from kiln.infra.grpc_server import add_grpc
@@ -58,9 +64,9 @@ def _free_port() -> int:
 
 
 @contextmanager
-def _gateway(servers, challenger_grpc=None):
+def _gateway(servers, challenger_grpc=None, **options):
     gateway = Gateway(Upstream(servers["champion"].http), Upstream(servers["challenger"].http), TOKEN,
-                      poll_s=5.0)
+                      poll_s=5.0, **options)
     app = gateway_app(gateway)
     front = add_gateway_grpc(app, champion=servers["champion"].grpc,
                              challenger=challenger_grpc or servers["challenger"].grpc, port=0)
@@ -157,3 +163,76 @@ def test_kiln_gateway_refuses_incomplete_grpc_options(monkeypatch):
     result = CliRunner().invoke(cli, [*base, "--grpc-port", "0", "--champion-grpc", "http://x:3",
                                       "--challenger-grpc", "127.0.0.1:4"])
     assert result.exit_code == 2 and "HOST:PORT" in result.output
+
+
+def _mirrored(gw, calls: int) -> dict:
+    """The analysis window once ``calls`` mirrors have been answered (they run after the client's answer)."""
+    deadline = time.monotonic() + 20
+    while True:
+        state = _admin(gw, "GET", "/admin/state")
+        if sum(state["window"]["shadow"]["codes"].values()) >= calls and not state["shadow_in_flight"]:
+            return state["window"]
+        assert time.monotonic() < deadline, f"the mirrors never finished: {state['window']['shadow']}"
+        time.sleep(0.02)
+
+
+def test_shadow_mirrors_grpc_calls_to_the_challenger_and_scores_both_answers(servers):
+    with _gateway(servers) as gw:
+        _admin(gw, "POST", "/admin/split", shadow=1.0)
+        results = [_infer(gw.client) for _ in range(3)]
+        assert {r.get_response().model_version for r in results} == {"3"}  # the client sees the champion's answer
+        labels = [b.decode() for b in results[0].as_numpy("label")]
+        request_id = _gateway_id(gw, "r-1")  # a fourth call, with the id the gateway keys its bookkeeping by
+        window = _mirrored(gw, 4)
+        shadow = window["shadow"]
+        assert (shadow["requests"], shadow["errors"], shadow["dropped"]) == (4, 0, 0)
+        assert shadow["compared"] == shadow["agreed"] == 8  # the same package on both sides: every row agrees
+        assert sum(shadow["labels"].values()) == 8 and shadow["input_rows"] == 8
+        assert window["champion"]["requests"] == 4 and window["challenger"]["requests"] == 0
+        assert window["champion"]["input_rows"] == 8  # input lengths are noted for gRPC calls too
+
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        scored = httpx.post(gw.url + "/feedback", json={"request_id": request_id, "labels": labels}, headers=auth)
+        assert scored.json()["scored"] == {"champion/live": 1.0, "challenger/shadow": 1.0}, scored.text
+        metrics = httpx.get(gw.url + "/metrics").text
+        assert 'kiln_gateway_shadow_requests_total{code="200",version="4"} 4.0' in metrics
+        assert 'kiln_gateway_shadow_comparisons_total{result="agree",version="4"} 8.0' in metrics
+        assert 'kiln_gateway_feedback_total{result="correct",role="challenger",source="shadow",version="4"} 2.0' \
+            in metrics
+
+
+def test_a_slow_mirror_never_delays_the_call_and_stopping_waits_for_it(servers, monkeypatch):
+    send, release = GatewayService._send_shadow, threading.Event()
+
+    async def slow(self, request, metadata):  # a challenger that answers only once the test says so
+        deadline = time.monotonic() + 10
+        while not release.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        return await send(self, request, metadata)
+
+    monkeypatch.setattr(GatewayService, "_send_shadow", slow)
+    with _gateway(servers) as gw:
+        _admin(gw, "POST", "/admin/split", shadow=1.0)
+        assert [_infer(gw.client).get_response().model_version for _ in range(2)] == ["3", "3"]
+        assert gw.gateway.window.shadow.codes == {}  # both calls answered while their mirrors wait
+        release.set()
+    assert gw.gateway.window.shadow.codes == {"200": 2}  # stopping let both mirrors finish over open channels
+
+
+def test_an_unreachable_challenger_fails_the_mirror_never_the_call(servers):
+    with _gateway(servers, challenger_grpc=f"127.0.0.1:{_free_port()}") as gw:
+        _admin(gw, "POST", "/admin/split", shadow=1.0)
+        assert [_infer(gw.client).get_response().model_version for _ in range(3)] == ["3", "3", "3"]
+        shadow = _mirrored(gw, 3)["shadow"]
+        assert shadow["codes"] == {"502": 3} and shadow["errors"] == 3 and shadow["compared"] == 0
+        metrics = httpx.get(gw.url + "/metrics").text  # the version label: "unknown" until the HTTP poll learns it
+        assert re.search(r'kiln_gateway_shadow_requests_total\{code="502",version="[^"]+"\} 3\.0', metrics)
+
+
+def test_mirrors_past_the_in_flight_bound_are_dropped_and_counted(servers):
+    with _gateway(servers, max_shadow_inflight=0) as gw:
+        _admin(gw, "POST", "/admin/split", shadow=1.0)
+        assert _infer(gw.client).get_response().model_version == "3"
+        window = _admin(gw, "GET", "/admin/state")["window"]
+        assert window["shadow"]["dropped"] == 1 and window["shadow"]["codes"] == {}
+        assert "kiln_gateway_shadow_dropped_total 1.0" in httpx.get(gw.url + "/metrics").text
