@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import mlflow
 from prefect import flow, task
@@ -39,16 +39,25 @@ from kiln.tasks.reports.plots import pareto_png
 log = logging.getLogger(__name__)
 
 
+Backend = Literal["onnxruntime", "tensorrt", "auto"]  # a dropdown in the form (tasks/engines: load_engine)
+# The shipped named recipes, offered as choices in the form; a recipe_file's own names are accepted too, so the
+# form's items are "a named recipe (dropdown) or any name".
+RECIPE_NAMES = sorted(recipes.library())
+_RECIPE_CHOICES = {"anyOf": [{"title": "named recipe", "enum": RECIPE_NAMES},
+                             {"title": "a recipe of recipe_file", "type": "string"}]}
+
+
 class OptimizeParams(BaseModel):
     """What to optimize and how to judge it (the Prefect UI draws this as a form)."""
 
     model: str = Field(..., description="Registered model: NAME (=NAME@champion), NAME@ALIAS or NAME/VERSION.")
-    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Named recipes to build as candidates.")
+    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Named recipes to build as candidates.",
+                               json_schema_extra={"items": _RECIPE_CHOICES})
     recipe_file: str | None = Field(None, description="Optional YAML file with more named recipes.")
     policy: str | None = Field(None, description="Gate policy YAML; default: the task's preset.")
     data: DatasetSpec | None = Field(None, description="Dataset; default: the one recorded on the model version.")
     eval_limit: int | None = Field(None, gt=0, description="Judge on a seeded sample of this many test rows.")
-    backend: str = Field("onnxruntime", description="Engine backend: onnxruntime, tensorrt or auto.")
+    backend: Backend = Field("onnxruntime", description="Engine backend: onnxruntime, tensorrt or auto.")
     seq_len: int = Field(64, ge=8, le=4096, description="Serving sequence length (latency inputs are padded to it).")
     bench: BenchConfig | None = Field(None, description="How latency is measured; default from settings.")
     request: str | None = Field(None, description="Who asked for this work, signed (`kiln optimize --sign` makes "

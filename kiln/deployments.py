@@ -9,11 +9,14 @@ from kiln.flows.optimize import optimize
 from kiln.flows.promote import promote
 from kiln.flows.retrain import retrain
 from kiln.flows.rollout import rollout
+from kiln.settings import Settings, load_settings
 
 
-def deployments() -> list:
-    """The deployments Kiln offers; parameters come from the flows' pydantic models."""
-    return [
+def deployments(settings: Settings | None = None) -> list:
+    """The deployments Kiln offers; parameters come from the flows' pydantic models, and the rollout's form offers
+    the traffic routers and metrics sources ``settings`` names (the worker's) as choices."""
+    settings = settings or load_settings()
+    made = [
         optimize.to_deployment(name="kiln-optimize", tags=["kiln"],
                                description="Registered model in, gated challenger out."),
         demo.to_deployment(name="kiln-demo", tags=["kiln"], description="Fine-tune MiniLM, register, optimize."),
@@ -26,8 +29,15 @@ def deployments() -> list:
                               description="A pushed commit's training config, fine-tuned and registered, then "
                                           "optimized."),
     ]
+    rollout_form = next(d for d in made if d.name == "kiln-rollout")._parameter_openapi_schema
+    fields = rollout_form.definitions["RolloutParams"]["properties"]
+    routers = sorted({*(settings.rollout_gateways or {"default": None}), *settings.rollout_routers})
+    fields["gateway"] |= {"enum": routers} | ({} if "default" in routers else {"default": routers[0]})
+    if "metrics" in fields:
+        fields["metrics"]["enum"] = sorted({"gateway", *settings.rollout_metrics})
+    return made
 
 
-def serve_all() -> None:
+def serve_all(settings: Settings | None = None) -> None:
     """Block serving every deployment (needs PREFECT_API_URL pointing at a Prefect server)."""
-    serve(*deployments())
+    serve(*deployments(settings))

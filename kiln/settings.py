@@ -18,6 +18,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from kiln.credentials import split_credentials
 from kiln.errors import ConfigError, unknown_key, validation_problems
+from kiln.metrics_config import MetricsSource
+from kiln.router_config import RouterConfig
 from kiln.yamlfile import read_yaml
 
 _GATEWAY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -58,6 +60,10 @@ class Settings(BaseSettings):
     gateway_feedback_token: SecretStr | None = Field(None, description=(
         "Bearer token that POST /feedback also takes besides the admin token (give it to whatever posts true "
         "labels, so it cannot move traffic). Unset: feedback needs the admin token."))
+    judge_token: SecretStr | None = Field(None, description=(
+        "Bearer token of the judge (`kiln judge serve`), the Argo Rollouts web metric / Flagger webhook endpoint. "
+        "Give Argo and Flagger this one, never the gateway's: it reads verdicts and moves no traffic."))
+    judge_port: int = Field(8090, ge=1, le=65535, description="Port of the judge (`kiln judge serve`).")
     rollout_lease_s: float | None = Field(None, ge=1, le=3600, description=(
         "The lease a rollout holds on its model, in seconds, and so the TTL of the traffic split it sets: a driver "
         "that dies leaves a split that lapses back to the champion within this time. Unset: the lease's default, "
@@ -70,6 +76,16 @@ class Settings(BaseSettings):
     rollout_gateways: Annotated[dict[str, AnyHttpUrl], NoDecode] = Field(default_factory=dict, description=(
         "The gateways a rollout may drive (and send the admin token to), by name: a rollout names one "
         "(`kiln rollout NAME --gateway prod`), never a URL. Empty: {default: http://127.0.0.1:<gateway_port>}."))
+    rollout_routers: dict[str, RouterConfig] = Field(default_factory=dict, description=(
+        "Kubernetes traffic routers a rollout may drive, by name (`kiln rollout NAME --gateway NAME` takes these "
+        "names too): {kind: gateway-api, route, champion_service, challenger_service} or {kind: kserve, "
+        "inference_service}, each with namespace, api_url, context. KILN_ROLLOUT_ROUTERS takes JSON."))
+    rollout_metrics: dict[str, MetricsSource] = Field(default_factory=dict, description=(
+        "Where a rollout may read its evidence, by name (`kiln rollout NAME --metrics prom`): {kind: prometheus, "
+        "url, preset: kiln|istio|envoy-gateway|kserve, queries, selector, namespace, upstreams, variables}. "
+        "'gateway' (the default) is always the router's own windows. KILN_ROLLOUT_METRICS takes JSON."))
+    prometheus_token: SecretStr | None = Field(None, description="Bearer token sent to the Prometheus servers of "
+                                               "rollout_metrics, if they need one.")
     prefect_api_url: str | None = Field(None, description="Prefect API for deployments; default: PREFECT_API_URL.")
 
     # ---- configured stores: PostgreSQL and S3 ----
@@ -155,6 +171,15 @@ class Settings(BaseSettings):
                                  "KILN_GATEWAY_TOKEN")
         return value
 
+    @model_validator(mode="after")
+    def _router_names(self) -> Settings:
+        for name in self.rollout_routers:
+            if not _GATEWAY_NAME.fullmatch(name):
+                raise ValueError(f"router name {name!r}: use letters, digits, '.', '_' or '-'")
+        if both := sorted(set(self.rollout_routers) & set(self.rollout_gateways)):
+            raise ValueError(f"{', '.join(both)} named in both rollout_gateways and rollout_routers; rename one")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _repo_credentials(cls, data: Any) -> Any:
@@ -216,7 +241,8 @@ class Settings(BaseSettings):
         if name not in known:
             raise ConfigError(f"unknown gateway {name!r}; a rollout may drive only the gateways named in the "
                               f"rollout_gateways setting: {', '.join(sorted(known))} (add it in kiln.yaml or "
-                              "KILN_ROLLOUT_GATEWAYS)")
+                              "KILN_ROLLOUT_GATEWAYS)" + (f", or the routers of rollout_routers: "
+                              f"{', '.join(sorted(self.rollout_routers))}" if self.rollout_routers else ""))
         return known[name]
 
     def signers_file(self) -> Path:

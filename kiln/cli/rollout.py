@@ -42,7 +42,10 @@ def start(
     spec: Annotated[Path | None, typer.Option(help="Rollout spec YAML (steps, metrics, failure_limit...); default: "
                                               "Kiln's preset (shadow, then 10/25/50/100 %).")] = None,
     gateway: Annotated[str, typer.Option(help="Name of the gateway in the rollout_gateways setting (kiln.yaml or "
-                                         "KILN_ROLLOUT_GATEWAYS); default: 'default'.")] = "default",
+                                         "KILN_ROLLOUT_GATEWAYS), or of a Kubernetes router (HTTPRoute, KServe) "
+                                         "in rollout_routers; default: 'default'.")] = "default",
+    metrics: Annotated[str, typer.Option(help="Where the evidence comes from: 'gateway' (the router's own windows) "
+                                         "or a source of the rollout_metrics setting (Prometheus).")] = "gateway",
     poll: Annotated[float, typer.Option(help="Seconds between looks for pause/abort commands.")] = 1.0,
     config: ConfigOpt = None,
 ) -> None:
@@ -61,12 +64,13 @@ def start(
     from kiln.tasks.rollout.params import RolloutParams
 
     try:
-        params = RolloutParams(model=name, spec=str(spec) if spec else None, gateway=gateway, poll_s=poll)
+        params = RolloutParams(model=name, spec=str(spec) if spec else None, gateway=gateway, metrics=metrics,
+                               poll_s=poll)
     except ValidationError as exc:
         raise ConfigError(f"kiln rollout: {validation_problems(exc, model=RolloutParams)}") from exc
     preflight(params, settings)[1].close()  # a bad spec, token or gateway fails here, before a flow run
     with crashed.owned():  # the run carries this process: a kill is marked Crashed by the next run
-        result = rollout(params)
+        result = rollout(params, gates="registry")  # the terminal's gates: `kiln rollout resume|abort NAME`
     raise typer.Exit(OK if result["status"] == "promoted" else DECLINED)
 
 
@@ -91,16 +95,25 @@ def status(name: NameArg, config: ConfigOpt = None) -> None:
         gone = version and driver_gone(client, name, version.version, version.tags.get(vocab.ROLLOUT_STATUS))
     if gone:
         typer.echo(f"  STALE: {gone}")
+        if state is not None and settings.rollout_routers:  # a Kubernetes split does not lapse by itself
+            from kiln.tasks.rollout.k8s_routers import revert_lapsed_split
+
+            if note := revert_lapsed_split(settings.rollout_routers, state.gateway):
+                typer.echo(f"  {note}")
 
 
 def _command(name: str, command: str, reason: str, key: Path | None, approver: str | None,
-             config: Path | None) -> None:
+             config: Path | None, print_token: bool = False) -> None:
     settings = load(config)
     from kiln.tasks.registry import client as registry
-    from kiln.tasks.rollout.commands import refuse_if_driverless, send_command
+    from kiln.tasks.rollout.commands import refuse_if_driverless, send_command, sign_command
 
     client = registry.connect(settings)
     refuse_if_driverless(client, name)  # a command to a dead rollout would be left for the next one to ignore
+    if print_token:  # for the form of the rollout's paused Prefect run; nothing is written
+        typer.echo(sign_command(client, name, command, settings=settings, reason=reason, key=key,
+                                approver=approver)[1].token())
+        return
     version = send_command(client, name, command, settings=settings, reason=reason, key=key, approver=approver)
     typer.echo(f"{name} v{version}: {command} sent, signed; the rollout acts on it within its poll interval "
                f"(`kiln rollout status {name}`)")
@@ -110,6 +123,8 @@ KeyOpt = Annotated[Path | None, typer.Option(help="Your SSH private key (or its 
                                                   "default: the signing_key setting (KILN_SIGNING_KEY).")]
 ApproverOpt = Annotated[str | None, typer.Option(help="Only a cross-check: the principal allowed_signers lists for "
                                                       "your key sends the command; this must match it.")]
+TokenOpt = Annotated[bool, typer.Option("--print-token", help="Sign and print the command as a token to paste into "
+                                        "the form of the rollout's paused Prefect run, instead of sending it.")]
 
 
 @rollout_app.command("pause", epilog=exit_epilog())
@@ -123,26 +138,26 @@ def pause(name: NameArg, reason: ReasonOpt = "", key: KeyOpt = None, approver: A
 @rollout_app.command("resume", epilog=exit_epilog())
 @handle_errors
 def resume(name: NameArg, reason: ReasonOpt = "", key: KeyOpt = None, approver: ApproverOpt = None,
-           config: ConfigOpt = None) -> None:
+           print_token: TokenOpt = False, config: ConfigOpt = None) -> None:
     """Continue a paused rollout (also passes a manual gate)."""
-    _command(name, "resume", reason, key, approver, config)
+    _command(name, "resume", reason, key, approver, config, print_token)
 
 
 @rollout_app.command("promote", epilog=exit_epilog())
 @handle_errors
 def promote(name: NameArg, reason: ReasonOpt, key: KeyOpt = None, approver: ApproverOpt = None,
-            config: ConfigOpt = None) -> None:
+            print_token: TokenOpt = False, config: ConfigOpt = None) -> None:
     """Skip the remaining steps and make the challenger champion now; counts only once the challenger is
     approved (`kiln approve`), otherwise the rollout ignores it with a note."""
-    _command(name, "promote", reason, key, approver, config)
+    _command(name, "promote", reason, key, approver, config, print_token)
 
 
 @rollout_app.command("abort", epilog=exit_epilog())
 @handle_errors
 def abort(name: NameArg, reason: ReasonOpt, key: KeyOpt = None, approver: ApproverOpt = None,
-          config: ConfigOpt = None) -> None:
+          print_token: TokenOpt = False, config: ConfigOpt = None) -> None:
     """Roll back now: weight 0, challenger rejected, champion untouched."""
-    _command(name, "abort", reason, key, approver, config)
+    _command(name, "abort", reason, key, approver, config, print_token)
 
 
 def register_commands(app: typer.Typer) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 
 from kiln.demo.canary import DEMO_SPEC, canary_demo
 from kiln.errors import DataError
-from kiln.flows.optimize import OptimizeParams, optimize
+from kiln.flows.optimize import RECIPE_NAMES, OptimizeParams, optimize
 from kiln.settings import Settings, load_settings
 from kiln.tasks.core.device import resolve_device
 from kiln.tasks.data import checks as datachecks
@@ -38,7 +38,8 @@ class DemoParams(BaseModel):
     name: str = Field("sentiment", description="Registered model name.")
     train_steps: int = Field(400, ge=1, description="Fine-tuning steps at batch 32.")
     limit: int | None = Field(None, gt=0, description="Use at most this many tweets (default: all).")
-    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Recipes to build as candidates.")
+    recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Recipes to build as candidates.",
+                               json_schema_extra={"items": {"type": "string", "enum": RECIPE_NAMES}})  # a dropdown
     eval_limit: int | None = Field(None, gt=0, description="Judge on a sample of the test split.")
     canary: bool = Field(True, description="Finish with the two canary rollouts (good one promoted, broken one "
                          "rolled back).")

@@ -97,6 +97,9 @@ ROLLOUT_COMMAND = ROLLOUT_PREFIX + "command"  # a signed pause | resume | promot
 ROLLOUT_ID = ROLLOUT_PREFIX + "id"  # the running rollout's id: a command names the rollout it is for
 ROLLOUT_NOTE = ROLLOUT_PREFIX + "note"  # the last command the driver ignored, and why
 
+# ── Kubernetes annotations on a routed object (HTTPRoute, InferenceService): a split's lease ────────
+SPLIT_EXPIRES_AT = "kiln.dev/split-expires-at"  # ISO-8601 UTC; past it, the next kiln command reverts the split
+
 # ── registered-model tags: the model's lease (a registered model named LEASE_MODEL_PREFIX + NAME) ──
 LEASE_MODEL_PREFIX = "kiln-lease."  # the registered model that is NAME's lease while it exists
 LEASE_OWNER = "kiln.lease_owner"  # host:pid:nonce of the holding process

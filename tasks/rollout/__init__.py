@@ -6,6 +6,8 @@ promote it or roll it back.
                     drift: input/prediction drift checks)
     router          the TrafficRouter interface (set split, read split, promote, roll back)
     gateway_client  GatewayRouter: the Kiln gateway's admin API, the first router
+    k8s_routers     HTTPRouteRouter (Gateway API weights), KServeRouter (canaryTrafficPercent); k8s_objects:
+                    their custom objects through the kubernetes client, the split's expiry annotation
     state           RolloutState, its JSON store and the one-rollout-per-machine lock
     commands        pause / resume / promote / abort through a tag on the challenger
     status          the challenger's summary tags and the text of ``kiln rollout status``

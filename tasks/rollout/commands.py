@@ -43,6 +43,16 @@ def send_command(client: MlflowClient, model: str, command: str, *, settings: Se
     for it (``approver`` only cross-checks that), who must be one of the approvers; the driver acts on it
     within its ``poll_s``.
     """
+    version, signed = sign_command(client, model, command, settings=settings, reason=reason, key=key,
+                                   approver=approver)
+    client.set_model_version_tag(model, version, vocab.ROLLOUT_COMMAND, signed.tag())
+    return version
+
+
+def sign_command(client: MlflowClient, model: str, command: str, *, settings: Settings, reason: str = "",
+                 key: Path | None = None, approver: str | None = None) -> tuple[str, Signed]:
+    """The signed command :func:`send_command` sends, not sent: also what a paused rollout's Prefect form takes
+    (``kiln rollout resume NAME --print-token``). Returns the challenger version and the signed statement."""
     if command not in COMMANDS:
         raise ConfigError(f"unknown rollout command {command!r}; use one of {', '.join(COMMANDS)}")
     aliases = registry.existing_aliases(client, model)
@@ -67,8 +77,7 @@ def send_command(client: MlflowClient, model: str, command: str, *, settings: Se
     trust.policy.may_decide(signer)
     statement = CommandStatement(model=model, version=version, rollout=rollout, command=command, reason=reason,
                                  at=audit.now_iso(), id=uuid.uuid4().hex, signer=signer)
-    client.set_model_version_tag(model, version, vocab.ROLLOUT_COMMAND, approvals.sign(statement, key).tag())
-    return version
+    return version, approvals.sign(statement, key)
 
 
 def refuse_if_driverless(client: MlflowClient, model: str) -> None:
@@ -96,13 +105,23 @@ class CommandReader:
     def take(self) -> tuple[dict[str, str] | None, str | None]:
         """The command waiting for this rollout, consumed, as ``{command, by, reason}``; or (None, why it was
         ignored) when one was there but does not count; (None, None) when there was none."""
+        raw = self.take_raw()
+        return self.check(raw) if raw else (None, None)
+
+    def take_raw(self) -> str | None:
+        """The command tag waiting for this rollout, consumed but not checked (None when there is none)."""
         raw = self.client.get_model_version(self.model, self.version).tags.get(vocab.ROLLOUT_COMMAND)
         if not raw:
-            return None, None
+            return None
         try:
             self.client.delete_model_version_tag(self.model, self.version, vocab.ROLLOUT_COMMAND)  # consumed
         except MlflowException:
-            return None, None  # taken by someone else meanwhile
+            return None  # taken by someone else meanwhile
+        return raw
+
+    def check(self, raw: str) -> tuple[dict[str, str] | None, str | None]:
+        """``raw`` (a tag value) as ``{command, by, reason}`` once it verifies as a command for this rollout, seen
+        for the first time; else (None, why it does not count)."""
         signed = Signed.from_tag(raw)
         if signed is None:
             return None, (f"ignored an unsigned rollout command ({raw[:40]!r}): commands are signed statements "

@@ -13,6 +13,7 @@ significantly slower and slower by more than a tolerated effect size (a real but
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,8 +36,8 @@ from kiln.yamlfile import parse_yaml, read_text
 
 __all__ = ["CHALLENGER", "CHAMPION", "Action", "Check", "LatencyTest",
            "MetricThresholds", "RankTest", "RolloutSpec", "Step", "StepVerdict",
-           "UpstreamStats", "judge_step", "load_spec", "mann_whitney_u", "next_action", "stats_from_state",
-           "with_checks"]
+           "UpstreamStats", "judge_step", "judge_window", "load_spec", "mann_whitney_u", "next_action",
+           "stats_from_state", "with_checks"]
 
 Outcome = Literal["pass", "fail", "inconclusive"]
 MIN_RANK_SAMPLES = 20  # below this the normal approximation of U is poor
@@ -118,6 +119,10 @@ def load_spec(source: Path | str | dict[str, Any]) -> RolloutSpec:
         raw = parse_yaml(source, where)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a mapping with 'steps' (and optionally 'metrics', 'failure_limit', ...)")
+    if "strategy" in raw or raw.get("kind") == "Rollout":  # Argo Rollouts' form: strategy.canary.steps
+        from kiln.tasks.rollout.argo_spec import from_argo
+
+        return from_argo(raw, where)
     try:
         return RolloutSpec.model_validate(raw)
     except ValidationError as exc:
@@ -252,6 +257,16 @@ def judge_step(spec: RolloutSpec, champion_stats: UpstreamStats | None, challeng
     else:
         outcome = "fail" if "failed" in statuses else "inconclusive" if "inconclusive" in statuses else "pass"
     return StepVerdict(outcome, [c.reason for c in checks], checks)
+
+
+def judge_window(spec: RolloutSpec, window: dict[str, Any], *, weight: float | None = None,
+                 drift: Callable[[dict[str, Any]], list[Check]] | None = None) -> StepVerdict:
+    """Judge one closed analysis window (a :class:`~kiln.tasks.rollout.router.MetricsWindows` answer) as a rollout
+    step does: at ``weight`` 100 the champion got no traffic by design and is not compared; ``drift`` adds checks."""
+    stats = stats_from_state(window)
+    champion = None if weight is not None and weight >= 100 else stats[CHAMPION]
+    verdict = judge_step(spec, champion, stats[CHALLENGER])
+    return with_checks(verdict, drift(window)) if drift is not None else verdict
 
 
 def with_checks(verdict: StepVerdict, checks: list[Check]) -> StepVerdict:

@@ -28,8 +28,11 @@ class RolloutParams(BaseModel):
                        "its @champion.")
     spec: str | None = Field(None, description="Rollout spec YAML file (default: Kiln's preset "
                              "tasks/presets/rollout-default.yaml).")
-    gateway: str = Field("default", description="Name of the Kiln gateway in front of both, from the worker's "
-                         "rollout_gateways setting (a name, not a URL).")
+    gateway: str = Field("default", description="Name of the traffic router: a Kiln gateway in front of both from "
+                         "the worker's rollout_gateways setting, or a Kubernetes router (HTTPRoute, KServe) from its "
+                         "rollout_routers (a name, not a URL).")
+    metrics: str = Field("gateway", description="Where the evidence comes from: 'gateway' (the router's own "
+                         "windows), or the name of a source in the worker's rollout_metrics setting (Prometheus).")
     poll_s: float = Field(1.0, gt=0, le=60, description="How often commands (pause, abort...) are checked.")
     actor: str | None = Field(None, description="Who runs the rollout (default: $KILN_USER or the login name).")
 
@@ -38,7 +41,15 @@ class RolloutParams(BaseModel):
     def _a_name(cls, value: str) -> str:
         if "/" in value or ":" in value:
             raise ValueError(f"{value!r} looks like a URL; name a gateway from the rollout_gateways setting "
-                             "instead (e.g. 'default'), and give its URL there")
+                             "(or a router from rollout_routers) instead (e.g. 'default'), and give its URL there")
+        return value
+
+    @field_validator("metrics")
+    @classmethod
+    def _a_source_name(cls, value: str) -> str:
+        if "/" in value or ":" in value:
+            raise ValueError(f"{value!r} looks like a URL; name a source from the rollout_metrics setting "
+                             "(or 'gateway') instead, and give its URL there")
         return value
 
 

@@ -79,3 +79,41 @@ class MetricsWindows(Protocol):
 
 class CanaryRouter(TrafficRouter, MetricsWindows, Protocol):
     """A router that also measures what it routes (the Kiln gateway)."""
+
+
+class RoutedCanary:
+    """A router that measures nothing (a Gateway API HTTPRoute, a KServe canary) paired with the windows of a
+    metrics provider (Prometheus, ...): together, what the driver drives."""
+
+    def __init__(self, router: TrafficRouter, windows: MetricsWindows) -> None:
+        self.router, self.windows = router, windows
+        self.url = router.url
+
+    def set_split(self, split: Split, *, ttl_s: float | None = None) -> None:
+        self.router.set_split(split, ttl_s=ttl_s)
+
+    def renew(self, ttl_s: float) -> None:
+        self.router.renew(ttl_s)
+
+    def read_split(self) -> Split:
+        return self.router.read_split()
+
+    def promote(self, version: str) -> str:
+        return self.router.promote(version)
+
+    def roll_back(self) -> None:
+        self.router.roll_back()
+
+    def next_window(self) -> dict[str, Any]:
+        return self.windows.next_window()
+
+    def served_versions(self) -> dict[str, str | None]:
+        return self.windows.served_versions()
+
+    def close(self) -> None:
+        """Close both (the windows too, when they hold connections)."""
+        try:
+            self.router.close()
+        finally:
+            if callable(close := getattr(self.windows, "close", None)):
+                close()

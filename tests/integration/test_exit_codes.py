@@ -225,6 +225,8 @@ def canary(gated, monkeypatch):
     """``gated``, and the gateway's admin token that ``kiln rollout`` reads from the settings."""
     monkeypatch.setenv("KILN_GATEWAY_TOKEN", TOKEN)
     monkeypatch.setenv("KILN_ROLLOUT_GATEWAYS", json.dumps({"down": "http://127.0.0.1:9"}))
+    # These servers serve packages, not NAME@champion: no hand-over can come, so do not wait the default 120 s.
+    monkeypatch.setenv("KILN_HANDOVER_TIMEOUT_S", "1")
     return gated
 
 
