@@ -20,7 +20,7 @@ demo: $(STAMP)  ## fine-tune, register, optimize, gate: the whole path on embedd
 	$(BIN)/kiln demo
 
 test: $(STAMP)  ## the test suite (starts and stops whatever servers the tests need)
-	infra/ci/services.sh  # PostgreSQL binaries and Prometheus from Debian packages when missing; the tests start their own
+	infra/ci/services.sh  # PostgreSQL, Prometheus, Chromium from Debian packages when missing; the tests start their own
 	$(BIN)/lint-imports --no-logo  # the import contracts in pyproject.toml ([tool.importlinter])
 	$(BIN)/python -m pytest -q --durations=15  # the slowest tests, to keep the suite within CI's budget
 

@@ -40,11 +40,10 @@ log = logging.getLogger(__name__)
 
 
 Backend = Literal["onnxruntime", "tensorrt", "auto"]  # a dropdown in the form (tasks/engines: load_engine)
-# The shipped named recipes, offered as choices in the form; a recipe_file's own names are accepted too, so the
-# form's items are "a named recipe (dropdown) or any name".
+# The shipped named recipes, offered as a dropdown in the form. A recipe_file's own names go in their own
+# free-text field (file_recipes): Prefect's UI draws an item that is "one of these or any name" as a raw JSON
+# editor, never as a dropdown.
 RECIPE_NAMES = sorted(recipes.library())
-_RECIPE_CHOICES = {"anyOf": [{"title": "named recipe", "enum": RECIPE_NAMES},
-                             {"title": "a recipe of recipe_file", "type": "string"}]}
 
 
 class OptimizeParams(BaseModel):
@@ -52,8 +51,9 @@ class OptimizeParams(BaseModel):
 
     model: str = Field(..., description="Registered model: NAME (=NAME@champion), NAME@ALIAS or NAME/VERSION.")
     recipes: list[str] = Field(["onnx-fp32", "int8-dynamic"], description="Named recipes to build as candidates.",
-                               json_schema_extra={"items": _RECIPE_CHOICES})
+                               json_schema_extra={"items": {"type": "string", "enum": RECIPE_NAMES}})
     recipe_file: str | None = Field(None, description="Optional YAML file with more named recipes.")
+    file_recipes: list[str] = Field([], description="Recipes of recipe_file to build too, by name.")
     policy: str | None = Field(None, description="Gate policy YAML; default: the task's preset.")
     data: DatasetSpec | None = Field(None, description="Dataset; default: the one recorded on the model version.")
     eval_limit: int | None = Field(None, gt=0, description="Judge on a seeded sample of this many test rows.")
@@ -72,6 +72,11 @@ class OptimizeParams(BaseModel):
         if twice:
             raise ValueError(f"{', '.join(twice)} named more than once; name each recipe once")
         return value
+
+    @property
+    def chosen_recipes(self) -> list[str]:
+        """The recipes to build: the named ones, then those of recipe_file (each once)."""
+        return list(dict.fromkeys(self.recipes + self.file_recipes))
 
 
 # ── steps ────────────────────────────────────────────────────────────────────────────────────────────
@@ -126,7 +131,7 @@ def preflight(params: OptimizeParams, settings: Settings) -> None:
     source = cands.resolve_source(client, registry.ModelRef.parse(params.model), settings.home / "downloads",
                                   params.data)
     load_policy(Path(params.policy) if params.policy else None, source.meta.task)
-    recipes.recipes_for(params.recipes, Path(params.recipe_file) if params.recipe_file else None, source.folder)
+    recipes.recipes_for(params.chosen_recipes, Path(params.recipe_file) if params.recipe_file else None, source.folder)
     load_splits(source.data)
 
 
@@ -151,7 +156,7 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
     registry.resolve(client, ref)  # fail fast on a bad name or alias, before any other work
     source = resolve_source(settings, params.model, params.data)
     policy: Policy = load_policy(Path(params.policy) if params.policy else None, source.meta.task)
-    chosen = recipes.recipes_for(params.recipes, Path(params.recipe_file) if params.recipe_file else None,
+    chosen = recipes.recipes_for(params.chosen_recipes, Path(params.recipe_file) if params.recipe_file else None,
                                  source.folder)
     options = EngineOptions(backend=resolve_backend(params.backend), threads=settings.threads)
     bench = params.bench or BenchConfig(max_seconds=settings.bench_seconds)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
 
 class _K8sRouterConfig(BaseModel):
@@ -40,4 +40,24 @@ class KServeRouterConfig(_K8sRouterConfig):
     inference_service: str = Field(..., min_length=1, description="InferenceService name (serving.kserve.io/v1beta1).")
 
 
-RouterConfig = Annotated[GatewayApiRouterConfig | KServeRouterConfig, Field(discriminator="kind")]
+class IstioRouterConfig(_K8sRouterConfig):
+    """An Istio VirtualService whose HTTP route sends traffic to two destinations, by weight (a host each, or one
+    host's two DestinationRule subsets)."""
+
+    kind: Literal["istio"]
+    virtual_service: str = Field(..., min_length=1, description="VirtualService name (networking.istio.io/v1).")
+    champion_host: str = Field(..., min_length=1, description="Destination host of `kiln serve NAME@champion`.")
+    challenger_host: str = Field(..., min_length=1, description="Destination host of the @challenger's server.")
+    champion_subset: str | None = Field(None, description="The champion's subset of its host (unset: none).")
+    challenger_subset: str | None = Field(None, description="The challenger's subset of its host (unset: none).")
+    port: int | None = Field(None, ge=1, le=65535, description="The destinations' port number (unset: any).")
+
+    @model_validator(mode="after")
+    def _two_destinations(self) -> IstioRouterConfig:
+        if (self.champion_host, self.champion_subset) == (self.challenger_host, self.challenger_subset):
+            raise ValueError("champion and challenger name the same destination; give them different hosts, or "
+                             "one host with two subsets")
+        return self
+
+
+RouterConfig = Annotated[GatewayApiRouterConfig | KServeRouterConfig | IstioRouterConfig, Field(discriminator="kind")]

@@ -78,8 +78,9 @@ class Settings(BaseSettings):
         "(`kiln rollout NAME --gateway prod`), never a URL. Empty: {default: http://127.0.0.1:<gateway_port>}."))
     rollout_routers: dict[str, RouterConfig] = Field(default_factory=dict, description=(
         "Kubernetes traffic routers a rollout may drive, by name (`kiln rollout NAME --gateway NAME` takes these "
-        "names too): {kind: gateway-api, route, champion_service, challenger_service} or {kind: kserve, "
-        "inference_service}, each with namespace, api_url, context. KILN_ROLLOUT_ROUTERS takes JSON."))
+        "names too): {kind: gateway-api, route, champion_service, challenger_service}, {kind: kserve, "
+        "inference_service} or {kind: istio, virtual_service, champion_host, challenger_host, champion_subset, "
+        "challenger_subset}, each with namespace, api_url, context. KILN_ROLLOUT_ROUTERS takes JSON."))
     rollout_metrics: dict[str, MetricsSource] = Field(default_factory=dict, description=(
         "Where a rollout may read its evidence, by name (`kiln rollout NAME --metrics prom`): {kind: prometheus, "
         "url, preset: kiln|istio|envoy-gateway|kserve, queries, selector, namespace, upstreams, variables}. "

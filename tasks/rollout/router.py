@@ -34,6 +34,25 @@ class Split:
 ALL_ON_CHAMPION = Split(0.0, 0.0)
 
 
+@dataclass(frozen=True)
+class RouterHint:
+    """A router in words, for what the driver tells an operator when traffic must be put right by hand."""
+
+    what: str  # a noun phrase naming it: "the gateway", "the HTTPRoute sentiment (namespace kiln)"
+    reset: str  # how to put all traffic on the champion by hand, as a clause: "set ... to 0 (`kubectl ...`)"
+    lapses: bool  # True: a split set with a TTL reverts to the champion by itself once it is not renewed
+
+
+def hint_of(router: Any) -> RouterHint:
+    """``router.describe()``, or a plain description naming its URL when it has none (a router written before
+    :meth:`TrafficRouter.describe` existed)."""
+    describe = getattr(router, "describe", None)
+    if callable(describe):
+        return describe()
+    url = getattr(router, "url", "?")
+    return RouterHint(f"the router at {url}", f"put all traffic on the champion at {url}", lapses=False)
+
+
 class SplitLapsed(RolloutError):
     """The router says the rollout's split lapsed (not renewed within its TTL): all traffic is on the champion."""
 
@@ -61,6 +80,9 @@ class TrafficRouter(Protocol):
 
     def roll_back(self) -> None:
         """All traffic on the champion, no shadow."""
+
+    def describe(self) -> RouterHint:
+        """What it is, how to reset it by hand, whether a split lapses by itself (for messages)."""
 
     def close(self) -> None:
         """Release connections."""
@@ -103,6 +125,9 @@ class RoutedCanary:
 
     def roll_back(self) -> None:
         self.router.roll_back()
+
+    def describe(self) -> RouterHint:
+        return hint_of(self.router)
 
     def next_window(self) -> dict[str, Any]:
         return self.windows.next_window()

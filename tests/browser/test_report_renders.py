@@ -1,7 +1,6 @@
 """The review report renders in a real browser (headless Chromium from Debian's `chromium` package).
 
-Skipped where Chromium is not installed (CI installs only what the other tests need); run it with
-`apt-get install chromium` then `pytest tests/browser`.
+`make test` installs Chromium when missing (infra/ci/services.sh); skipped only where it is not installed.
 """
 
 from __future__ import annotations
