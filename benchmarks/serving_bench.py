@@ -11,8 +11,9 @@
    benchmark never moves @champion). Printed per window: requests, failures, p50/p99, and when the answers'
    ``model_version`` changed. Target: 0 failures. @kiln-bench is removed at the end, whatever happens.
 2. **Transports vs in-process** at concurrency 1, 8, 32: rows/s and p50/p99 of the same model through a
-   :class:`~kiln.infra.runtime.ModelPool` in this process (same batcher, no transport), HTTP JSON, HTTP binary
-   (``tritonclient.http`` defaults) and gRPC (``tritonclient.grpc``); the ratio to in-process. Each level runs in
+   :class:`~kiln.infra.runtime.ModelPool` in this process (same batcher, no transport), HTTP JSON
+   (``tritonclient.http``, binary data off both ways), HTTP binary (``tritonclient.http`` defaults) and gRPC
+   (``tritonclient.grpc``); the ratio to in-process. Each level runs in
    ~1 s blocks, the transports interleaved in turning order, so that other load on the machine falls on all.
 3. **Gateway added latency** at concurrency 1: direct to the server vs through ``kiln.infra.gateway`` (weight 0),
    in interleaved rounds (as :mod:`kiln.tasks.evaluate.latency` times engines) so machine drift cancels; the
@@ -176,16 +177,20 @@ def http_json_call(url: str, name: str, text: str) -> Callable[[], Callable[[], 
     return make
 
 
-def triton_call(module: Any, address: str, name: str, text: str) -> Callable[[], Callable[[], str]]:
-    """A ``tritonclient.http`` or ``tritonclient.grpc`` client with its defaults (binary tensor data on)."""
+def triton_call(module: Any, address: str, name: str, text: str, *, binary: bool = True
+                ) -> Callable[[], Callable[[], str]]:
+    """A ``tritonclient.http`` or ``tritonclient.grpc`` client with its defaults (binary tensor data on), or
+    ``tritonclient.http`` with ``binary=False``: JSON both ways (every input and output ``binary_data=False``)."""
     def make() -> Callable[[], str]:
         client = module.InferenceServerClient(address)
         data = np.array([text.encode()], dtype=np.object_)
+        outputs = None if binary else [module.InferRequestedOutput(o, binary_data=False)
+                                       for o in ("label", "score", "scores")]
 
         def call() -> str:
             item = module.InferInput("text", [1], "BYTES")
-            item.set_data_from_numpy(data)
-            result = client.infer(name, [item])
+            item.set_data_from_numpy(data, **({} if binary else {"binary_data": False}))
+            result = client.infer(name, [item], outputs=outputs)
             return str(result.get_response()["model_version"] if isinstance(result.get_response(), dict)
                        else result.get_response().model_version)
         return call
@@ -282,7 +287,10 @@ def transports_part(folder: Path, name: str, server: str, grpc: str, seconds: fl
     runner.start()
     ready.wait(120)
     transports = {"in-process": in_process_call(pool, loop, name, text),
-                  "http-json": http_json_call(server, name, text),
+                  # tritonclient.http in JSON mode: a C-parsed client, as the binary and gRPC rows have, so that
+                  # on a 2-core machine the row measures the server's JSON path, not the client's (httpx in 32
+                  # threads spends more CPU per request than the server does)
+                  "http-json": triton_call(thttp, server.removeprefix("http://"), name, text, binary=False),
                   "http-binary": triton_call(thttp, server.removeprefix("http://"), name, text),
                   "grpc": triton_call(tgrpc, grpc, name, text)}
     rows: dict[str, dict[str, Any]] = {}
