@@ -26,6 +26,7 @@ from kiln.tasks.data import checks as datachecks
 from kiln.tasks.data.datasets import DatasetSpec, Splits, load_splits
 from kiln.tasks.engines import EngineOptions, engine_versions, resolve_backend
 from kiln.tasks.evaluate.benchmark import BenchConfig
+from kiln.tasks.evaluate.cost import cost_config
 from kiln.tasks.evaluate.policy import Policy, load_policy, pareto_front, rank
 from kiln.tasks.evaluate.quality import assess_artifact
 from kiln.tasks.lifecycle import approvals
@@ -159,7 +160,7 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
     chosen = recipes.recipes_for(params.chosen_recipes, Path(params.recipe_file) if params.recipe_file else None,
                                  source.folder)
     options = EngineOptions(backend=resolve_backend(params.backend), threads=settings.threads)
-    bench = params.bench or BenchConfig(max_seconds=settings.bench_seconds)
+    bench = params.bench or BenchConfig(max_seconds=settings.bench_seconds, cost=cost_config(settings))
 
     run = client.create_run(registry.ensure_experiment(client, settings),
                             run_name=f"optimize {ref}", tags={vocab.RUN_MODEL: str(ref)})

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="Where fine-tuning, distillation and QAT train: auto (a CUDA GPU when "
                         "torch sees one, else the CPU), cpu, cuda or cuda:N. Engines and benchmarks ignore it.")
     bench_seconds: float = Field(3.0, gt=0, description="Seconds of timed runs per model and batch size.")
+    # cost per request (kiln.tasks.evaluate.cost): the load a model must serve, how fast, at what price
+    cost_target_p95_ms: float = Field(100.0, gt=0, description="Latency target (p95 ms) cost_per_million is at.")
+    cost_expected_rps: float = Field(1000.0, gt=0, description="Expected load (requests/s) for cost_per_million.")
+    cost_instance_hour: float = Field(1.0, gt=0, description="Price of one serving instance per hour (no currency).")
 
     # ---- the local stack (`kiln up`): every service binds to `host` ----
     host: str = Field("127.0.0.1", description="Address the local stack's services bind to (loopback by default).")

@@ -236,3 +236,17 @@ def api_client(url: str):  # noqa: ANN201 - kubernetes is imported lazily
 
     configuration = client.Configuration(host=url)
     return client.ApiClient(configuration)
+
+
+def seed(api: KubeApi, namespace: str, objects: list[tuple[tuple[str, str, str], dict[str, Any]]]) -> KubeApi:
+    """Empty the stand-in, then create each ``(group, version, plural), body`` through the kubernetes client (so
+    it is validated as a test's own writes are); returns ``api``."""
+    from kubernetes import client
+
+    api.objects.clear()
+    api.refused.clear()
+    with api_client(api.url) as connection:
+        custom = client.CustomObjectsApi(connection)
+        for (group, version, plural), body in objects:
+            custom.create_namespaced_custom_object(group, version, namespace, plural, copy.deepcopy(body))
+    return api

@@ -21,6 +21,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from kiln.tasks.engines import EngineOptions
+from kiln.tasks.evaluate.cost import CostConfig
 from kiln.tasks.models.predictor import Predictor, size_mb
 
 
@@ -34,6 +35,8 @@ class BenchConfig(BaseModel):
     rounds: int = Field(12, ge=4, description="Interleaved rounds when models are timed together: intervals "
                                               "resample whole rounds, so more rounds give steadier intervals.")
     batch_sizes: tuple[int, int] = Field((1, 32), description="Latency batch size and throughput batch size.")
+    cost: CostConfig = Field(default_factory=CostConfig, description=(
+        "Latency target, expected load and instance price behind cost_per_million (not part of the timing)."))
 
 
 def footprint(folder: Path, options: EngineOptions, config: BenchConfig) -> dict[str, float]:

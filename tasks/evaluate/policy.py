@@ -38,7 +38,7 @@ from kiln.yamlfile import read_yaml
 COMMON_METRICS = {
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "batch_latency_p50_ms", "batch_latency_p95_ms",
     "throughput_per_s", "size_mb", "peak_memory_mb", "parity_max_abs", "parity_mean_abs",
-    "parity_top1_agreement",
+    "parity_top1_agreement", "cost_per_million", "instances_needed",  # cost: kiln.tasks.evaluate.cost
 }
 TASK_METRICS: dict[str, set[str]] = {
     "sequence-classification": COMMON_METRICS | {"accuracy", "macro_f1"},

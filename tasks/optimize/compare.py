@@ -26,6 +26,7 @@ from kiln.tasks.data.datasets import load_splits
 from kiln.tasks.engines import EngineOptions
 from kiln.tasks.evaluate import latency, paired
 from kiln.tasks.evaluate.benchmark import BenchConfig
+from kiln.tasks.evaluate.cost import cost_config
 from kiln.tasks.evaluate.evidence import LEVEL, Interval
 from kiln.tasks.optimize.candidates import (
     Evaluated,
@@ -74,7 +75,7 @@ def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: 
     cache = StageCache(settings.cache_dir)
     options = EngineOptions(threads=settings.threads)
     quality_bench = BenchConfig(max_seconds=settings.bench_seconds)  # as optimize: reuses its cached evaluations
-    timing = BenchConfig(max_seconds=seconds, min_runs=20)
+    timing = BenchConfig(max_seconds=seconds, min_runs=20, cost=cost_config(settings))
 
     packages = [(SOURCE, source.folder, "fp32", source.key)]
     for recipe in resolve_recipes(recipe_names):
@@ -167,7 +168,7 @@ def _table(result: dict[str, Any]) -> Table:
                         f"{result['rounds']} interleaved rounds; {result['level']:.0%} intervals; speed-up and Δ "
                         f"vs {result['baseline']}", header_style="bold")
     for header in ("model", "precision", "quality", "Δ vs baseline", "p50 b1 ms", "speed-up b1", f"p50 b{n} ms",
-                   f"speed-up b{n}", "size MB", "peak mem MB"):
+                   f"speed-up b{n}", "size MB", "peak mem MB", "cost/1M req"):
         table.add_column(header, justify="left" if header in {"model", "precision"} else "right")
     for row in result["rows"]:
         metrics, ivs = row["metrics"], row["intervals"]
@@ -176,6 +177,7 @@ def _table(result: dict[str, Any]) -> Table:
             cell("latency_p50_ms", "{:.2f}", metrics, ivs), _speedup_cell(row["speedup_b1"]),
             cell("batch_latency_p50_ms", "{:.1f}", metrics, ivs), _speedup_cell(row["speedup_bN"]),
             cell("size_mb", "{:.1f}", metrics, ivs), cell("peak_memory_mb", "{:.0f}", metrics, ivs),
+            cell("cost_per_million", "{:.2f}", metrics, ivs),
         )
     return table
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from kiln.tasks.core.cache import StageCache, code_version, make_key
 from kiln.tasks.engines import EngineOptions
-from kiln.tasks.evaluate import latency, paired
+from kiln.tasks.evaluate import cost, latency, paired
 from kiln.tasks.evaluate.benchmark import BenchConfig
 from kiln.tasks.evaluate.evidence import LEVEL, Interval, LatencySamples
 from kiln.tasks.evaluate.gate import judge
@@ -53,7 +53,7 @@ def time_together(models: Sequence[Evaluated], texts: Sequence[str], options: En
         samples = measure()
     else:
         key = make_key("latency", [(n, m.key) for n, m in unique.items()], list(texts), options.model_dump(),
-                       bench.model_dump(), code_version(latency))
+                       bench.model_dump(exclude={"cost"}), code_version(latency))
         def run(workdir: Path) -> dict[str, list[str]]:
             measure(workdir)
             return {"models": list(unique)}
@@ -68,6 +68,7 @@ def time_together(models: Sequence[Evaluated], texts: Sequence[str], options: En
     for model in models:
         model.latency = samples[model.name]
         model.metrics = model.metrics | latency.latency_metrics(model.latency)
+        model.metrics |= cost.cost_metrics(model.metrics, bench.batch_sizes, bench.cost)
     return {name: latency.noise_cv(s) for name, s in samples.items()}
 
 

@@ -12,17 +12,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def pareto_png(summary: dict[str, Any], path: Path) -> Path:
-    """Quality vs latency (batch 1) and quality vs size, one point per model; passing candidates in green,
-    failing in red, the source in grey; the Pareto front joined by a line."""
+    """Quality vs latency (batch 1), quality vs size and, when measured, quality vs cost per million requests,
+    one point per model; passing candidates in green, failing in red, the source in grey; the Pareto front
+    joined by a line."""
     quality = "accuracy" if "accuracy" in summary["source"] else "perplexity"
     points = [("source", summary["source"], "source")] + [
         (name, c["metrics"], "pass" if c["passed"] else "fail") for name, c in summary["candidates"].items()
     ]
     colours = {"source": "#888888", "pass": "#2a9d3f", "fail": "#d62728"}
     front = set(summary.get("pareto_front") or [])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, (x, xlabel) in zip(axes, [("latency_p50_ms", "p50 latency, batch 1 (ms)"), ("size_mb", "size (MB)")],
-                               strict=True):
+    panels = [("latency_p50_ms", "p50 latency, batch 1 (ms)"), ("size_mb", "size (MB)")]
+    if any("cost_per_million" in m for _, m, _ in points):  # quality vs cost (kiln.tasks.evaluate.cost)
+        panels.append(("cost_per_million", "cost per 1M requests"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2))
+    for ax, (x, xlabel) in zip(axes, panels, strict=True):
         for name, metrics, kind in points:
             if x in metrics and quality in metrics:
                 ax.scatter(metrics[x], metrics[quality], s=60, color=colours[kind], zorder=3,

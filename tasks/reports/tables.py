@@ -14,7 +14,8 @@ COLUMNS = [  # (metric, header, format)
     ("latency_p99_ms", "p99 b1 ms", "{:.2f}"), ("batch_latency_p50_ms", "p50 b32 ms", "{:.1f}"),
     ("throughput_per_s", "b32 /s", "{:.0f}"), ("size_mb", "size MB", "{:.1f}"),
     ("peak_memory_mb", "peak mem MB", "{:.0f}"), ("parity_top1_agreement", "top-1 agree", "{:.4f}"),
-    ("parity_max_abs", "max |Δ|", "{:.2e}"),
+    ("parity_max_abs", "max |Δ|", "{:.2e}"), ("instances_needed", "instances", "{:.0f}"),
+    ("cost_per_million", "cost/1M req", "{:.2f}"),
 ]
 
 

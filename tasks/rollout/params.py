@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
 from kiln.errors import KilnError
 from kiln.tasks.presets import PRESETS
@@ -19,6 +19,12 @@ DEFAULT_SPEC = PRESETS / "rollout-default.yaml"
 
 class RolloutError(KilnError):
     """The rollout cannot start or go on (gateway unreachable, wrong versions, no challenger...)."""
+
+
+# What a name field names: the operator's settings hold the URLs (and so decide where credentials go).
+_NAMED = {"gateway": "a gateway from the rollout_gateways setting (or a router from rollout_routers; e.g. "
+                     "'default')",
+          "metrics": "a source from the rollout_metrics setting (or 'gateway')"}
 
 
 class RolloutParams(BaseModel):
@@ -36,20 +42,12 @@ class RolloutParams(BaseModel):
     poll_s: float = Field(1.0, gt=0, le=60, description="How often commands (pause, abort...) are checked.")
     actor: str | None = Field(None, description="Who runs the rollout (default: $KILN_USER or the login name).")
 
-    @field_validator("gateway")
+    @field_validator("gateway", "metrics")
     @classmethod
-    def _a_name(cls, value: str) -> str:
+    def _a_name(cls, value: str, info: ValidationInfo) -> str:
         if "/" in value or ":" in value:
-            raise ValueError(f"{value!r} looks like a URL; name a gateway from the rollout_gateways setting "
-                             "(or a router from rollout_routers) instead (e.g. 'default'), and give its URL there")
-        return value
-
-    @field_validator("metrics")
-    @classmethod
-    def _a_source_name(cls, value: str) -> str:
-        if "/" in value or ":" in value:
-            raise ValueError(f"{value!r} looks like a URL; name a source from the rollout_metrics setting "
-                             "(or 'gateway') instead, and give its URL there")
+            raise ValueError(f"{value!r} looks like a URL; name {_NAMED[info.field_name]} instead, and give its "
+                             "URL there")
         return value
 
 

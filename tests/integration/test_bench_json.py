@@ -24,7 +24,7 @@ def test_bench_json_is_one_document_with_speedup_intervals_and_noise(settings, t
     # A real process: stdout must hold the JSON and nothing else, whatever the libraries print.
     result = subprocess.run([sys.executable, "-m", "kiln", "bench", "tiny", "--recipes", "onnx-fp32,int8-dynamic",
                              "--seconds", "0.2", "--json"], capture_output=True, text=True, env=os.environ | {
-                                 "COLUMNS": "200"}, timeout=600)
+                                 "COLUMNS": "200", "KILN_COST_TARGET_P95_MS": "10000"}, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     doc = json.loads(result.stdout)
     assert doc["baseline"] == "torch fp32 eager" and doc["threads"] == settings.threads and doc["rounds"] >= 4
@@ -36,11 +36,13 @@ def test_bench_json_is_one_document_with_speedup_intervals_and_noise(settings, t
         assert row["intervals"]["latency_p50_ms"]["low"] <= row["metrics"]["latency_p50_ms"]
         assert row["intervals"]["accuracy"]["high"] >= row["metrics"]["accuracy"]
         assert row["precision"] and row["metrics"]["size_mb"] > 0
+        assert row["metrics"]["cost_per_million"] > 0 and row["metrics"]["instances_needed"] >= 1  # issue 19
     assert rows["torch fp32 eager"]["quality_delta"] is None
     assert rows["int8-dynamic"]["quality_delta"]["metric"] == "accuracy"
     assert set(doc["noise"]["models"]) == set(rows) and doc["noise"]["median_b1"] > 0
     # The human table still goes somewhere a person watching sees it: stderr.
     assert "speed-up b1" in result.stderr and "machine noise" in result.stderr
+    assert "cost/1M" in result.stderr
 
 
 def test_show_json_carries_versions_gate_verdicts_and_the_lease(settings, tiny_models, tiny_spec):

@@ -9,8 +9,6 @@ every analysis window. The metrics are the same stub windows; a real MLflow SQLi
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from kiln.router_config import IstioRouterConfig
@@ -51,14 +49,7 @@ def istio_api():
 @pytest.fixture
 def vs(istio_api):
     """The VirtualService, created through the kubernetes client (so validated too)."""
-    from kubernetes import client
-
-    istio_api.objects.clear()
-    istio_api.refused.clear()
-    with k8s_api.api_client(istio_api.url) as api:
-        client.CustomObjectsApi(api).create_namespaced_custom_object(VS[0], VS[1], NS, VS[2],
-                                                                     copy.deepcopy(VIRTUAL_SERVICE))
-    return istio_api
+    return k8s_api.seed(istio_api, NS, [(VS, VIRTUAL_SERVICE)])
 
 
 def _router(api, **kw) -> VirtualServiceRouter:

@@ -9,7 +9,6 @@ healthy or faulty windows (the routers measure nothing); a real MLflow SQLite re
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -71,15 +70,7 @@ def kube():
 @pytest.fixture
 def seeded(kube):
     """The HTTPRoute and the InferenceService, created through the kubernetes client (so validated too)."""
-    from kubernetes import client
-
-    kube.objects.clear()
-    kube.refused.clear()
-    with k8s_api.api_client(kube.url) as api:
-        objects = client.CustomObjectsApi(api)
-        objects.create_namespaced_custom_object(GW[0], GW[1], NS, GW[2], copy.deepcopy(HTTPROUTE))
-        objects.create_namespaced_custom_object(KS[0], KS[1], NS, KS[2], copy.deepcopy(ISVC))
-    return kube
+    return k8s_api.seed(kube, NS, [(GW, HTTPROUTE), (KS, ISVC)])
 
 
 class Windows:

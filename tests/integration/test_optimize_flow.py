@@ -26,7 +26,8 @@ def _register(settings, tiny_models, family, spec, name="tiny"):
     return client
 
 
-def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec):
+def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec, monkeypatch):
+    monkeypatch.setenv("KILN_COST_TARGET_P95_MS", "10000")  # every tiny model servable: cost is measured
     client = _register(settings, tiny_models, "bert", tiny_spec)
     summary = optimize(OptimizeParams(model="tiny@champion"))
 
@@ -47,7 +48,7 @@ def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec)
     assert run.info.status == "FINISHED"
     for name in ("onnx-fp32", "int8-dynamic"):
         for metric in ("accuracy", "macro_f1", "latency_p50_ms", "latency_p99_ms", "throughput_per_s", "size_mb",
-                       "peak_memory_mb", "parity_top1_agreement"):
+                       "peak_memory_mb", "parity_top1_agreement", "cost_per_million"):
             assert f"{name}.{metric}" in run.data.metrics
     # Every stage is logged: duration, size, parameter count, and quality after the stage.
     for metric in ("seconds", "size_mb", "params", "stage_accuracy"):
@@ -56,7 +57,7 @@ def test_classifier_becomes_a_gated_challenger(settings, tiny_models, tiny_spec)
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "pareto.png" in artifacts and "report.html" in artifacts
     report = (Path(mlflow.artifacts.download_artifacts(f"{run.info.artifact_uri}/report.html"))).read_text()
-    assert all(name in report for name in ("onnx-fp32", "int8-dynamic", "data:image/png;base64"))
+    assert all(name in report for name in ("onnx-fp32", "int8-dynamic", "data:image/png;base64", "cost/1M req"))
     assert "expect_column_values_to_not_be_in_set" in report and "as <code>@challenger</code>" in report
     logged = mlflow.get_logged_model(v2.source.removeprefix("models:/"))
     assert {m.key for m in logged.metrics} >= {"accuracy", "latency_p50_ms"}
@@ -115,19 +116,25 @@ def test_causal_lm_through_the_same_flow(settings, tiny_models, tiny_spec, famil
     assert out.columns.tolist() == ["generated_text"] and out["generated_text"][0].startswith("the car")
 
 
-def test_failed_gate_registers_nothing_and_spells_out_clauses(settings, tiny_models, tiny_spec, tmp_path):
+def test_failed_gate_registers_nothing_and_spells_out_clauses(settings, tiny_models, tiny_spec, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.setenv("KILN_COST_TARGET_P95_MS", "10000")  # every tiny model servable: cost is measured
     client = _register(settings, tiny_models, "bert", tiny_spec)
     policy = tmp_path / "strict.yaml"
-    policy.write_text("clauses: ['size_mb <= 0.001', 'accuracy >= champion + 0.5']\n")
+    policy.write_text("clauses: ['size_mb <= 0.001', 'accuracy >= champion + 0.5', "
+                      "'cost_per_million <= champion * 0.001']\n")
     before = registry_state(client, "tiny")
-    with pytest.raises(GateError, match=r"size_mb .* <= 0.001: FAILED .*accuracy .* FAILED"):
+    with pytest.raises(GateError, match=r"size_mb .* <= 0.001: FAILED .*accuracy .* FAILED.*cost_per_million .*"
+                                        r"FAILED"):
         optimize(OptimizeParams(model="tiny", policy=str(policy)))
     assert registry_state(client, "tiny") == before
     run = client.search_runs([client.get_experiment_by_name(settings.experiment).experiment_id],
                              "tags.`kiln.model` = 'tiny@champion'")[0]
     assert run.info.status == "FAILED"
     gate = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/gate/int8-dynamic.json")
-    assert not gate["passed"] and len([c for c in gate["clauses"] if not c["passed"]]) == 2
+    assert not gate["passed"] and len([c for c in gate["clauses"] if not c["passed"]]) == 3
+    cost = next(c for c in gate["clauses"] if c["clause"].startswith("cost_per_million"))
+    assert cost["observed"] > 0 and cost["threshold"] > 0  # measured for candidate and champion alike
 
 
 def test_failing_data_checks_stop_the_flow_with_a_logged_report(settings, tiny_models, tiny_spec, tmp_path,
