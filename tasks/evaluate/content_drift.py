@@ -17,7 +17,6 @@ share is ``ExpectColumnMeanToBeBetween`` over a 0/1 "is unknown" column; GX has 
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.special import rel_entr
 
 from kiln.errors import DataError
+from kiln.tasks.evaluate.gx_checks import GxValidator, expectations_module
 
 OTHER = "<other>"  # the bucket of every token outside the reference's top_k (a tokenizer never emits this text)
 # Pseudo-count added to every bucket (Jeffreys prior) so PSI and KL stay finite where one side saw nothing.
@@ -143,43 +143,6 @@ def population_stability_index(observed: Sequence[float], expected: Sequence[flo
     return float(np.sum(rel_entr(o, e) + rel_entr(e, o)))
 
 
-# ---- Great Expectations -------------------------------------------------------------------------------------
-
-
-class _Validator:
-    """One ephemeral GX context, opened on first use (a sample with too few tokens never imports GX)."""
-
-    def __init__(self) -> None:
-        self.gx: Any = None
-        self.source: Any = None
-
-    def validate(self, name: str, frame: pd.DataFrame, expectations: list[Any]) -> list[Any]:
-        if self.gx is None:
-            os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-            import great_expectations as gx  # slow import (~2-4 s, once per process): only when judged
-
-            context = gx.get_context(mode="ephemeral")
-            context.variables.progress_bars = {"globally": False}
-            self.gx, self.source = gx, context.data_sources.add_pandas("kiln-content-drift")
-        suite = self.gx.ExpectationSuite(name=f"kiln-content-{name}", expectations=expectations)
-        batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name).get_batch(
-            batch_parameters={"dataframe": frame})
-        results = batch.validate(suite).results
-        for r in results:
-            if _gx_error(r.exception_info):  # the frame is built here: a metric GX cannot compute is a bug
-                raise RuntimeError(f"GX could not validate {name}: {_gx_error(r.exception_info)}")
-        return results
-
-
-def _gx_error(info: Any) -> str | None:
-    """The first exception message in a GX result's ``exception_info`` (flat, or keyed by metric)."""
-    if not isinstance(info, dict):
-        return None
-    if info.get("raised_exception"):
-        return str(info.get("exception_message"))
-    return next((m for v in info.values() if (m := _gx_error(v))), None)
-
-
 def _verdict(name: str, passed: bool, text: str) -> ContentCheck:
     return ContentCheck(name, "ok" if passed else "failed", f"{name}: {text}: {'ok' if passed else 'FAILED'}")
 
@@ -225,8 +188,7 @@ def content_drift_checks(config: ContentDriftConfig, reference: ContentReference
                                               dtype=object), "unknown": sample.unknown.astype(float)})
     expectations = []
     if config.max_kl is not None or config.max_oov_increase is not None:
-        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-        import great_expectations.expectations as ex  # slow import: only when a GX check is judged
+        ex = expectations_module()  # slow import: only when a GX check is judged
 
         if config.max_kl is not None:
             expectations.append(ex.ExpectColumnKLDivergenceToBeLessThan(
@@ -235,7 +197,7 @@ def content_drift_checks(config: ContentDriftConfig, reference: ContentReference
         if config.max_oov_increase is not None:
             expectations.append(ex.ExpectColumnMeanToBeBetween(
                 column="unknown", max_value=reference.oov_share + config.max_oov_increase))
-    results = _Validator().validate("sample", frame, expectations) if expectations else []
+    results = GxValidator("kiln-content-drift").validate("sample", frame, expectations) if expectations else []
     by_kind = {r.expectation_config.type: r for r in results}
     if config.max_kl is not None:
         r = by_kind["expect_column_kl_divergence_to_be_less_than"]

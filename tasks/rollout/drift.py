@@ -16,7 +16,6 @@ than ``min_rows`` rows (never ``ok`` on too little data). The reference is summa
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kiln.errors import DataError
 from kiln.tasks.data.datasets import DatasetSpec, clean, read_table
+from kiln.tasks.evaluate.gx_checks import GxValidator, expectations_module
 from kiln.tasks.rollout.stats import Check
 
 log = logging.getLogger(__name__)
@@ -159,50 +159,19 @@ def observed_from_state(state: Mapping[str, Any]) -> tuple[InputLengths, Counter
 # ---- Great Expectations -------------------------------------------------------------------------------------
 
 
-class _Validator:
-    """One ephemeral GX context, opened on first use (an interval with too few rows never imports GX)."""
-
-    def __init__(self) -> None:
-        self.gx: Any = None
-        self.source: Any = None
-
-    def _open(self) -> None:
-        os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-        import great_expectations as gx  # slow import (~2-4 s, once per process): only when drift is judged
-
-        context = gx.get_context(mode="ephemeral")
-        context.variables.progress_bars = {"globally": False}
-        self.gx, self.source = gx, context.data_sources.add_pandas("kiln-drift")
-
-    def kl(self, name: str, frame: pd.DataFrame, partitions: Mapping[str, dict[str, Any]], threshold: float
-           ) -> dict[str, tuple[bool, float | None]]:
-        """Validate ``frame``'s columns against their partitions; per column: (passed, KL or None if infinite)."""
-        if self.gx is None:
-            self._open()
-        ex = self.gx.expectations
-        suite = self.gx.ExpectationSuite(name=f"kiln-drift-{name}", expectations=[
-            ex.ExpectColumnKLDivergenceToBeLessThan(column=column, partition_object=partition, threshold=threshold)
-            for column, partition in partitions.items()])
-        batch = self.source.add_dataframe_asset(name).add_batch_definition_whole_dataframe(name).get_batch(
-            batch_parameters={"dataframe": frame})
-        out = {}
-        for r in batch.validate(suite).results:
-            error = _gx_error(r.exception_info)
-            if error:  # the frames are built here, so a metric GX cannot compute is a bug, not a verdict
-                raise RuntimeError(f"GX could not compute the KL divergence of {name}: {error}")
-            observed = (r.result or {}).get("observed_value")
-            out[r.expectation_config.kwargs["column"]] = (bool(r.success), None if observed is None else
-                                                          float(observed))
-        return out
-
-
-def _gx_error(info: Any) -> str | None:
-    """The first exception message in a GX result's ``exception_info`` (flat, or keyed by metric)."""
-    if not isinstance(info, dict):
-        return None
-    if info.get("raised_exception"):
-        return str(info.get("exception_message"))
-    return next((m for v in info.values() if (m := _gx_error(v))), None)
+def _kl(gx: GxValidator, name: str, frame: pd.DataFrame, partitions: Mapping[str, dict[str, Any]],
+        threshold: float) -> dict[str, tuple[bool, float | None]]:
+    """Validate ``frame``'s columns against their partitions; per column: (passed, KL or None if infinite)."""
+    ex = expectations_module()
+    results = gx.validate(name, frame, [
+        ex.ExpectColumnKLDivergenceToBeLessThan(column=column, partition_object=partition, threshold=threshold)
+        for column, partition in partitions.items()])
+    out = {}
+    for r in results:
+        observed = (r.result or {}).get("observed_value")
+        out[r.expectation_config.kwargs["column"]] = (bool(r.success), None if observed is None else
+                                                      float(observed))
+    return out
 
 
 def _kl_text(value: float | None) -> str:
@@ -210,7 +179,7 @@ def _kl_text(value: float | None) -> str:
 
 
 def _input_check(cfg: DriftChecks, limit: float, reference: DriftReference | None, inputs: InputLengths,
-                 gx: _Validator) -> Check:
+                 gx: GxValidator) -> Check:
     if reference is None:
         return Check("input_drift", "ok", "input_drift: no reference eval file to compare with: not judged")
     rows = len(inputs)
@@ -219,7 +188,7 @@ def _input_check(cfg: DriftChecks, limit: float, reference: DriftReference | Non
         return Check("input_drift", "inconclusive", f"input_drift: {rows} input rows recorded, fewer than min_rows "
                                                     f"{cfg.min_rows}{hint}")
     frame = pd.DataFrame({name: np.asarray(getattr(inputs, name)[:rows], float) for name in _FEATURES})
-    results = gx.kl("inputs", frame, {name: reference.inputs[name].gx_partition() for name in _FEATURES}, limit)
+    results = _kl(gx, "inputs", frame, {name: reference.inputs[name].gx_partition() for name in _FEATURES}, limit)
     ok = all(passed for passed, _ in results.values())
     observed = ", ".join(f"{_kl_text(kl)} ({name})" for name, (_, kl) in results.items())
     medians = ", ".join(f"{np.median(frame[name]):.0f} {name}" for name in _FEATURES)
@@ -243,7 +212,7 @@ def _smoothed(counts: Mapping[str, float], values: Sequence[str]) -> dict[str, l
 
 
 def _class_check(cfg: DriftChecks, limit: float, reference: DriftReference | None, challenger: Counter,
-                 champion: Counter | None, gx: _Validator) -> Check:
+                 champion: Counter | None, gx: GxValidator) -> Check:
     challenger = Counter({str(k): v for k, v in challenger.items() if v > 0})
     rows, champion_rows = sum(challenger.values()), sum((champion or Counter()).values())
     if rows < cfg.min_rows:
@@ -264,7 +233,7 @@ def _class_check(cfg: DriftChecks, limit: float, reference: DriftReference | Non
         return Check("class_drift", "ok", "class_drift: no champion predictions or reference labels to compare "
                                           "with: not judged")
     values = sorted(set(challenger) | set(expected))
-    (passed, kl), = gx.kl("classes", _label_column(challenger), {"label": _smoothed(expected, values)},
+    (passed, kl), = _kl(gx, "classes", _label_column(challenger), {"label": _smoothed(expected, values)},
                           limit).values()
     shares = ", ".join(f"{k} {challenger[k] / rows:.0%}" for k in sorted(challenger, key=challenger.get,
                                                                          reverse=True)[:5])
@@ -292,7 +261,7 @@ def drift_checks(cfg: DriftChecks, reference: DriftReference | None, challenger_
     checks: list[Check] = []
     if cfg.max_input_kl is None and cfg.max_class_kl is None:
         return checks
-    gx = _Validator()
+    gx = GxValidator("kiln-drift")  # one GX context for both checks, opened only if one is judged
     if cfg.max_input_kl is not None:
         checks.append(_input_check(cfg, cfg.max_input_kl, reference, challenger_inputs, gx))
     if cfg.max_class_kl is not None:
