@@ -20,7 +20,7 @@ from kiln.tasks.rollout.launch import run_rollout
 from kiln.tasks.rollout.params import RolloutError, RolloutParams
 from kiln.tasks.rollout.router import Split, SplitLapsed
 from tests import k8s_api
-from tests.integration.test_k8s_routers import NS, STEPS, _spec, versions  # noqa: F401 - versions is a fixture
+from tests.integration.test_k8s_routers import NS, STEPS, Windows, _spec, versions  # noqa: F401 - versions is a fixture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -61,23 +61,6 @@ def _weights(obj: dict) -> dict[str, int]:
     return {d["destination"]["subset"]: d["weight"] for d in obj["spec"]["http"][0]["route"]}
 
 
-class Windows:
-    """Healthy or faulty windows; the champion's side serves whatever @champion is; each window notes the object."""
-
-    def __init__(self, client, api, *, faulty: bool = False) -> None:
-        self.client, self.api, self.faulty, self.seen = client, api, faulty, []
-
-    def next_window(self) -> dict:
-        self.seen.append(self.api.get(*VS[:2], NS, VS[2], "tiny"))
-        challenger = {"requests": 200, "errors": 60 if self.faulty else 0, "latency_p95_ms": 11.0}
-        return {"window": {"champion": {"requests": 200, "errors": 0, "latency_p95_ms": 10.0},
-                           "challenger": challenger}}
-
-    def served_versions(self) -> dict[str, str | None]:
-        return {"champion": str(self.client.get_model_version_by_alias("tiny", vocab.CHAMPION).version),
-                "challenger": "2"}
-
-
 def _settings(settings, api):
     config = CONFIG.model_copy(update={"api_url": api.url})
     return settings.model_copy(update={"rollout_routers": {"istio": config}, "handover_timeout_s": 5.0})
@@ -85,7 +68,7 @@ def _settings(settings, api):
 
 @pytest.mark.parametrize("faulty", [False, True], ids=["healthy", "faulty"])
 def test_one_spec_drives_the_virtual_service_to_promotion_or_rollback(faulty, versions, vs, settings, tmp_path):  # noqa: F811
-    windows = Windows(versions, vs, faulty=faulty)
+    windows = Windows(versions, vs, VS, faulty=faulty)
     state = run_rollout(RolloutParams(model="tiny", spec=_spec(tmp_path, STEPS), gateway="istio", poll_s=0.05),
                         _settings(settings, vs), windows=windows)
     seen = [_weights(obj) for obj in windows.seen]

@@ -77,9 +77,11 @@ class Windows:
     """A stub metrics provider: healthy or faulty windows; the champion's side serves whatever @champion is
     (as `kiln serve NAME@champion` does); each window notes the object the router drives at that moment."""
 
-    def __init__(self, client, kube, kind: str, *, faulty: bool = False) -> None:
+    def __init__(self, client, kube, kind: str | tuple[str, str, str], *, faulty: bool = False) -> None:
+        """``kind``: a router kind of this file, or the (group, version, plural) of another router's object."""
         self.client, self.kube, self.faulty = client, kube, faulty
-        self.key = (*GW[:2], NS, GW[2], "tiny") if kind == "gateway-api" else (*KS[:2], NS, KS[2], "tiny")
+        group, version, plural = {"gateway-api": GW, "kserve": KS}.get(kind, kind)
+        self.key = (group, version, NS, plural, "tiny")
         self.seen: list[dict] = []
 
     def next_window(self) -> dict:
