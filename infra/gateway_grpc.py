@@ -35,7 +35,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from kiln.infra.gateway_proxy import REQUEST_ID_HEADER, STICKY_HEADER, UPSTREAM_HEADER, Gateway
-from kiln.infra.gateway_stats import CHALLENGER, CHAMPION, TrafficWindow, choose
+from kiln.infra.gateway_stats import CHALLENGER, CHAMPION, InputRecorder, choose
 from kiln.infra.grpc_server import check_port, request_body
 from kiln.infra.oip import InferError, TextRequest, parse_infer
 from kiln.infra.oip_binary import decode_tensor
@@ -80,7 +80,7 @@ def labels_in(response: pb.ModelInferResponse) -> list[str] | None:
     return None
 
 
-def _record_inputs(request: pb.ModelInferRequest, windows: list[TrafficWindow]) -> None:
+def _record_inputs(request: pb.ModelInferRequest, windows: list[InputRecorder]) -> None:
     """Note the text rows' lengths of an infer call in ``windows``; anything but a v2 text request is skipped."""
     if request.ByteSize() > _MAX_PARSE_BYTES:
         return
@@ -160,6 +160,7 @@ class GatewayService(service_pb2_grpc.GRPCInferenceServiceServicer):
             gw.mirror(routing, request_id, labels, partial(self._send_shadow, request, forwarded))
         # Input lengths are noted on the next loop turn, so parsing them never delays the answer.
         windows = [gw.window.live[role]] + ([gw.window.shadow] if mirrored else [])
+        windows += gw.predictions.text_keepers(request_id)  # the texts, for the feedback sink's rows
         asyncio.get_running_loop().call_soon(_record_inputs, request, windows)
         return response
 

@@ -40,15 +40,16 @@ from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from kiln.infra.feedback_sink import FeedbackSink
 from kiln.infra.gateway_state import RoutingState, Upstream
 from kiln.infra.gateway_stats import (
     CHALLENGER,
     CHAMPION,
     GatewayMetrics,
+    InputRecorder,
     PredictionLog,
     Routing,
     Splitter,
-    TrafficWindow,
     Window,
     choose,
 )
@@ -87,7 +88,8 @@ class Gateway:
                  shadow: float = 0.0, timeout_s: float = 30.0, max_connections: int = 256,
                  max_shadow_inflight: int = 64, max_samples: int = 5000, model_name: str | None = None,
                  state_file: Path | None = None, poll_s: float = 2.0, feedback_token: str | None = None,
-                 max_body_bytes: int = MAX_BODY_BYTES) -> None:
+                 max_body_bytes: int = MAX_BODY_BYTES, text_sample: int = 2000,
+                 feedback_sink: FeedbackSink | None = None) -> None:
         if not admin_token:
             raise ValueError(f"the admin API needs a token; set {TOKEN_ENV}")
         if not poll_s > 0:
@@ -101,8 +103,8 @@ class Gateway:
                                     state_file=state_file, on_routing=self._publish_routing)
         self.upstreams = self.control.upstreams
         self.poll_s = poll_s
-        self.window = Window(max_samples)
-        self.predictions = PredictionLog()
+        self.window = Window(max_samples, text_sample=text_sample)  # texts: admin-only, in memory
+        self.predictions, self.feedback_sink = PredictionLog(keep_texts=feedback_sink is not None), feedback_sink
         self.timeout_s, self.max_connections, self.max_shadow_inflight = timeout_s, max_connections, \
             max_shadow_inflight
         self._shadow_tasks: set[asyncio.Task] = set()
@@ -172,6 +174,7 @@ class Gateway:
         # Inputs are recorded after the answer has gone out, so parsing them never delays the client; a
         # request the upstream refused as the client's mistake (4xx) is not traffic the model saw.
         windows = [self.window.live[role]] + ([self.window.shadow] if mirrored else [])
+        windows += self.predictions.text_keepers(request_id)  # the texts, for the feedback sink's rows
         record = BackgroundTask(_record_inputs, body, request.headers.get(HEADER_LENGTH), windows) \
             if is_infer and not 400 <= answer.status < 500 else None
         return Response(answer.content, status_code=answer.status, headers=passed | extra, background=record)
@@ -303,6 +306,8 @@ class Gateway:
             while len(self._late_truth) > self.max_shadow_inflight * 4:
                 self._late_truth.popitem(last=False)
             scored["challenger/shadow"] = None  # scored when the mirrored answer arrives
+        if self.feedback_sink is not None:  # buffered only: the sink writes in the background
+            self.feedback_sink.add(self.control.model, request_id, entry, truth, self.predictions.pop_texts(request_id))
         return JSONResponse({"request_id": request_id, "scored": scored})
 
     def _score(self, source: str, role: str, version: str, predicted: list[str], truth: list[str]) -> float:
@@ -347,7 +352,7 @@ class Gateway:
 
     def reset_window(self) -> dict[str, Any]:
         """Start a new analysis window; returns the closed one, samples included."""
-        closed, self.window = self.window, Window(self.window.max_samples)
+        closed, self.window = self.window, Window(self.window.max_samples, text_sample=self.window.text_sample)
         return closed.to_dict(samples=True)
 
     def _publish_routing(self, routing: Routing) -> None:
@@ -375,7 +380,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return await read_limited(request, limit, refuse)
 
 
-async def _record_inputs(body: bytes, header_length: str | None, windows: list[TrafficWindow]) -> None:
+async def _record_inputs(body: bytes, header_length: str | None, windows: list[InputRecorder]) -> None:
     """Note the text rows' lengths in ``windows``; a body that is not a v2 text request (JSON or binary) is
     simply skipped.
 

@@ -99,6 +99,9 @@ class TrafficWindow:
     Errors are answers with status >= 500 and upstreams that could not be reached: the upstream's
     fault. A 4xx is the client's mistake: counted by status and as ``refused``, but neither a request the
     model served nor a latency sample, so a client sending junk cannot dilute or skew a canary's evidence.
+
+    ``text_sample`` bounds a sample of the most recent input texts themselves (0: none kept), for the content
+    and embedding drift checks; held in memory only and served only with the admin token (``samples=True``).
     """
 
     max_samples: int
@@ -116,12 +119,16 @@ class TrafficWindow:
     latency_ms: deque = field(init=False)
     input_chars: deque = field(init=False)
     input_words: deque = field(init=False)
+    text_sample: int = field(default=0, kw_only=True)
+    input_texts: deque = field(init=False)
 
     def __post_init__(self) -> None:
         self.latency_ms = deque(maxlen=self.max_samples)  # the most recent, for rank tests and percentiles
-        # Input features of the most recent text rows, for drift checks; lengths only: texts stay private.
+        # Input features of the most recent text rows, for drift checks: lengths of many rows, and the texts of
+        # the last text_sample only (memory, admin-only), so what the model reads can be compared too.
         self.input_chars = deque(maxlen=self.max_samples)
         self.input_words = deque(maxlen=self.max_samples)
+        self.input_texts = deque(maxlen=max(0, self.text_sample))
 
     def record(self, code: int, seconds: float) -> None:
         self.codes[str(code)] += 1
@@ -135,10 +142,13 @@ class TrafficWindow:
             self.latency_ms.append(seconds * 1000)
 
     def record_inputs(self, texts: list[str]) -> None:
-        """Note each text row's length in characters and in whitespace-separated words."""
+        """Note each text row's length in characters and in whitespace-separated words, and keep the most recent
+        ``text_sample`` texts."""
         self.input_rows += len(texts)
         self.input_chars.extend(len(t) for t in texts)
         self.input_words.extend(len(t.split()) for t in texts)
+        if self.text_sample > 0:
+            self.input_texts.extend(texts)
 
     def to_dict(self, samples: bool) -> dict[str, Any]:
         out = {"requests": self.requests, "errors": self.errors, "codes": dict(self.codes), "refused": self.refused,
@@ -151,21 +161,27 @@ class TrafficWindow:
         if samples:
             out["latency_ms"] = [round(x, 3) for x in self.latency_ms]
             out["input_chars"], out["input_words"] = list(self.input_chars), list(self.input_words)
+            out["input_texts"] = list(self.input_texts)
         return out
 
 
 @dataclass
 class Window:
-    """One analysis interval: live traffic per role, plus the challenger's shadow traffic."""
+    """One analysis interval: live traffic per role, plus the challenger's shadow traffic.
+
+    ``text_sample``: how many of the most recent input texts each traffic window keeps (setting
+    ``gateway_text_sample``; 0 keeps none).
+    """
 
     max_samples: int = 5000
     started: float = field(default_factory=time.time)
+    text_sample: int = 2000
     live: dict[str, TrafficWindow] = field(init=False)
     shadow: TrafficWindow = field(init=False)
 
     def __post_init__(self) -> None:
-        self.live = {role: TrafficWindow(self.max_samples) for role in ROLES}
-        self.shadow = TrafficWindow(self.max_samples)
+        self.live = {role: TrafficWindow(self.max_samples, text_sample=self.text_sample) for role in ROLES}
+        self.shadow = TrafficWindow(self.max_samples, text_sample=self.text_sample)
 
     def to_dict(self, samples: bool = False) -> dict[str, Any]:
         return {"started": self.started, "seconds": round(time.time() - self.started, 3),
@@ -210,22 +226,67 @@ class GatewayMetrics:
 class PredictionLog:
     """Recent predictions by request id, so labelled feedback can be scored against what each upstream said.
 
-    Bounded (oldest dropped first): feedback that arrives after its prediction was evicted is refused.
+    Bounded (oldest dropped first): feedback that arrives after its prediction was evicted is refused. With
+    ``keep_texts`` (a feedback sink stores scored rows) it also keeps each text request's input texts, noted after
+    the answer went out (:meth:`text_keepers`), within ``max_text_chars`` in all, oldest texts dropped first.
     """
 
-    def __init__(self, capacity: int = 100_000) -> None:
-        self.capacity = capacity
+    def __init__(self, capacity: int = 100_000, *, keep_texts: bool = False, max_text_chars: int = 64_000_000) -> None:
+        self.capacity, self.keep_texts, self.max_text_chars = capacity, keep_texts, max_text_chars
         self._items: OrderedDict[str, dict[str, tuple[str, str, list[str]]]] = OrderedDict()
+        self._texts: OrderedDict[str, list[str]] = OrderedDict()
+        self._text_chars = 0
 
     def add(self, request_id: str, source: str, role: str, version: str, labels: list[str]) -> None:
         entry = self._items.setdefault(request_id, {})
         entry[source] = (role, version, labels)
         self._items.move_to_end(request_id)
         while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+            self._drop_texts(self._items.popitem(last=False)[0])
 
     def get(self, request_id: str) -> dict[str, tuple[str, str, list[str]]] | None:
         return self._items.get(request_id)
 
     def pop(self, request_id: str) -> dict[str, tuple[str, str, list[str]]] | None:
+        """Forget a scored prediction; its texts stay until :meth:`pop_texts` (or eviction) takes them."""
         return self._items.pop(request_id, None)
+
+    # ---- input texts, for the feedback sink's rows ---------------------------------------------------------
+
+    def text_keepers(self, request_id: str) -> list[_TextKeeper]:
+        """Recorders to add to the input windows of ``request_id`` (none unless texts are kept): each notes the
+        request's texts when the inputs are parsed, off the request path."""
+        return [_TextKeeper(self, request_id)] if self.keep_texts else []
+
+    def add_texts(self, request_id: str, texts: list[str]) -> None:
+        if request_id not in self._items or request_id in self._texts:
+            return
+        self._texts[request_id] = list(texts)
+        self._text_chars += sum(map(len, texts))
+        while self._text_chars > self.max_text_chars and self._texts:
+            self._drop_texts(next(iter(self._texts)))
+
+    def pop_texts(self, request_id: str) -> list[str] | None:
+        """The input texts of ``request_id`` (None when not kept), forgotten once taken."""
+        texts = self._texts.get(request_id)
+        self._drop_texts(request_id)
+        return texts
+
+    def _drop_texts(self, request_id: str) -> None:
+        texts = self._texts.pop(request_id, None)
+        if texts is not None:
+            self._text_chars -= sum(map(len, texts))
+
+
+@dataclass(frozen=True)
+class _TextKeeper:
+    """Records one request's input texts in its :class:`PredictionLog` (shaped like a window's ``record_inputs``)."""
+
+    log: PredictionLog
+    request_id: str
+
+    def record_inputs(self, texts: list[str]) -> None:
+        self.log.add_texts(self.request_id, texts)
+
+
+InputRecorder = TrafficWindow | _TextKeeper  # what a request's parsed inputs are noted in

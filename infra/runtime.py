@@ -25,6 +25,7 @@ import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from kiln.infra.batching import Batcher
+from kiln.infra.cascade_metrics import CascadeMetrics
 from kiln.infra.faults import InjectedFault
 from kiln.infra.oip import InferError, InferRequest, TensorRequest, check_model_limits, select_outputs, tensor
 
@@ -160,10 +161,13 @@ class ModelRuntime:
         rows = sum(len(p) if isinstance(p, list) else p.input_ids.shape[0] for p in payloads)
         self.metrics.batch_rows.labels(self.model.name, self.model.version).observe(rows)
         if key[0] == "tensor":
-            return run_tensors(self.model.predictor, payloads)
-        texts = [t for p in payloads for t in p]
-        kwargs = {"max_new_tokens": key[1]} if self.model.task == "causal-lm" else {}
-        return split_rows(predict_columns(self.model.predictor, texts, **kwargs), [len(p) for p in payloads])
+            results = run_tensors(self.model.predictor, payloads)
+        else:
+            texts = [t for p in payloads for t in p]
+            kwargs = {"max_new_tokens": key[1]} if self.model.task == "causal-lm" else {}
+            results = split_rows(predict_columns(self.model.predictor, texts, **kwargs), [len(p) for p in payloads])
+        self.metrics.cascade.observe(self.model.name, self.model.version, self.model.predictor)
+        return results
 
 
 def _result(value: Any) -> Any:
@@ -259,6 +263,7 @@ class ServerMetrics:
                              registry=self.registry)
         self.served_version = Gauge("kiln_server_served_version", "The version an alias-following model serves.",
                                     ["model", "alias"], registry=self.registry)
+        self.cascade = CascadeMetrics(self.registry)  # kiln_cascade_*: only served cascades add samples
 
 
 class PoolService(Protocol):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from prefect import serve
+from prefect.schedules import Interval
 
 from kiln.demo.flow import demo
+from kiln.flows.monitor import monitor
 from kiln.flows.optimize import optimize
 from kiln.flows.promote import promote
 from kiln.flows.retrain import retrain
@@ -28,6 +30,12 @@ def deployments(settings: Settings | None = None) -> list:
         retrain.to_deployment(name="kiln-retrain", tags=["kiln"],
                               description="A pushed commit's training config, fine-tuned and registered, then "
                                           "optimized."),
+        # One schedule per model of monitor_models, each with that model as its parameter; none: runs by hand.
+        monitor.to_deployment(name="kiln-monitor", tags=["kiln"], schedules=[
+            Interval(settings.monitor_interval_s, parameters={"params": {"model": name}})
+            for name in settings.monitor_models],
+            description="Judge the served @champion on its live traffic; on a breach notify, roll back or "
+                        "retrain, once."),
     ]
     rollout_form = next(d for d in made if d.name == "kiln-rollout")._parameter_openapi_schema
     fields = rollout_form.definitions["RolloutParams"]["properties"]

@@ -91,7 +91,33 @@ class Settings(BaseSettings):
         "'gateway' (the default) is always the router's own windows. KILN_ROLLOUT_METRICS takes JSON."))
     prometheus_token: SecretStr | None = Field(None, description="Bearer token sent to the Prometheus servers of "
                                                "rollout_metrics, if they need one.")
+
+    # ---- monitoring the served champion (`kiln monitor`, the kiln-monitor deployment) ----
+    monitor_models: Annotated[list[str], NoDecode] = Field(default_factory=list, description=(
+        "Models the kiln-monitor deployment judges on a schedule (one schedule each); comma-separated in "
+        "KILN_MONITOR_MODELS. Empty: the deployment runs only when started by hand."))
+    monitor_interval_s: float = Field(3600.0, ge=60, description="Seconds between scheduled monitor evaluations.")
+    monitor_notify_secret: SecretStr | None = Field(None, description=(
+        "HMAC key of the monitor's notify webhook (X-Kiln-Signature: sha256=<hex of the body>); unset: unsigned."))
     prefect_api_url: str | None = Field(None, description="Prefect API for deployments; default: PREFECT_API_URL.")
+
+    # ---- content drift on live traffic ----
+    gateway_text_sample: int = Field(2000, ge=0, le=1_000_000, description=(
+        "How many of the most recent input texts the gateway keeps per window for the content and embedding drift "
+        "checks (`kiln gateway --text-sample`): in memory only, served only with the admin token, never written "
+        "by the gateway. 0 keeps none (input drift then sees lengths only)."))
+
+    # ---- labelled feedback as data (the gateway writes it, `kiln feedback`, retrain feedback_days read it) ----
+    feedback_store: str | None = Field(None, description=(
+        "Where the gateway writes scored feedback rows as Parquet (text, label, prediction, answering version): a "
+        "folder, or s3://bucket/prefix (with s3_endpoint_url/s3_region and the AWS credential chain). Default "
+        "<home>/feedback; 'off' keeps none."))
+    feedback_retention_days: int = Field(90, ge=1, le=36_500, description=(
+        "Feedback day partitions older than this are deleted by `kiln feedback prune` and before a retrain reads "
+        "feedback (never by the gateway)."))
+    feedback_flush_rows: int = Field(500, ge=1, le=1_000_000, description=(
+        "The gateway writes its buffered feedback rows once this many are waiting ..."))
+    feedback_flush_s: float = Field(10.0, gt=0, le=86_400, description="... or at least this often, seconds.")
 
     # ---- configured stores: PostgreSQL and S3 ----
     database_url: SecretStr | None = Field(None, description=(
@@ -144,7 +170,11 @@ class Settings(BaseSettings):
         "Your SSH private key (or its .pub, with the key in ssh-agent), used by `kiln approve|reject`, "
         "`kiln rollout pause|resume|promote|abort` and `kiln optimize --sign`; --key overrides it."))
 
-    @field_validator("approvers", "webhook_repositories", "train_models", mode="before")
+    # ---- generation budgets for causal LMs (mlflow.pyfunc predict params) ----
+    max_new_tokens_limit: int = Field(256, ge=1, le=8192, description="The most new tokens one request may ask a "
+                                      "causal LM for (pyfunc predict params=max_new_tokens); more is refused.")
+
+    @field_validator("approvers", "webhook_repositories", "train_models", "monitor_models", mode="before")
     @classmethod
     def _comma_list(cls, value: Any) -> Any:
         if not isinstance(value, str):

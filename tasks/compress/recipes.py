@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from kiln.errors import ConfigError, known_keys, unknown_key, validation_problems
 from kiln.tasks.core.cache import StageCache, code_version, make_key
@@ -82,13 +82,37 @@ class StageSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="The stage's parameters.")
 
 
+class CascadeParams(_Strict):
+    """A small-model-first cascade (:mod:`kiln.tasks.models.cascade`): ``small`` answers, uncertain rows escalate."""
+
+    small: str = Field(..., description="The recipe whose candidate answers first (built, and cached, as usual).")
+    large: str = Field("champion", description="What uncertain rows escalate to: 'champion' (the registered "
+                                               "champion; the source model when there is none) or a recipe name.")
+    max_accuracy_drop: float = Field(0.003, ge=0.0, le=1.0, description=(
+        "Validation accuracy may fall at most this far below the large member's (0.003 = 0.3 point); the "
+        "threshold is the one that escalates the fewest validation rows within it."))
+
+
 class Recipe(_Strict):
-    """A named, ordered list of stages that turns the source model into one candidate."""
+    """A named, ordered list of stages that turns the source model into one candidate (or a cascade of two)."""
 
     name: str
     description: str = ""
-    stages: list[StageSpec] = Field(..., min_length=1)
+    stages: list[StageSpec] = Field(default_factory=list, description="The stages (every recipe but a cascade).")
+    cascade: CascadeParams | None = Field(None, description="Instead of stages: a cascade of two candidates.")
     _file: Path | None = PrivateAttr(None)  # the YAML file it came from, named in errors
+    _members: dict[str, Recipe] = PrivateAttr(default_factory=dict)  # a cascade's member recipes, once resolved
+
+    @model_validator(mode="after")
+    def _stages_or_cascade(self) -> Recipe:
+        if bool(self.stages) == (self.cascade is not None):
+            raise ValueError("give either 'stages' (at least one) or 'cascade', not both")
+        return self
+
+    @property
+    def members(self) -> dict[str, Recipe]:
+        """A cascade's member recipes by role (``small``, and ``large`` unless it is the champion)."""
+        return self._members
 
     @property
     def label(self) -> str:
@@ -96,6 +120,8 @@ class Recipe(_Strict):
         return f"recipe {self.name!r}" + (f" in {self._file}" if self._file else "")
 
     def validate_stages(self) -> None:
+        if self.cascade is not None:
+            return  # its members are recipes of their own, validated as such (resolve_recipes)
         for spec in self.stages:
             if spec.stage in UNSUPPORTED:
                 raise ConfigError(f"{self.label}: {UNSUPPORTED[spec.stage]}")
@@ -114,6 +140,8 @@ class Recipe(_Strict):
         Follows the model's shape through the stages, so ``distill`` to 3 layers then ``prune_layers``
         of 3 is caught too.
         """
+        for member in self.members.values():
+            member.check_against(model_config)
         shape = _Shape.of(model_config)
         for i, spec in enumerate(self.stages):
             where = f"{self.label}, stage {i + 1} ({spec.stage})"
@@ -204,7 +232,26 @@ def resolve_recipes(names: list[str], extra: Path | None = None) -> list[Recipe]
     recipes = [known[n] for n in names]
     for recipe in recipes:
         recipe.validate_stages()
+        if recipe.cascade is not None:
+            recipe._members = _cascade_members(recipe, known)
     return recipes
+
+
+def _cascade_members(recipe: Recipe, known: dict[str, Recipe]) -> dict[str, Recipe]:
+    """The recipes a cascade names, validated; 'champion' as the large member is not a recipe."""
+    roles = {"small": recipe.cascade.small, "large": recipe.cascade.large}
+    members = {}
+    for role, name in roles.items():
+        if role == "large" and name == "champion":
+            continue
+        if name not in known:
+            raise ConfigError(f"{recipe.label}: cascade {role} {name!r} is not a recipe; known: {sorted(known)}"
+                              + (" or 'champion'" if role == "large" else ""))
+        if known[name].cascade is not None:
+            raise ConfigError(f"{recipe.label}: cascade {role} {name!r} is itself a cascade; name a recipe with stages")
+        known[name].validate_stages()
+        members[role] = known[name]
+    return members
 
 
 def recipes_for(names: list[str], extra: Path | None, model_dir: Path) -> list[Recipe]:

@@ -33,6 +33,7 @@ SOURCE_SHA256 = "kiln.source_sha256"  # checksum of a registered folder's weight
 SOURCE_DIGEST = "kiln.source_digest"  # "files-v1:<sha256>" of every file that defines a registered folder's model
 PACKAGE_DIGEST = "kiln.package_digest"  # sha256 of the package's kiln.json bytes: pins the whole package
 ORIGIN = "kiln.origin"  # the local folder a source version was registered from
+GGUF = "kiln.gguf"  # JSON: the GGUF file a source version was imported from (name, quantization, sha256)
 GIT_COMMIT = "kiln.git_commit"  # Kiln's own commit that built the engine
 TRIGGERED_BY = "kiln.triggered_by"  # who or what started the work (four-eyes review reads it)
 RUN_ID = "kiln.run_id"  # the MLflow run that built or registered it
@@ -84,6 +85,11 @@ DATA_DIGEST = "kiln.data_digest"
 BASE_MODEL = "kiln.base_model"  # the reference fine-tuned from (NAME@ALIAS or NAME/VERSION)
 BASE_VERSION = "kiln.base_version"  # the NAME/VERSION it resolved to
 TRAIN_METRICS = "kiln.train_metrics"
+# ── model-version tags: labelled feedback a retrain added to its training split ────────────────────
+FEEDBACK_ROWS = "kiln.feedback_rows"  # how many validated feedback rows were added to the train split
+FEEDBACK_DIGEST = "kiln.feedback_digest"  # digest of those rows (also part of a retrained version's identity)
+FEEDBACK_STORE = "kiln.feedback_store"  # where they were read (a folder, or s3://bucket/prefix)
+FEEDBACK_DAYS = "kiln.feedback_days"  # the window they were read from: the last N days
 
 # ── model-version tags: a canary rollout's summary and command channel, on the challenger ──────────
 ROLLOUT_PREFIX = "kiln.rollout."  # every rollout tag starts with it
@@ -109,11 +115,22 @@ LEASE_EXPIRES = "kiln.lease_expires"  # epoch seconds; renewed while held, an ex
 LEASE_RENEWED_AT = "kiln.lease_renewed_at"  # epoch seconds of the last renewal
 LEASE_PURPOSES = ("publish", "promote", "rollout", "rollback")
 
+# ── registered-model tags: the monitor's action on a served model (one at a time) ────────────────────
+MONITOR_ACTION = "kiln.monitor.action"  # JSON {action, id, started_at, timeout_s, detail}: the action in flight
+MONITOR_LAST_ACTION = "kiln.monitor.last_action"  # JSON: the last action finished, with its outcome
+
 # ── run tags: MLflow runs of optimize and of rollouts ────────────────────────────────────────────────
 RUN_MODEL = "kiln.model"  # the model reference the run works on (set before any version exists)
-RUN_KIND = "kiln.kind"  # "rollout" for a rollout's run
+RUN_KIND = "kiln.kind"  # "rollout" for a rollout's run, "monitor" for a monitor's day
 RUN_CHALLENGER = "kiln.challenger"  # a rollout run's challenger version
 RUN_CHAMPION = "kiln.champion"  # a rollout run's champion version ("" when there was none)
+RUN_DAY = "kiln.day"  # a monitor run's UTC day (YYYY-MM-DD): one run per model and day, a step per evaluation
+RUN_VERSION = "kiln.version"  # the version a monitor run last judged (the champion then)
+
+# ── Prefect events the monitor emits (Prefect automations match on these names and resource ids) ────────
+MONITOR_BREACH_EVENT = "kiln.monitor.breach"  # a monitor evaluation found a breach; the payload is the verdict
+EVENT_RESOURCE_PREFIX = "kiln.model."  # + model name: the event's resource id (prefect.resource.id)
+EVENT_VERSION_LABEL = "kiln.model_version"  # the resource label holding the judged version
 
 # ── audit events (the ``event`` of a line in audit.jsonl, shown by ``kiln history``) ────────────────
 EVENT_REGISTERED = "registered"
@@ -127,6 +144,8 @@ EVENT_CANARY_PROMOTED = "canary_promoted"
 EVENT_CANARY_ROLLED_BACK = "canary_rolled_back"
 EVENT_LEASE_BROKEN = "lease_broken"  # `kiln lease break`: an operator cleared a lease
 EVENT_ROLLOUT_COMMAND_IGNORED = "rollout_command_ignored"  # unsigned, foreign or replayed rollout command
+EVENT_MONITOR_ACTION_STARTED = "monitor_action_started"  # the monitor began acting on a breach (notify, ...)
+EVENT_MONITOR_ACTION_FINISHED = "monitor_action_finished"  # ... and recorded how it ended
 
 
 def rollout_command_event(command: str) -> str:

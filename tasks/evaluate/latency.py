@@ -12,6 +12,7 @@ draws the same rounds for both models (paired): the shared drift cancels in the 
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -106,6 +107,9 @@ def _runners(predictor: Predictor, texts: Sequence[str], small: int, large: int)
     pool = list(texts) * (1 + large // len(texts))
     ids1, mask1 = predictor.encode(pool[:small], pad_to=seq)
     idsN, maskN = predictor.encode(pool[:large], pad_to=seq)
+    if getattr(predictor, "is_cascade", False):  # its work depends on the text (escalated or not): cycle the texts
+        inputs = itertools.cycle([predictor.encode(pool[i:i + small], pad_to=seq) for i in range(0, len(texts), small)])
+        return {"single": lambda: predictor.run(*next(inputs)), "batch": lambda: predictor.run(idsN, maskN)}
     return {"single": lambda: predictor.run(ids1, mask1), "batch": lambda: predictor.run(idsN, maskN)}
 
 

@@ -39,6 +39,7 @@ COMMON_METRICS = {
     "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "batch_latency_p50_ms", "batch_latency_p95_ms",
     "throughput_per_s", "size_mb", "peak_memory_mb", "parity_max_abs", "parity_mean_abs",
     "parity_top1_agreement", "cost_per_million", "instances_needed",  # cost: kiln.tasks.evaluate.cost
+    "latency_mean_ms", "escalation_rate",  # cascades (kiln.tasks.models.cascade): a bimodal latency, a share passed on
 }
 TASK_METRICS: dict[str, set[str]] = {
     "sequence-classification": COMMON_METRICS | {"accuracy", "macro_f1"},

@@ -1,8 +1,9 @@
 """Quality of a packaged model on an evaluation split, and its parity with the source model.
 
-Classifiers: accuracy and macro-F1. Causal LMs: perplexity on held-out text and next-token agreement
-with the source. Parity compares raw outputs with the source's on the same inputs: max and mean
-|Δ logits| and top-1 agreement (per row for classifiers, per real token for LMs).
+Classifiers: accuracy and macro-F1. Causal LMs: perplexity on held-out text, next-token agreement
+with the source, and greedy-output agreement on a prompt set (:func:`greedy_agreement`). Parity compares
+raw outputs with the source's on the same inputs: max and mean |Δ logits| and top-1 agreement (per row for
+classifiers, per real token for LMs).
 """
 
 from __future__ import annotations
@@ -101,6 +102,26 @@ def classification_metrics(outputs: Outputs, labels: Sequence[str], gold: Sequen
 def lm_metrics(outputs: Outputs, reference: Outputs | None = None) -> dict[str, float]:
     """Perplexity of next-token predictions over real tokens; agreement with ``reference`` if given."""
     return quality_metrics(row_evidence(outputs, "causal-lm", (), None, reference), 0)
+
+
+def greedy_agreement(candidate: Sequence[str], reference: Sequence[str]) -> dict[str, float]:
+    """How closely greedy continuations of the same prompts match the reference model's.
+
+    ``greedy_agreement``: the share of prompts whose continuation is identical. ``greedy_prefix_agreement``:
+    the mean share of each reference continuation's words that the candidate reproduces before it first
+    differs (a model that drifts late is closer than one that drifts at once).
+    """
+    if len(candidate) != len(reference):
+        raise ValueError(f"{len(candidate)} candidate continuations for {len(reference)} reference ones")
+    exact, prefix = 0, 0.0
+    for cand, ref in zip(candidate, reference, strict=True):
+        exact += cand == ref
+        ref_words, cand_words = ref.split(), cand.split()
+        same = next((i for i, (a, b) in enumerate(zip(ref_words, cand_words, strict=False)) if a != b),
+                    min(len(ref_words), len(cand_words)))
+        prefix += same / len(ref_words) if ref_words else float(not cand_words)
+    n = max(len(reference), 1)
+    return {"greedy_agreement": exact / n, "greedy_prefix_agreement": prefix / n}
 
 
 def parity(candidate: Outputs, source: Outputs) -> dict[str, float]:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from kiln.settings import Settings
     from kiln.tasks.data.datasets import DatasetSpec, Splits
+    from kiln.tasks.data.feedback import FeedbackSnapshot
     from kiln.tasks.models.finetune import FinetuneConfig
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ class RetrainParams(BaseModel):
     model: str | None = Field(None, description="Base model (NAME@ALIAS or NAME/VERSION), overriding the config's.")
     chain_optimize: bool = Field(True, description="Optimize the new version afterwards (the optimize flow).")
     triggered_by: str = Field("manual", description="What started this run, e.g. webhook:github:<delivery> or cli.")
+    feedback_days: int | None = Field(None, ge=1, le=3650, description="Also train on the labelled feedback of the "
+                                      "last N days (the gateway's feedback store; train split only). Empty: off.")
 
     @field_validator("sha")
     @classmethod
@@ -154,10 +157,11 @@ class RetrainPlan:
     data: DatasetSpec  # points at a content-addressed copy of the data file under KILN_HOME
     tags: dict[str, str] = field(default_factory=dict)
     new_model: bool = False  # no such registered model yet: its first version is registered without an alias
+    feedback: FeedbackSnapshot | None = None  # labelled feedback rows for the train split (feedback_days)
 
     @property
     def identity(self) -> dict[str, str]:
-        return {k: self.tags[k] for k in IDENTITY_TAGS}
+        return {k: self.tags.get(k, "") for k in (*IDENTITY_TAGS, vocab.FEEDBACK_DIGEST)}  # "": no feedback
 
 
 # ── the config and the data at that commit ───────────────────────────────────────────────────────────
@@ -213,6 +217,7 @@ def _sha256(path: Path) -> str:
 def plan(params: RetrainParams, tree: Checkout, settings: Settings, client: MlflowClient) -> RetrainPlan:
     """Read the config at the commit, keep a copy of its data, resolve the base model: no training yet."""
     from kiln.tasks.data.datasets import DatasetSpec
+    from kiln.tasks.data.feedback import snapshot_for
     from kiln.tasks.registry import client as registry
 
     where = f"{public_repo(tree.repo)}@{tree.sha[:12]}:{params.config_path}"
@@ -250,7 +255,8 @@ def plan(params: RetrainParams, tree: Checkout, settings: Settings, client: Mlfl
         vocab.BASE_MODEL: base,
         vocab.TRIGGERED_BY: params.triggered_by,
     }
-    return RetrainPlan(config.name, base, config, spec, tags, new_model)
+    feedback = None if params.feedback_days is None else snapshot_for(settings, config.name, params.feedback_days)
+    return RetrainPlan(config.name, base, config, spec, tags | (feedback.tags if feedback else {}), new_model, feedback)
 
 
 def find_retrained(client: MlflowClient, retrain_plan: RetrainPlan) -> ModelVersion | None:
@@ -259,19 +265,22 @@ def find_retrained(client: MlflowClient, retrain_plan: RetrainPlan) -> ModelVers
 
     identity = retrain_plan.identity
     found = registry.versions_of(client, retrain_plan.name, **{vocab.GIT_SHA: identity[vocab.GIT_SHA]})
-    same = [v for v in found if all(v.tags.get(k) == value for k, value in identity.items())]
+    same = [v for v in found if all(v.tags.get(k, "") == value for k, value in identity.items())]
     return max(same, key=lambda v: int(v.version)) if same else None
 
 
 # ── training and registering ─────────────────────────────────────────────────────────────────────────
 def load_data(retrain_plan: RetrainPlan) -> Splits:
-    """Split the data and run its checks (unless the config turns them off)."""
+    """Split the data and run its checks (unless the config turns them off); add the plan's feedback to train."""
     from kiln.tasks.data import checks as datachecks
     from kiln.tasks.data.datasets import load_splits
+    from kiln.tasks.data.feedback import add_feedback
 
     splits = load_splits(retrain_plan.data)
     if retrain_plan.config.data_checks is not None:
         datachecks.check_splits(splits, retrain_plan.config.data_checks)
+    if retrain_plan.feedback is not None:  # validated, then added to train only: the gate's test split stays as it was
+        splits = add_feedback(splits, retrain_plan.feedback.read(), retrain_plan.config.data_checks)
     if len(splits.train) < retrain_plan.config.batch_size:
         raise ConfigError(f"only {len(splits.train)} training rows, fewer than batch_size "
                           f"{retrain_plan.config.batch_size}; lower batch_size or add data")

@@ -23,10 +23,12 @@ from kiln.errors import ArtifactError
 from kiln.tasks.core.stages import Artifact, TaskType
 from kiln.tasks.engines import EngineOptions, load_engine, resolve_backend
 from kiln.tasks.engines.base import sha256_file
+from kiln.tasks.engines.onnx_generation import GenerationConfig, KVCacheGenerator, has_kv_cache
 
 META_FILE = "kiln.json"
 ENGINE_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
+CASCADE_FILE = "cascade.json"  # a cascade package: two member packages (kiln.tasks.models.cascade)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 WEIGHT_SUFFIXES = frozenset({".onnx", ".safetensors", ".data", ".bin", ".plan"})  # what size_mb counts
 
@@ -167,6 +169,14 @@ def size_mb(folder: Path) -> float:
 class Predictor:
     """Tokenize, run, post-process. ``run`` is the raw logits function used for parity and latency."""
 
+    def __new__(cls, folder: Path, *args: Any, **kwargs: Any) -> Any:
+        # A cascade package opens as one model wherever a package is opened (pyfunc, server, evaluation, latency).
+        if cls is Predictor and (Path(folder) / CASCADE_FILE).is_file():
+            from kiln.tasks.models.cascade import CascadePredictor
+
+            return CascadePredictor(folder, *args, **kwargs)
+        return super().__new__(cls)
+
     def __init__(self, folder: Path, options: EngineOptions | None = None, *, check: bool = True) -> None:
         self.folder = folder
         self.meta = PackageMeta.read(folder)
@@ -185,6 +195,8 @@ class Predictor:
             if backend == "tensorrt" and not path.is_file():
                 raise ArtifactError(f"{self.folder} has no TensorRT plan; optimize with --backend tensorrt on a GPU")
             self.engine = load_engine(path, self.options.model_copy(update={"backend": backend}))
+            if self.meta.task == "causal-lm" and has_kv_cache(self.engine):  # decodes with its KV cache, batched
+                self.engine = KVCacheGenerator(path, engine=self.engine)
             return self.engine.run
         return torch_runner(self.folder, self.meta.task, self.options.threads)
 
@@ -210,6 +222,9 @@ class Predictor:
         """What :meth:`predict` answers, as plain columns: ``label`` (a list), ``score`` (rows) and ``scores``
         (rows x labels) as arrays, or ``generated_text``. The model server's path: building a DataFrame per
         batch cost a busy server a tenth of its CPU."""
+        if self.meta.task == "causal-lm" and isinstance(getattr(self, "engine", None), KVCacheGenerator):
+            config = GenerationConfig(max_new_tokens=max_new_tokens)
+            return {"generated_text": self._generate_batch(list(texts), config)}
         if self.meta.task == "causal-lm":
             return {"generated_text": [self._generate(t, max_new_tokens) for t in texts]}
         ids, mask = self.encode(list(texts))
@@ -218,8 +233,22 @@ class Predictor:
         labels = self.meta.labels or [str(i) for i in range(probs.shape[1])]
         return {"label": [labels[i] for i in best], "score": probs.max(axis=1), "scores": probs}
 
+    def _generate_batch(self, texts: list[str], config: GenerationConfig) -> list[str]:
+        """Prompt + continuation per text, all rows decoded together with the engine's KV cache."""
+        tok = self.tokenizer
+        side = tok.padding_side, tok.truncation_side
+        tok.padding_side = tok.truncation_side = "left"  # the next token of every row is the last column
+        try:
+            ids, mask = self.encode(texts)
+        finally:
+            tok.padding_side, tok.truncation_side = side
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        new = self.engine.generate(ids, mask, config, eos_token_id=tok.eos_token_id, pad_token_id=pad)
+        return [tok.decode(np.concatenate([row[m.astype(bool)], gen]), skip_special_tokens=True)
+                for row, m, gen in zip(ids, mask, new, strict=True)]
+
     def _generate(self, text: str, max_new_tokens: int) -> str:
-        # No KV cache in the exported graph: each step re-runs the prefix. Fine for short continuations.
+        # Packages exported without a KV cache (export_onnx): each step re-runs the prefix, one text at a time.
         ids = self.tokenizer(text, return_tensors="np")["input_ids"].astype(np.int64)
         for _ in range(max_new_tokens):
             ids = ids[:, -self.meta.seq_len :]

@@ -177,6 +177,8 @@ def evaluate_candidate(name: str, folder: Path, precision: str, key: str, frame:
     def run(workdir: Path) -> dict[str, Any]:
         predictor = Predictor(folder, options)
         metrics, outputs, rows = quality(predictor, frame, reference=reference, desc=f"evaluate {name}")
+        if getattr(predictor, "is_cascade", False):  # the share of evaluation rows its small member passed on
+            metrics["escalation_rate"] = predictor.stats.escalation_rate
         del predictor
         rows.save(workdir / "rows.npz")
         if keep_outputs:

@@ -36,6 +36,7 @@ from kiln.tasks.optimize.candidates import (
     resolve_source,
     stage_context_factory,
 )
+from kiln.tasks.optimize.cascade import build_cascade
 from kiln.tasks.optimize.judging import intervals, time_together
 from kiln.tasks.registry import client as registry
 from kiln.tasks.reports.tables import cell, delta_cell
@@ -79,6 +80,10 @@ def run_bench(settings: Settings, model: str, recipe_names: list[str], seconds: 
 
     packages = [(SOURCE, source.folder, "fp32", source.key)]
     for recipe in resolve_recipes(recipe_names):
+        if recipe.cascade is not None:  # its members and threshold as optimize builds them (the same cache)
+            built, folder = build_cascade(recipe, source, splits, cache, source.meta.seq_len, settings, "onnxruntime")
+            packages.append((recipe.name, folder, built.precision, built.key))
+            continue
         make_ctx = stage_context_factory(source, splits, settings, source.meta.seq_len)
         built = build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache)
         folder = package_candidate(built, source, cache, source.meta.seq_len)

@@ -1,4 +1,4 @@
-"""Registering a local Hugging Face model folder as a Kiln model version (``kiln register``).
+"""Registering a local Hugging Face model folder, or a GGUF file, as a Kiln model version (``kiln register``).
 
 The folder is checked (config, weights, tokenizer, task), packaged with checksums, logged as a pyfunc
 model and registered with its dataset recorded, so that ``kiln optimize NAME`` needs nothing else.
@@ -28,6 +28,7 @@ from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.core.stages import Artifact, TaskType
 from kiln.tasks.data.datasets import DatasetSpec
+from kiln.tasks.models import gguf
 from kiln.tasks.models.predictor import PackageMeta, package, sha256_file
 from kiln.tasks.registry import aliases
 from kiln.tasks.registry import client as registry
@@ -40,6 +41,7 @@ DIGEST_SCHEME = "files-v1"  # what source_digest covers; a new scheme gets a new
 # Files that never define a model: what file managers and editors leave behind, and documentation (a model card).
 IGNORED_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 IGNORED_SUFFIXES = (".md",)
+GGUF_SEQ_LEN = 256  # tokens a GGUF-imported LM is evaluated and exported at (its own context is far longer)
 
 
 def source_digest(path: Path) -> str:
@@ -80,6 +82,21 @@ def inspect_folder(path: Path, task: TaskType) -> list[str]:
     if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         raise ConfigError(f"{path} holds {archs}, not a causal LM; use --task sequence-classification")
     return []
+
+
+def register_gguf(client: MlflowClient, settings: Settings, path: Path, name: str, data: DatasetSpec,
+                  alias: str | None = vocab.CHAMPION, seq_len: int = GGUF_SEQ_LEN) -> ModelVersion:
+    """Import a GGUF file (or the folder holding one) as a causal-LM version of ``name``.
+
+    The GGUF is converted once (per content) into an fp32 Hugging Face folder under ``KILN_HOME/imports`` and
+    registered like any folder; the version records the GGUF it came from (``kiln.gguf``: name, architecture,
+    quantization, tensor types, sha256) and the file as its origin.
+    """
+    file = gguf.find_gguf(path)
+    gguf.require_llm_extra()
+    folder, info = gguf.convert(file, settings.home / "imports" / "gguf")
+    return register_folder(client, settings, folder, name, "causal-lm", data, alias=alias, seq_len=seq_len,
+                           extra_tags={vocab.GGUF: info.to_json(), vocab.ORIGIN: str(file.resolve())})
 
 
 def register_folder(client: MlflowClient, settings: Settings, path: Path, name: str, task: TaskType,

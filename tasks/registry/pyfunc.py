@@ -29,8 +29,10 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from kiln.errors import ArtifactError, ConfigError
+from kiln.settings import load_settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.models.predictor import PackageMeta, Predictor
+from kiln.tasks.registry import generation_params
 from kiln.tasks.registry.pins import check_pin, package_digest
 from kiln.yamlfile import read_yaml
 
@@ -46,12 +48,16 @@ class KilnModel(mlflow.pyfunc.PythonModel):
         folder = Path(context.artifacts[PACKAGE_ARTIFACT])
         verify_loaded(folder)
         self.predictor = Predictor(folder)  # checks every file against the pinned kiln.json
+        # The budget is the serving process's (its KILN_* / kiln.yaml), not the model's: whoever serves decides.
+        self.max_new_tokens_limit = load_settings().max_new_tokens_limit
 
     # No type hints on predict: MLflow would try to derive a signature from them; ours is explicit.
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
         texts = _texts(model_input)
-        max_new = int((params or {}).get("max_new_tokens", 16))
-        return self.predictor.predict(texts, max_new_tokens=max_new)
+        if self.predictor.meta.task != "causal-lm":
+            return self.predictor.predict(texts)
+        wanted = generation_params.parse(params, self.max_new_tokens_limit)
+        return self.predictor.predict(texts, **generation_params.generate_kwargs(self.predictor.predict, wanted))
 
 
 def verify_loaded(folder: Path, client: Any = None) -> str:
@@ -125,10 +131,10 @@ def _requirements() -> list[str]:
 
 def signature(task: str) -> ModelSignature:
     inputs = Schema([ColSpec("string")])  # unnamed: a plain list of strings is valid input
-    if task == "causal-lm":
-        outputs = Schema([ColSpec("string", "generated_text")])
-    else:
-        outputs = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
+    if task == "causal-lm":  # with the decoding params predict(params=...) honours (generation_params.PARAMS)
+        return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("string", "generated_text")]),
+                              params=generation_params.PARAMS)
+    outputs = Schema([ColSpec("string", "label"), ColSpec("double", "score")])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 

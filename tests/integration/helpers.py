@@ -34,3 +34,16 @@ def champion_and_challenger(settings, empty_store, model_dir) -> MlflowClient:
     client.set_registered_model_alias("tiny", vocab.CHAMPION, "1")
     aliases.nominate(client, "tiny", "2", home=settings.home)
     return client
+
+
+def prefect_console_follows_stdout(monkeypatch) -> None:
+    """Prefect's console handler keeps the stream it was created with, which an earlier CliRunner.invoke closed;
+    let it write to whatever sys.stdout is when it logs, so that what a user would see lands in the output."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
+        monkeypatch.setattr(handler.console, "_file", None)

@@ -10,7 +10,6 @@ commits its own config (and files) on top.
 from __future__ import annotations
 
 import csv
-import logging
 import subprocess
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from kiln.tasks.registry import client as registry
 from kiln.tasks.registry.onboard import register_folder
 from tests.conftest import fresh_project
 from tests.integration.catalogue import snapshot, unchanged
+from tests.integration.helpers import prefect_console_follows_stdout
 
 pytestmark = pytest.mark.catalogue
 
@@ -61,14 +61,7 @@ def project(tmp_path_factory, tiny_models):
 
 @pytest.fixture(autouse=True)
 def prefect_console_follows_the_runner(monkeypatch):
-    """Prefect's console handler keeps the stream it was created with, which an earlier CliRunner.invoke closed;
-    let it write to whatever sys.stdout is when it logs, so that what a user would see lands in the output."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
-                                      if isinstance(v, logging.Logger))]
-    for handler in {h for logger in loggers for h in logger.handlers if isinstance(h, PrefectConsoleHandler)}:
-        monkeypatch.setattr(handler.console, "_file", None)
+    prefect_console_follows_stdout(monkeypatch)
 
 
 def _commit(repo: Path, files: dict[str, str | bytes | Path]) -> str:

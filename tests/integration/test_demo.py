@@ -6,8 +6,10 @@ import json
 
 import mlflow
 import pytest
+import yaml
 
 from kiln.demo.flow import DemoParams, demo
+from kiln.tasks.presets import PRESETS
 from kiln.tasks.registry import client as registry
 
 pytestmark = pytest.mark.demo
@@ -22,7 +24,13 @@ CANARY = {"steps": [{"weight": 0, "shadow": 1.0, "analysis_s": 2}, {"weight": 10
 def test_demo_promotes_the_challenger_through_a_canary_and_rolls_back_a_broken_one(settings, tmp_path):
     spec = tmp_path / "canary.yaml"
     spec.write_text(json.dumps(CANARY))
-    summary = demo(DemoParams(train_steps=4, limit=600, eval_limit=48, canary_spec=str(spec)))
+    # The demo's monitoring policy, without what four training steps cannot reach: a quality floor, and a class
+    # mix like the labels' (such a model answers almost every text with one class: real prediction drift).
+    policy = tmp_path / "monitor.yaml"
+    policy.write_text(json.dumps(yaml.safe_load((PRESETS / "monitor-demo.yaml").read_text())
+                                 | {"quality": None, "prediction_drift": None}))
+    summary = demo(DemoParams(train_steps=4, limit=600, eval_limit=48, canary_spec=str(spec),
+                              monitor_policy=str(policy)))
     client = registry.connect(settings)
     aliases = registry.aliases_of(client, "sentiment")
     challenger = str(summary["registered"]["version"])
@@ -49,3 +57,10 @@ def test_demo_promotes_the_challenger_through_a_canary_and_rolls_back_a_broken_o
     out = mlflow.pyfunc.load_model("models:/sentiment/1").predict(["I love this car"])
     assert out["label"][0] in {"negative", "neutral", "positive"}
     assert summary["candidates"]["int8-dynamic"]["metrics"]["size_mb"] < summary["source"]["size_mb"] / 2
+    # The epilogue: the champion watched on its own test split (healthy), then on planted drift (an alert).
+    watched = summary["monitor"]
+    assert watched["healthy"]["status"] == "healthy", watched["healthy"]
+    assert watched["drifted"]["status"] == "breach" and "content_drift" in watched["drifted"]["breaches"]
+    assert [a["action"] for a in watched["drifted"]["actions"]] == ["notify"]
+    assert "Prefect event kiln.monitor.breach" in watched["drifted"]["actions"][0]["outcome"]
+    assert watched["healthy"]["run_id"] and watched["drifted"]["run_id"]  # steps of the model's MLflow run of the day

@@ -220,7 +220,20 @@ def test_prefect_yaml_is_what_prefect_deploy_reads(prefect_yaml: dict) -> None:
         assert set(raw) <= set(models.DeploymentConfig.model_fields), raw["name"]
         assert set(raw["work_pool"]) <= set(models.WorkPoolConfig.model_fields), raw["name"]
     assert {d.name for d in model.deployments} == {"kiln-optimize", "kiln-promote", "kiln-rollout", "kiln-retrain",
-                                                  "kiln-demo"}
+                                                  "kiln-demo", "kiln-monitor"}
+
+
+def test_the_monitor_schedules_name_models_the_flow_accepts(prefect_yaml: dict) -> None:
+    from prefect.cli.deploy._models import DeploymentConfig
+
+    from kiln.tasks.monitor.params import MonitorParams
+
+    raw = next(d for d in prefect_yaml["deployments"] if d["name"] == "kiln-monitor")
+    schedules = DeploymentConfig.model_validate(raw).schedules
+    assert schedules, "the monitor deployment runs on a schedule"
+    for schedule in schedules:
+        assert schedule.interval and schedule.interval.total_seconds() >= 60
+        MonitorParams.model_validate(schedule.parameters["params"])  # what a scheduled run would get
 
 
 @pytest.mark.parametrize("pool", sorted(WORK_POOL_WORKERS))
