@@ -28,6 +28,7 @@ from kiln.errors import ConfigError, validation_problems
 from kiln.tasks.evaluate.content_drift import ContentDriftConfig
 from kiln.tasks.evaluate.embedding_drift import EmbeddingDriftConfig
 from kiln.tasks.presets import PRESETS
+from kiln.tasks.rollout.drift import reference_file_format
 from kiln.yamlfile import read_yaml
 
 DEFAULT_POLICY = PRESETS / "monitor-default.yaml"
@@ -128,9 +129,7 @@ class MonitorPolicy(_Section):
     @field_validator("reference")
     @classmethod
     def _known_format(cls, value: str | None) -> str | None:
-        if value is not None and Path(value).suffix.lower() not in {".csv", ".parquet", ".jsonl", ".json"}:
-            raise ValueError(f"unsupported reference file {value!r}: use .csv, .parquet or .jsonl")
-        return value
+        return reference_file_format(value)
 
     @field_validator("notify_url")
     @classmethod

@@ -43,6 +43,13 @@ _MAX_EXPANDED = 100_000  # label counts are scaled down to this many rows before
 _FEATURES = ("chars", "words")
 
 
+def reference_file_format(value: str | None) -> str | None:
+    """A reference file Kiln can read (.csv/.parquet/.jsonl/.json), or a ValueError naming the formats."""
+    if value is not None and Path(value).suffix.lower() not in {".csv", ".parquet", ".jsonl", ".json"}:
+        raise ValueError(f"unsupported reference file {value!r}: use .csv, .parquet or .jsonl")
+    return value
+
+
 class DriftChecks(BaseModel):
     """Drift thresholds of a rollout; ``null`` switches a check off."""
 
@@ -61,9 +68,7 @@ class DriftChecks(BaseModel):
     @field_validator("reference")
     @classmethod
     def _known_format(cls, value: str | None) -> str | None:
-        if value is not None and Path(value).suffix.lower() not in {".csv", ".parquet", ".jsonl", ".json"}:
-            raise ValueError(f"unsupported reference file {value!r}: use .csv, .parquet or .jsonl")
-        return value
+        return reference_file_format(value)
 
 
 class LengthPartition(BaseModel):
