@@ -122,7 +122,7 @@ def test_the_command_list_is_complete():
     names = {" ".join(c) for c in _commands()}
     assert {"optimize", "register", "demo", "bench", "recipes", "serve-flows", "show", "export-triton", "promote",
             "approve", "reject", "rollback", "history", "up", "down", "status", "rollout", "rollout start",
-            "rollout status", "trigger retrain", "serve", "gateway"} <= names
+            "rollout status", "trigger retrain", "serve", "gateway", "monitor", "feedback show"} <= names
 
 
 @pytest.mark.parametrize("command", _commands(), ids=" ".join)
@@ -131,7 +131,7 @@ def test_every_command_explains_itself_and_its_exit_status(command):
     assert result.exit_code == 0 and len(result.output) > 200
     # The same words for every command (kiln.cli.support.exit_epilog); 3 only where a decision can say no.
     assert "Exit status: 0 ok, 1 internal error (a bug), 2 bad input" in result.output, result.output
-    declines = {"optimize", "demo", "promote", "status", "rollout", "rollout start"}
+    declines = {"optimize", "demo", "promote", "status", "rollout", "rollout start", "monitor"}
     assert (", 3 " in result.output) == (" ".join(command) in declines), result.output
 
 
