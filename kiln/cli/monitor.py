@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from kiln.cli.support import DECLINED, OK, ConfigOpt, exit_epilog, handle_errors, load
+from kiln.cli.support import DECLINED, OK, ConfigOpt, exit_epilog, handle_errors, load, parse_params
 
 _BREACH = "a breach (the policy's actions ran, or were already in flight)"
 
@@ -36,19 +36,13 @@ def monitor(
     deployment (`kiln serve-flows`, the monitor_models and monitor_interval_s settings).
     """
     settings = load(config)
-    from pydantic import ValidationError
-
-    from kiln.errors import ConfigError, validation_problems
     from kiln.flows import crashed
     from kiln.flows.monitor import monitor as monitor_flow
     from kiln.tasks.monitor.params import MonitorParams
     from kiln.tasks.monitor.policy import load_policy
 
-    try:
-        params = MonitorParams(model=name, policy=str(policy) if policy else None, gateway=gateway, metrics=metrics,
-                               act=act)
-    except ValidationError as exc:
-        raise ConfigError(f"kiln monitor: {validation_problems(exc, model=MonitorParams)}") from exc
+    params = parse_params(MonitorParams, "kiln monitor", model=name, policy=str(policy) if policy else None,
+                          gateway=gateway, metrics=metrics, act=act)
     load_policy(policy)  # a bad policy fails here, before a flow run
     if metrics == "gateway":
         settings.gateway_url(gateway)  # an unknown gateway name fails here too

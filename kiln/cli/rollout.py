@@ -14,7 +14,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from kiln.cli.support import DECLINED, OK, ConfigOpt, exit_epilog, handle_errors, load
+from kiln.cli.support import DECLINED, OK, ConfigOpt, exit_epilog, handle_errors, load, parse_params
 
 NameArg = Annotated[str, typer.Argument(help="Registered model name.")]
 ReasonOpt = Annotated[str, typer.Option(help="Why; recorded in the rollout's state and the audit log.")]
@@ -55,19 +55,13 @@ def start(
     KILN_GATEWAY_TOKEN set to its admin token.
     """
     settings = load(config)
-    from pydantic import ValidationError
-
-    from kiln.errors import ConfigError, validation_problems
     from kiln.flows import crashed
     from kiln.flows.rollout import rollout
     from kiln.tasks.rollout.launch import preflight
     from kiln.tasks.rollout.params import RolloutParams
 
-    try:
-        params = RolloutParams(model=name, spec=str(spec) if spec else None, gateway=gateway, metrics=metrics,
-                               poll_s=poll)
-    except ValidationError as exc:
-        raise ConfigError(f"kiln rollout: {validation_problems(exc, model=RolloutParams)}") from exc
+    params = parse_params(RolloutParams, "kiln rollout", model=name, spec=str(spec) if spec else None,
+                          gateway=gateway, metrics=metrics, poll_s=poll)
     preflight(params, settings)[1].close()  # a bad spec, token or gateway fails here, before a flow run
     with crashed.owned():  # the run carries this process: a kill is marked Crashed by the next run
         result = rollout(params, gates="registry")  # the terminal's gates: `kiln rollout resume|abort NAME`

@@ -20,12 +20,12 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn, ParamSpec, TypeVar
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import click
 import typer
 
-from kiln.errors import ExitCode, KilnError, ServiceUnavailable
+from kiln.errors import ConfigError, ExitCode, KilnError, ServiceUnavailable, validation_problems
 from kiln.settings import Settings, load_settings
 
 OK, INTERNAL, BAD_INPUT, DECLINED = ExitCode.OK, ExitCode.INTERNAL, ExitCode.BAD_INPUT, ExitCode.DECLINED
@@ -49,6 +49,19 @@ def exit_epilog(declined: str | None = None) -> str:
     """
     no = f", {DECLINED:d} {declined}" if declined else ""
     return f"Exit status: {OK:d} ok, {INTERNAL:d} internal error (a bug), {BAD_INPUT:d} bad input{no}."
+
+
+M = TypeVar("M")
+
+
+def parse_params(params_class: type[M], command: str, /, **values: Any) -> M:
+    """A flow's parameters from a command's options; bad ones fail in one line naming the option (exit 2)."""
+    from pydantic import ValidationError
+
+    try:
+        return params_class(**values)
+    except ValidationError as exc:
+        raise ConfigError(f"{command}: {validation_problems(exc, model=params_class)}") from exc
 
 
 def load(config: Path | None) -> Settings:

@@ -82,14 +82,10 @@ class CascadeCall:
 
 
 @dataclass
-class CascadeStats:
-    """Totals since the predictor was opened (or :meth:`CascadePredictor.reset_stats`)."""
+class CascadeStats(CascadeCall):
+    """Totals since the predictor was opened (or :meth:`CascadePredictor.reset_stats`): the calls' sums."""
 
     calls: int = 0
-    rows: int = 0
-    escalated: int = 0
-    small_seconds: float = 0.0
-    large_seconds: float = 0.0
 
     @property
     def escalation_rate(self) -> float:

@@ -144,7 +144,7 @@ def _finish(client: MlflowClient, settings: Settings, params: MonitorParams, pol
     guard = acting.ActionGuard(client, params.model)
     _close_resolved(guard, verdict, champion)
     if act and verdict.status == "breach" and verdict.actions:
-        result.actions = _act(guard, settings, params, policy, champion, verdict, runner)
+        result.actions = _act(client, guard, settings, params, policy, champion, verdict, runner)
     result.run_id, result.step = _record(client, settings, result)
     for line in describe(result):
         echo(line)
@@ -195,8 +195,9 @@ def _close_resolved(guard: acting.ActionGuard, verdict: MonitorVerdict, champion
         guard.finish(open_["id"], "resolved: healthy again")
 
 
-def _act(guard: acting.ActionGuard, settings: Settings, params: MonitorParams, policy: MonitorPolicy,
-         champion: str, verdict: MonitorVerdict, runner: ActionRunner | None) -> list[dict[str, str]]:
+def _act(client: MlflowClient, guard: acting.ActionGuard, settings: Settings, params: MonitorParams,
+         policy: MonitorPolicy, champion: str, verdict: MonitorVerdict,
+         runner: ActionRunner | None) -> list[dict[str, str]]:
     detail = {"version": champion, "breaches": list(verdict.breaches), "actions": list(verdict.actions)}
     incident = guard.begin("+".join(verdict.actions), detail, policy.action_timeout_s)
     if incident is None:
@@ -205,25 +206,24 @@ def _act(guard: acting.ActionGuard, settings: Settings, params: MonitorParams, p
                  f"({open_.get('action', '?')}, since {open_.get('started_at', '?')}) is still open"}
                 for a in verdict.actions]
     payload = {"model": params.model, "version": champion, "incident": incident, **verdict.to_dict()}
-    done = [{"action": a, "outcome": _one(a, settings, params, policy, champion, payload, runner)}
+    done = [{"action": a, "outcome": _one(client, a, settings, params, policy, champion, payload, runner)}
             for a in verdict.actions]
     if "rollback" in verdict.actions and any(d["outcome"].startswith("rolled back") for d in done):
         guard.finish(incident, "; ".join(f"{d['action']}: {d['outcome']}" for d in done))  # a new champion now
     return done
 
 
-def _one(action: str, settings: Settings, params: MonitorParams, policy: MonitorPolicy, champion: str,
-         payload: dict[str, Any], runner: ActionRunner | None) -> str:
+def _one(client: MlflowClient, action: str, settings: Settings, params: MonitorParams, policy: MonitorPolicy,
+         champion: str, payload: dict[str, Any], runner: ActionRunner | None) -> str:
     """Run one action; its failure is an outcome to record, never an exception that leaves the incident open."""
     try:
         if action == "notify":
             return _notify(settings, policy, payload, runner)
         if action == "rollback":
-            client = registry.connect(settings)
             return acting.rollback_champion(client, settings, params.model,
                                             f"monitor: {', '.join(payload['breaches'])} on v{champion}")
         if action == "retrain":
-            return _retrain(settings, params, policy, champion, payload, runner)
+            return _retrain(client, params, policy, champion, payload, runner)
         return f"unknown action {action!r}"
     except KilnError as exc:
         return f"failed: {exc}"
@@ -239,11 +239,11 @@ def _notify(settings: Settings, policy: MonitorPolicy, payload: dict[str, Any], 
     return "; ".join(said) or "nothing to notify: no notify_url in the policy and no Prefect event bus"
 
 
-def _retrain(settings: Settings, params: MonitorParams, policy: MonitorPolicy, champion: str,
+def _retrain(client: MlflowClient, params: MonitorParams, policy: MonitorPolicy, champion: str,
              payload: dict[str, Any], runner: ActionRunner | None) -> str:
     if runner is None:
         return "not started: retraining runs as the retrain flow (run the monitor as a flow: `kiln monitor` does)"
-    tags = registry.connect(settings).get_model_version(params.model, champion).tags
+    tags = client.get_model_version(params.model, champion).tags
     sha = tags.get(vocab.GIT_SHA)
     if not sha:
         return (f"not started: v{champion} records no commit ({vocab.GIT_SHA}); the monitor retrains what a push "
