@@ -7,16 +7,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any, Literal
 
 import mlflow
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.futures import wait
 from pydantic import BaseModel, Field, field_validator
 
 from kiln.errors import DataCheckFailed, GateError, InsufficientEvidence
-from kiln.flows import crashed
+from kiln.flows import crashed, runners
+from kiln.flows import search as search_flow
 from kiln.settings import Settings, load_settings
 from kiln.tasks.compress import recipes
 from kiln.tasks.core import tags as vocab
@@ -32,7 +35,8 @@ from kiln.tasks.evaluate.quality import assess_artifact
 from kiln.tasks.lifecycle import approvals
 from kiln.tasks.models.predictor import PackageMeta
 from kiln.tasks.optimize import candidates as cands
-from kiln.tasks.optimize import cascade, judging, publish
+from kiln.tasks.optimize import cascade, judging, publish, speculative
+from kiln.tasks.optimize.search import SearchParams
 from kiln.tasks.registry import client as registry
 from kiln.tasks.reports import review as review_report
 from kiln.tasks.reports.plots import pareto_png
@@ -63,6 +67,8 @@ class OptimizeParams(BaseModel):
     bench: BenchConfig | None = Field(None, description="How latency is measured; default from settings.")
     request: str | None = Field(None, description="Who asked for this work, signed (`kiln optimize --sign` makes "
                                 "it); four-eyes review then knows the requester. Without it nobody is.")
+    search: SearchParams | None = Field(None, description="Also search for recipes (Optuna, within a budget); "
+                                        "the Pareto front of the trials joins the recipes as candidates.")
 
     @field_validator("recipes")
     @classmethod
@@ -104,10 +110,33 @@ def build_candidate(recipe: recipes.Recipe, source: cands.Source, splits: Splits
                     seq_len: int, settings: Settings, backend: str) -> tuple[recipes.BuiltCandidate, Path]:
     if recipe.cascade is not None:  # two members (cached builds) and a threshold chosen on validation
         return cascade.build_cascade(recipe, source, splits, cache, seq_len, settings, backend)
+    if recipe.speculative is not None:  # a target and a draft (cached builds), packaged as one model
+        return speculative.build_speculative(recipe, source, splits, cache, seq_len, settings, backend)
     make_ctx = cands.stage_context_factory(source, splits, settings, seq_len)
     built = recipes.build(recipe, Artifact("hf", source.folder), source.key, make_ctx, cache,
                           assess=assess_artifact)
     return built, cands.package_candidate(built, source, cache, seq_len, backend)
+
+
+@task(cache_policy=NONE)
+def placed_build(recipe: recipes.Recipe, source: cands.Source, splits: Splits, cache: StageCache, seq_len: int,
+                 settings: Settings, backend: str) -> tuple[recipes.BuiltCandidate, Path, dict[str, Any]]:
+    """:func:`build_candidate` on whichever worker the task runner picks, with where and when it ran."""
+    started = time.time()
+    built, folder = build_candidate.fn(recipe, source, splits, cache, seq_len, settings, backend)
+    return built, folder, runners.placement(started)
+
+
+def _build_all(chosen, source, splits, cache, seq_len, settings, backend):
+    """Build every recipe at once on the flow's task runner (flows/runners.py); results in recipe order.
+
+    Waits for all builds, then raises the first failure in recipe order, so what fails the flow does not
+    depend on which worker finished first. The stage cache locks per key: two builds sharing a stage compute
+    it once."""
+    futures = [placed_build.submit(r, source, splits, cache, seq_len, settings, backend) for r in chosen]
+    wait(futures)
+    results = [future.result() for future in futures]
+    return [(built, folder) for built, folder, _ in results], {b.recipe.name: where for b, _, where in results}
 
 
 @task(cache_policy=NONE)
@@ -130,6 +159,7 @@ def register_candidate(settings: Settings, source: cands.Source, cand: cands.Eva
 def preflight(params: OptimizeParams, settings: Settings) -> None:
     """Check everything a user can get wrong before a flow run starts: model, artifacts, policy,
     recipes, dataset. Raises a :class:`KilnError` naming the problem; writes nothing to the registry."""
+    runners.task_runner(settings)  # KILN_TASK_RUNNER=dask without prefect-dask: refused here, not mid-run
     client = registry.connect(settings)
     source = cands.resolve_source(client, registry.ModelRef.parse(params.model), settings.home / "downloads",
                                   params.data)
@@ -139,7 +169,8 @@ def preflight(params: OptimizeParams, settings: Settings) -> None:
 
 
 # ── the flow ─────────────────────────────────────────────────────────────────────────────────────────
-@flow(name="optimize", log_prints=True, **crashed.RELEASE_HOOKS)
+# Candidate builds fan out on the runner the settings name (KILN_TASK_RUNNER), chosen when the run starts.
+@flow(name="optimize", log_prints=True, task_runner=runners.SettingsTaskRunner(), **crashed.RELEASE_HOOKS)
 def optimize(params: OptimizeParams) -> dict[str, Any]:
     """Build candidates from a registered model, gate them, and register the best as ``challenger``.
 
@@ -170,8 +201,12 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
     try:
         client.log_param(run_id, "params", params.model_dump_json()[:6000])
         splits = check_data(source.data, run_id)
-        built = [build_candidate(r, source, splits, cache, params.seq_len, settings, options.backend)
-                 for r in chosen]
+        searched = None
+        if params.search is not None:  # the search's Pareto front joins the named recipes as candidates
+            searched = search_flow.run_search(params.search, settings, source, splits, cache, options,
+                                              params.seq_len, client, run_id)
+            chosen = chosen + searched.recipes
+        built, placed = _build_all(chosen, source, splits, cache, params.seq_len, settings, options.backend)
         judged = _evaluate_and_judge(settings, client, source, splits, built, policy, cache, options, bench,
                                      params.eval_limit)
         src, champion, evaluated, frame, baseline_name, noise = judged
@@ -179,6 +214,9 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         passing = {c.name: c.metrics for c in evaluated if c.decision and c.decision.passed}
         summary = _summary(src, champion, evaluated, passing, policy)
         summary |= {"baseline": baseline_name, "noise": noise, "evidence": _evidence(policy, bench, frame, splits)}
+        if searched is not None:
+            summary["search"] = searched.summary
+        summary["builds"] = placed
         client.log_dict(run_id, summary, "summary.json")
         plot = pareto_png(summary, settings.home / "staging" / run_id / "pareto.png")
         client.log_artifact(run_id, str(plot))
@@ -191,6 +229,8 @@ def run_optimize(params: OptimizeParams, settings: Settings) -> dict[str, Any]:
         tags = {vocab.DATASET_DIGEST: splits.digest, vocab.BACKEND: options.backend,
                 vocab.ENGINE: json.dumps(options.model_dump() | engine_versions()), vocab.BASELINE: baseline_name}
         tags |= requested
+        if searched is not None and best.name in searched.yaml:  # rebuild it with --recipe-file
+            tags[vocab.RECIPE_YAML] = searched.yaml[best.name]
         version = register_candidate(settings, source, best, model_ids[best.name], run_id, tags)
         champion_now = registry.aliases_of(client, version.name).get(vocab.CHAMPION) == str(version.version)
         summary["registered"] = {"name": version.name, "version": str(version.version), "recipe": best.name,
@@ -230,7 +270,8 @@ def _evaluate_and_judge(settings, client, source, splits, built, policy, cache, 
             evaluated.append(ev)
         models = [src, *([champion] if champion and champion is not src else []), *evaluated]
         if not noise:
-            noise = judging.time_together(models, frame["text"].tolist()[:256], options, bench, cache)
+            with runners.serial_section():  # one timed section at a time, across runs and Dask workers
+                noise = judging.time_together(models, frame["text"].tolist()[:256], options, bench, cache)
             timed = {m.name: m for m in models}
         else:  # more rows for quality only: the latency evidence measured before still stands
             for m in models:

@@ -7,11 +7,13 @@ SQLite store. See README.md, "What is built and verified where".
 Entry points (``python -m kiln.infra.X``, each with ``main()``): ``server``, ``gateway``, ``webhooks``,
 ``registry_events``, ``loadgen``. The modules, by concept:
 
-- serving: ``server`` (OIP v2 model server), ``oip`` (the protocol's codec), ``batching``, ``faults``
+- serving: ``server`` (OIP v2 model server), ``oip`` (the protocol's codec), ``oip_generate`` (the generate
+  extension for causal LMs: ``/generate``, ``/generate_stream``), ``batching``, ``faults``
   (deliberate faults for canary drills), ``runtime`` (served versions, swapped while serving), ``follow``
   (servers on ``NAME@ALIAS`` follow the alias);
-- gateway: ``gateway`` (app + command), ``gateway_proxy`` (forwarding by weight, shadow mirroring,
-  feedback), ``gateway_admin`` (token-guarded admin routes), ``gateway_stats`` (split, windows, metrics),
+- gateway: ``gateway`` (app + command), ``gateway_proxy`` (forwarding by weight, shadow mirroring),
+  ``gateway_stream`` (generate_stream relayed as it is written), ``gateway_feedback`` (``POST /feedback``),
+  ``gateway_admin`` (token-guarded admin routes), ``gateway_stats`` (split, windows, metrics),
   ``upstream`` (pooled HTTP client), ``loadgen`` (loopback load generator);
 - triggers: ``starter`` (start Prefect deployments), ``webhooks`` (git push receiver), ``webhook_body``;
 - registry events: ``registry_events`` (overview + poller command), ``registry_actions`` (what an event

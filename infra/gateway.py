@@ -4,7 +4,8 @@
         --challenger http://127.0.0.1:8002 --port 8080
 
 Open Inference Protocol v2 requests (``/v2/...``) go to champion or challenger by weight, sticky key or
-shadow mirror, as :mod:`kiln.infra.gateway_proxy` describes. ``POST /feedback`` (true labels for the canary's
+shadow mirror, as :mod:`kiln.infra.gateway_proxy` describes; ``.../generate_stream`` answers are relayed event by
+event (:mod:`kiln.infra.gateway_stream`). ``POST /feedback`` (true labels for the canary's
 accuracy) takes ``$KILN_GATEWAY_FEEDBACK_TOKEN`` (the ``gateway_feedback_token`` setting) or the admin token as
 bearer credential; bodies over ``--max-body-bytes`` are refused with 413 before they are read in full. Scored
 feedback rows (text, label, prediction, answering version) are written as Parquet to the ``feedback_store`` setting
@@ -47,7 +48,9 @@ from starlette.routing import Route
 from kiln.infra import openapi
 from kiln.infra.feedback_sink import sink_from_settings, with_sink
 from kiln.infra.gateway_admin import admin_routes
+from kiln.infra.gateway_feedback import feedback
 from kiln.infra.gateway_proxy import TOKEN_ENV, Gateway, Upstream, error_response
+from kiln.infra.gateway_stream import StreamRelay
 
 
 def create_app(gateway: Gateway) -> Starlette:
@@ -62,10 +65,16 @@ def create_app(gateway: Gateway) -> Starlette:
         return error_response(f"{getattr(exc, 'detail', 'error')}: {request.method} {request.url.path}",
                               getattr(exc, "status_code", 500))
 
-    routes = [Route("/v2{rest:path}", gateway.proxy, methods=["GET", "POST"]),
-              Route("/feedback", gateway.feedback, methods=["POST"]),
-              *admin_routes(gateway),
-              Route("/metrics", metrics), Route("/health", health)]
+    async def feedback_route(request: Request) -> Response:
+        return await feedback(gateway, request)
+
+    streams = StreamRelay(gateway)  # generate_stream: relayed as it is written (kiln.infra.gateway_stream)
+    routes = [Route(f"/v2/models/{{name}}{version}/generate_stream", streams.handle, methods=["POST"])
+              for version in ("", "/versions/{version}")]
+    routes += [Route("/v2{rest:path}", gateway.proxy, methods=["GET", "POST"]),
+               Route("/feedback", feedback_route, methods=["POST"]),
+               *admin_routes(gateway),
+               Route("/metrics", metrics), Route("/health", health)]
     routes.append(openapi.openapi_route(openapi.gateway()))
     if gateway.feedback_sink is not None:
         gateway.feedback_sink.register(gateway.metrics.registry)

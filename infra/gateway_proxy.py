@@ -7,18 +7,20 @@ its value (a user stays on one side while the weight holds). Every answer names 
 ``POST /feedback`` can later score, with the feedback or admin token as bearer credential. A body over
 ``max_body_bytes`` is refused (413) before it is read in full or forwarded.
 
-Only inference requests (``POST .../infer``) are canary evidence: health and metadata requests are forwarded
-but not counted, and an upstream's 4xx (the client's mistake) is neither a request nor an error of that
-upstream. When the upstream chosen for a request cannot be reached or drops the connection before answering
-(a model server killed under load), the other upstream answers it instead: inference has no side effects,
-so the client sees no failure, and the failure is counted against the side that failed.
+Only inference requests (``POST .../infer`` and ``.../generate``; ``.../generate_stream`` is relayed by
+:mod:`kiln.infra.gateway_stream`) are canary evidence: health and metadata requests are forwarded but not counted, and
+an upstream's 4xx (the client's mistake) is neither a request nor an error of that upstream. When the upstream chosen
+for a request cannot be reached or drops the connection before answering (a model server killed under load), the other
+upstream answers it instead: inference has no side effects, so the client sees no failure, and the failure is counted
+against the side that failed.
 Shadow mode mirrors a share of champion-answered requests (HTTP here, gRPC in :mod:`kiln.infra.gateway_grpc`, both
 through :meth:`Gateway.mirror`) to the challenger in the background and records whether the predicted labels
 agree; the client only ever sees the champion's answer.
 
 The split, windows and metrics themselves live in :mod:`kiln.infra.gateway_stats`; the split's TTL, the
 versions the upstreams serve and the state file in :mod:`kiln.infra.gateway_state`; the admin routes that
-change the split in :mod:`kiln.infra.gateway_admin`; the app and its command in :mod:`kiln.infra.gateway`.
+change the split in :mod:`kiln.infra.gateway_admin`; ``POST /feedback`` in :mod:`kiln.infra.gateway_feedback`; the
+app and its command in :mod:`kiln.infra.gateway`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -55,7 +58,7 @@ from kiln.infra.gateway_stats import (
 )
 from kiln.infra.http_body import read_limited
 from kiln.infra.oip import InferError, TextRequest, labels_of
-from kiln.infra.oip_binary import HEADER_LENGTH, loads, read_request, read_response
+from kiln.infra.oip_binary import HEADER_LENGTH, read_request, read_response
 from kiln.infra.server import MAX_BODY_BYTES, VERSION_HEADER
 from kiln.infra.upstream import Answer, Failure, UpstreamClient
 
@@ -65,10 +68,22 @@ TOKEN_ENV = "KILN_GATEWAY_TOKEN"
 _HOP_BY_HOP = {"host", "connection", "keep-alive", "content-length", "transfer-encoding", "te", "trailer",
                "upgrade", "proxy-authorization", "proxy-authenticate", "authorization", "accept-encoding",
                REQUEST_ID_HEADER.lower()}
-_MAX_FEEDBACK_BYTES = 1 << 20  # a label per row of the largest request (4,096 rows) fits many times over
 _PASS_BACK = {"content-type", VERSION_HEADER.lower(), HEADER_LENGTH.lower()}  # the last: binary answers' layout
 VERSION_HEADER_KEY = VERSION_HEADER.lower()
 _MAX_PARSE_BYTES = 1 << 20  # bookkeeping parses bodies up to 1 MB; raw LM logits can be far larger
+INFERENCE_ENDPOINTS = ("/infer", "/generate")  # canary evidence; /generate_stream: kiln.infra.gateway_stream
+
+
+@dataclass(frozen=True)
+class Routed:
+    """Where one request goes: the split it was routed by, the upstream's role, and what to send there."""
+
+    routing: Routing
+    role: str
+    path: str  # path and query, as the client sent them
+    headers: dict[str, str]
+    body: bytes
+    request_id: str
 
 
 def error_response(message: str, status: int, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -135,8 +150,9 @@ class Gateway:
 
     # ---- live traffic -------------------------------------------------------------------------------------
 
-    async def proxy(self, request: Request) -> Response:
-        """Forward a ``/v2/...`` request to the upstream the routing picks, and mirror it when shadowing."""
+    async def route(self, request: Request) -> Routed | Response:
+        """Read the body (refused past ``max_body_bytes``: a 413 Response), pick the upstream, and say what to send
+        it; shared by :meth:`proxy` and the streamed answers of :mod:`kiln.infra.gateway_stream`."""
         routing = self.routing  # one snapshot for the whole request: a concurrent weight change cannot split it
         try:  # before anything is chosen or counted: a refused body leaves no trace
             body = await read_body(request, self.max_body_bytes)
@@ -153,7 +169,16 @@ class Gateway:
         # Forwarded as the client sent it (still percent-encoded), not as Starlette decoded it.
         raw_path = request.scope.get("raw_path") or scope_path.encode()
         path = raw_path.decode("latin-1") + (f"?{query.decode('latin-1')}" if query else "")
-        is_infer = request.method == "POST" and scope_path.endswith("/infer")
+        return Routed(routing, role, path, headers, body, request_id)
+
+    async def proxy(self, request: Request) -> Response:
+        """Forward a ``/v2/...`` request to the upstream the routing picks, and mirror it when shadowing."""
+        routed = await self.route(request)
+        if isinstance(routed, Response):
+            return routed
+        routing, role, path, headers, body, request_id = (routed.routing, routed.role, routed.path, routed.headers,
+                                                           routed.body, routed.request_id)
+        is_infer = request.method == "POST" and request.scope["path"].endswith(INFERENCE_ENDPOINTS)
         answer = await self._send(role, request.method, path, headers, body, is_infer)
         if isinstance(answer, Failure) and answer.kind != "timeout":
             # Unreachable or dropped before answering (counted against ``role`` already): inference has no side
@@ -271,44 +296,7 @@ class Gateway:
         else:
             self.predictions.add(request_id, "shadow", CHALLENGER, upstream.label, labels)
 
-    # ---- feedback ------------------------------------------------------------------------------------------
-
-    async def feedback(self, request: Request) -> Response:
-        """``{"request_id": ..., "label": ...}`` or ``"labels": [...]``: score what each upstream predicted.
-
-        Needs the feedback (or admin) token as bearer credential: scores move a canary's verdict."""
-        if not self._bearer_in(request, self._feedback_tokens):
-            return error_response("missing or wrong feedback token; send 'Authorization: Bearer <token>' (the "
-                                  "gateway_feedback_token setting, or the admin token)", 401,
-                                  {"WWW-Authenticate": "Bearer"})
-        try:
-            body = loads(await read_body(request, _MAX_FEEDBACK_BYTES), "feedback body")
-        except InferError as exc:
-            return error_response(f"{exc}; send JSON like {{\"request_id\": ..., \"label\": ...}}", exc.status)
-        request_id = body.get("request_id") if isinstance(body, dict) else None
-        truth = body.get("labels", [body.get("label")]) if isinstance(body, dict) else None
-        if not isinstance(request_id, str) or not isinstance(truth, list) or not all(isinstance(t, str)
-                                                                                    for t in truth):
-            return error_response("feedback needs a string 'request_id' and a string 'label' (or a 'labels' list)", 400)
-        entry = self.predictions.get(request_id)
-        if entry is None:
-            return error_response(f"no recorded prediction for request id {request_id!r} (unknown, already "
-                                  "scored, or too old)", 404)
-        rows = {len(predicted) for _, _, predicted in entry.values()}
-        if rows != {len(truth)}:
-            return error_response(f"request {request_id} predicted {sorted(rows)} rows; the feedback has "
-                                  f"{len(truth)}", 400)
-        self.predictions.pop(request_id)  # scored once: a repeated post would count the same answer twice
-        scored = {f"{role}/{source}": self._score(source, role, version, predicted, truth)
-                  for source, (role, version, predicted) in entry.items()}
-        if request_id in self._mirroring and "shadow" not in entry:
-            self._late_truth[request_id] = truth
-            while len(self._late_truth) > self.max_shadow_inflight * 4:
-                self._late_truth.popitem(last=False)
-            scored["challenger/shadow"] = None  # scored when the mirrored answer arrives
-        if self.feedback_sink is not None:  # buffered only: the sink writes in the background
-            self.feedback_sink.add(self.control.model, request_id, entry, truth, self.predictions.pop_texts(request_id))
-        return JSONResponse({"request_id": request_id, "scored": scored})
+    # ---- feedback (the route: kiln.infra.gateway_feedback) ------------------------------------------------
 
     def _score(self, source: str, role: str, version: str, predicted: list[str], truth: list[str]) -> float:
         correct = sum(p == t for p, t in zip(predicted, truth, strict=True))

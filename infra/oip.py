@@ -9,7 +9,8 @@ parses the request, so both forms meet the same checks.
 Client mistakes are :class:`InferError` with a 4xx status and a message that names the offending field,
 the limit and the value: a request too large (413: rows), malformed (400: shapes, datatypes, token ids
 below 0, mask values other than 0/1), or outside the model (400: longer than the package's ``seq_len``,
-token ids past the vocabulary; :func:`check_model_limits`, run before a request joins a batch).
+token ids past the vocabulary; :func:`check_model_limits`, run before a request joins a batch); a causal LM's
+generation budgets (:class:`LLMLimits`, :func:`check_llm_budget`) are checked the same way, before any decoding.
 """
 
 from __future__ import annotations
@@ -134,16 +135,20 @@ def parse_infer(body: Any, *, max_rows: int = MAX_ROWS) -> InferRequest:
     return request
 
 
-def check_model_limits(request: InferRequest, *, seq_len: int | None, vocab_size: int | None) -> None:
+def check_model_limits(request: InferRequest, *, seq_len: int | None, vocab_size: int | None,
+                       llm: LLMLimits | None = None) -> None:
     """Refuse raw token tensors the model cannot take, before they join a batch (``None``: no such limit).
 
-    Texts need no check: the tokenizer truncates them to ``seq_len``.
+    Texts need no length check (the tokenizer truncates them to ``seq_len``); for a causal LM (``llm`` given)
+    texts are continued, so their rows x ``max_new_tokens`` must stay within its budgets.
 
     Raises:
-        InferError: 400 naming the limit and the value.
+        InferError: 400 naming the limit and the value (413 past the batch budget).
     """
     payload = request.payload
     if not isinstance(payload, TensorRequest):
+        if llm is not None:
+            check_llm_budget(llm, rows=request.rows, max_new_tokens=int(request.parameters.get("max_new_tokens", 16)))
         return
     seq = int(payload.input_ids.shape[1])
     if seq_len is not None and seq > seq_len:
@@ -153,6 +158,41 @@ def check_model_limits(request: InferRequest, *, seq_len: int | None, vocab_size
     if vocab_size is not None and top >= vocab_size:
         raise InferError(f"input_ids holds token id {top}; this model's vocabulary has {vocab_size} tokens "
                          f"(ids 0 to {vocab_size - 1}): encode with the model's own tokenizer")
+
+
+@dataclass(frozen=True)
+class LLMLimits:
+    """Per-request budgets of a causal LM, refused (4xx) before any decoding: a request that asks for more
+    would hold the engine thread, and every request queued behind it, for as long as it decodes."""
+
+    max_new_tokens: int = 256  # the max_new_tokens_limit setting
+    max_prompt_tokens: int = 1024  # the llm_max_prompt_tokens setting (and never past the package's seq_len)
+    max_batch_tokens: int = 4096  # the llm_max_batch_tokens setting: rows x max_new_tokens of one request
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> LLMLimits:
+        """The limits a :class:`kiln.settings.Settings` sets (``max_new_tokens_limit``, ``llm_*``)."""
+        return cls(settings.max_new_tokens_limit, settings.llm_max_prompt_tokens, settings.llm_max_batch_tokens)
+
+
+def check_llm_budget(limits: LLMLimits, *, rows: int, max_new_tokens: int, prompt_tokens: int | None = None,
+                     seq_len: int | None = None) -> None:
+    """Refuse a generation request over ``limits`` (``prompt_tokens`` None: not counted, texts are truncated).
+
+    Raises:
+        InferError: 400 for new tokens or a prompt past the limits, 413 for rows x new tokens past the batch budget.
+    """
+    if max_new_tokens > limits.max_new_tokens:
+        raise InferError(f"parameters.max_new_tokens is {max_new_tokens}; this server allows at most "
+                         f"{limits.max_new_tokens} (the max_new_tokens_limit setting): ask for fewer")
+    prompt_limit = min(limits.max_prompt_tokens, seq_len or limits.max_prompt_tokens)
+    if prompt_tokens is not None and prompt_tokens > prompt_limit:
+        raise InferError(f"the prompt has {prompt_tokens} tokens; this model takes at most {prompt_limit} (the "
+                         "llm_max_prompt_tokens setting or the package's seq_len): shorten it")
+    if rows * max_new_tokens > limits.max_batch_tokens:
+        raise InferError(f"{rows} rows x {max_new_tokens} new tokens = {rows * max_new_tokens}; this server decodes "
+                         f"at most {limits.max_batch_tokens} per request (the llm_max_batch_tokens setting): send "
+                         "fewer rows or ask for fewer tokens", 413)
 
 
 def _payload(tensors: dict[str, tuple[list[int], str, list[Any]]]) -> TextRequest | TensorRequest:
@@ -210,10 +250,10 @@ def _parameters(value: Any) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise InferError("'parameters' must be an object")
-    if "max_new_tokens" in value:
+    if "max_new_tokens" in value:  # its upper bound is the server's (LLMLimits, checked by check_llm_budget)
         n = value["max_new_tokens"]
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 256:
-            raise InferError("parameters.max_new_tokens must be an integer from 1 to 256")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InferError("parameters.max_new_tokens must be a positive integer")
     if not isinstance(value.get("binary_data_output", False), bool):
         raise InferError("parameters.binary_data_output must be true or false")
     return value

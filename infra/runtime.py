@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kiln.infra import oip
 from kiln.infra.batching import Batcher
 from kiln.infra.cascade_metrics import CascadeMetrics
 from kiln.infra.faults import InjectedFault
@@ -77,9 +78,10 @@ class ServedModel:
 class ModelRuntime:
     """A served model's engine thread, batcher and output formatting."""
 
-    def __init__(self, model: ServedModel, metrics: ServerMetrics, *, max_batch_size: int, max_wait_ms: float
-                 ) -> None:
+    def __init__(self, model: ServedModel, metrics: ServerMetrics, *, max_batch_size: int, max_wait_ms: float,
+                 llm_limits: oip.LLMLimits | None = None) -> None:
         self.model = model
+        self.llm_limits = llm_limits or oip.LLMLimits()  # a causal LM's budgets, generate's (oip_generate) too
         self.metrics = metrics
         self.limits = input_limits(model.predictor)
         # One worker: engines are not guaranteed thread-safe, and batching is what buys throughput.
@@ -121,7 +123,7 @@ class ModelRuntime:
         The request is checked against the model's limits before it joins a batch, and an engine failure of a
         merged batch is retried request by request (:meth:`_run_batch`): one bad request fails alone.
         """
-        check_model_limits(request, **self.limits)
+        check_model_limits(request, **self.limits, llm=self.llm_limits if self.model.task == "causal-lm" else None)
         if isinstance(request.payload, TensorRequest):
             logits = _finite(_result(await self.batcher.submit(("tensor",), request.payload, request.rows)), "logits")
             return [tensor("logits", "FP32", logits.astype(np.float32))]
@@ -277,10 +279,12 @@ class PoolService(Protocol):
 class ModelPool:
     """The runtimes a server holds (one per served version) and the transport-neutral inference call."""
 
-    def __init__(self, models: list[ServedModel], *, max_batch_size: int, max_wait_ms: float) -> None:
+    def __init__(self, models: list[ServedModel], *, max_batch_size: int, max_wait_ms: float,
+                 llm_limits: oip.LLMLimits | None = None) -> None:
         if not models:
             raise ValueError("serve at least one model")
         self.metrics = ServerMetrics()
+        self.llm_limits = llm_limits or oip.LLMLimits()
         self.max_batch_size, self.max_wait_ms = max_batch_size, max_wait_ms
         self.runtimes: dict[str, list[ModelRuntime]] = {}
         for m in models:
@@ -294,7 +298,8 @@ class ModelPool:
 
     def runtime(self, model: ServedModel) -> ModelRuntime:
         """A (not yet started) runtime for ``model`` with this pool's batching settings."""
-        return ModelRuntime(model, self.metrics, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms)
+        return ModelRuntime(model, self.metrics, max_batch_size=self.max_batch_size, max_wait_ms=self.max_wait_ms,
+                            llm_limits=self.llm_limits)
 
     def find(self, name: str, version: str | None) -> ModelRuntime:
         """The runtime for ``name`` at ``version`` (a version number or alias); the first one by default."""

@@ -6,7 +6,8 @@
 Each model version runs on its own engine thread behind a dynamic batcher (:mod:`kiln.infra.runtime`):
 concurrent requests are merged into one engine call. Texts go in as a ``BYTES`` tensor named ``text``
 and come back as ``label``/``score``/``scores`` (classifiers) or ``generated_text`` (causal LMs); raw
-``input_ids``/``attention_mask`` come back as ``logits``, so any v2 client of the bare engine works too.
+``input_ids``/``attention_mask`` come back as ``logits``, so any v2 client of the bare engine works too. Causal LMs
+also answer the generate extension (``/generate``, ``/generate_stream``: :mod:`kiln.infra.oip_generate`).
 
 Bodies are JSON or use the binary tensor data extension (:mod:`kiln.infra.oip_binary`), which ``tritonclient``
 uses by default; answers are binary where the request asks for it, JSON otherwise. Every answer names the
@@ -39,8 +40,9 @@ from starlette.routing import Route
 from kiln.infra import openapi
 from kiln.infra.faults import Faults, FaultyPredictor, InjectedFault
 from kiln.infra.http_body import read_limited
-from kiln.infra.oip import MAX_ROWS, InferError
+from kiln.infra.oip import MAX_ROWS, InferError, LLMLimits
 from kiln.infra.oip_binary import HEADER_LENGTH, loads, read_request, write_response
+from kiln.infra.oip_generate import GenerateRoutes
 from kiln.infra.runtime import ModelPool, ModelRuntime, ServedModel
 
 log = logging.getLogger(__name__)
@@ -78,7 +80,8 @@ class ModelServer:
         return JSONResponse({"ready": self.ready}, status_code=200 if self.ready else 503)
 
     async def server_metadata(self, request: Request) -> Response:
-        return JSONResponse({"name": "kiln", "version": "1", "extensions": ["binary_tensor_data", "model_repository"]})
+        return JSONResponse({"name": "kiln", "version": "1", "extensions": ["binary_tensor_data", "model_repository",
+                                                                      "generate"]})
 
     async def repository_index(self, request: Request) -> Response:
         """``POST /v2/repository/index`` (the model-repository extension): the models this server serves, their
@@ -173,7 +176,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_size: int = 32,
-               max_wait_ms: float = 0.0, max_body_bytes: int = MAX_BODY_BYTES, max_rows: int = MAX_ROWS) -> Starlette:
+               max_wait_ms: float = 0.0, max_body_bytes: int = MAX_BODY_BYTES, max_rows: int = MAX_ROWS,
+               llm_limits: LLMLimits | None = None) -> Starlette:
     """The model server as an ASGI app.
 
     Args:
@@ -187,11 +191,14 @@ def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_s
             cost dwarfs per-row cost.
         max_body_bytes: largest infer request body; a larger one is answered 413 unread.
         max_rows: most rows one infer request may carry (413 past it).
+        llm_limits: causal LMs' per-request budgets (prompt and new tokens, rows x new tokens), for infer and the
+            generate extension (:mod:`kiln.infra.oip_generate`); default :class:`LLMLimits`' (the settings' defaults).
     """
     served = [ServedModel(name, "1", p) for name, p in models.items()] if isinstance(models, Mapping) \
         else list(models)
-    server = ModelServer(ModelPool(served, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms),
-                         max_body_bytes=max_body_bytes, max_rows=max_rows)
+    server = ModelServer(ModelPool(served, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                   llm_limits=llm_limits), max_body_bytes=max_body_bytes, max_rows=max_rows)
+    generation = GenerateRoutes(server, VERSION_HEADER)
     prefixes = ["/v2/models/{name}", "/v2/models/{name}/versions/{version}"]
     routes = [Route("/v2/health/live", server.live), Route("/v2/health/ready", server.health_ready),
               Route("/v2", server.server_metadata), Route("/metrics", server.prometheus),
@@ -200,7 +207,9 @@ def create_app(models: Mapping[str, Any] | Iterable[ServedModel], *, max_batch_s
                for action in ("load", "unload")]
     for prefix in prefixes:
         routes += [Route(prefix, server.model_metadata), Route(f"{prefix}/ready", server.model_ready),
-                   Route(f"{prefix}/infer", server.infer, methods=["POST"])]
+                   Route(f"{prefix}/infer", server.infer, methods=["POST"]),
+                   Route(f"{prefix}/generate", generation.generate, methods=["POST"]),
+                   Route(f"{prefix}/generate_stream", generation.generate_stream, methods=["POST"])]
     routes.append(openapi.openapi_route(openapi.model_server(sorted({m.name for m in served}))))
     app = Starlette(routes=routes, lifespan=server.lifespan, exception_handlers={HTTPException: _http_error})
     app.state.server = server
@@ -315,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     except (KilnError, ValueError) as exc:
         raise SystemExit(f"error: {exc}") from exc
     app = create_app(models, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
-                     max_body_bytes=args.max_body_bytes or settings.server_max_body_bytes, max_rows=args.max_rows)
+                     max_body_bytes=args.max_body_bytes or settings.server_max_body_bytes, max_rows=args.max_rows,
+                     llm_limits=LLMLimits.from_settings(settings))
     if args.model:  # servers on NAME@ALIAS follow the alias (kiln.infra.follow), as `kiln serve` does
         from kiln.infra.follow import follow_refs
 

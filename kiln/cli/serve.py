@@ -155,6 +155,7 @@ def _server_app(settings: Any, refs: list[str], package: Path | None, name: str,
     :func:`kiln.infra.server.create_app`'s batching and request-size keywords."""
     from kiln.infra.follow import follow_refs
     from kiln.infra.follow_events import follow_events
+    from kiln.infra.oip import LLMLimits
     from kiln.infra.runtime import ServedModel
     from kiln.infra.server import create_app, load_registered, serving_threads, with_faults
     from kiln.tasks.engines import EngineOptions
@@ -163,7 +164,7 @@ def _server_app(settings: Any, refs: list[str], package: Path | None, name: str,
     options = EngineOptions(backend=backend, threads=threads or serving_threads(settings))
     served = load_registered(refs, settings, options) if refs else [ServedModel(name, "1", Predictor(package, options))]
     served = with_faults(served, faults)
-    app = create_app(served, **limits)
+    app = create_app(served, llm_limits=LLMLimits.from_settings(settings), **limits)
     if refs:
         followers = follow_refs(app.state.server.pool, refs, served, settings, options, follow=follow,
                                 interval_s=follow_interval, prepare=lambda model: with_faults([model], faults)[0])

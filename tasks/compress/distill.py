@@ -10,6 +10,13 @@ with logits softened by temperature T (T^2 keeps gradient sizes independent of T
 token-level KL over ``ctx.train.text`` and next-token CE; classifiers use hard-label CE where labels
 exist, so unlabelled text still teaches through the KL term.
 
+Three things keep a run short (:mod:`kiln.tasks.compress.distill_data`,
+:mod:`kiln.tasks.compress.schedule`): the teacher's logits are computed once per text and cached in the stage
+cache (classifiers without ``hidden_mse``), batches hold texts of similar length and are padded to their own
+longest (``length_buckets``), and the learning rate warms up to a higher peak and decays (``schedule``), so
+fewer steps reach the same quality. Every ``eval_every`` steps ``ctx.progress`` (when set) receives the KL on
+the eval batches; an exception it raises (e.g. a pruned search trial) stops the stage, with no model written.
+
 Training is seeded with a fixed data order, and checkpoints (model, optimizer, step, RNG) are written
 every ``checkpoint_every`` steps under ``ctx.workdir/checkpoints``: running the stage again in the same
 work folder resumes from the last one and ends with the same weights as an uninterrupted run.
@@ -22,10 +29,8 @@ anywhere.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +42,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from kiln.errors import ConfigError
+from kiln.tasks.compress.distill_data import Plan, TeacherOutputs, Texts
 from kiln.tasks.compress.prune import surgery
+from kiln.tasks.compress.schedule import ScheduleKind, set_lr
 from kiln.tasks.core.device import to_device
 from kiln.tasks.core.stages import Artifact, StageContext, StageResult
 from kiln.tasks.models import hf
@@ -60,7 +67,13 @@ class DistillParams(BaseModel):
     epochs: int = Field(1, ge=1, description="Passes over ctx.train (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
     batch_size: int = Field(16, ge=1, le=1024, description="Texts per step.")
-    lr: float = Field(5e-5, gt=0, lt=1, description="AdamW learning rate.")
+    lr: float = Field(5e-5, gt=0, lt=1, description="AdamW learning rate (the peak, when a schedule warms up).")
+    schedule: ScheduleKind = Field(
+        "constant", description="Learning rate after the warm-up: constant, or linear/cosine decay to 0.")
+    warmup: float = Field(0.0, ge=0, lt=1, description="Fraction of the steps over which the rate rises to lr.")
+    length_buckets: int = Field(
+        50, ge=0, description="Batches per window sorted by text length, so each batch holds similar lengths "
+        "and pads less; 0: plain random batches.")
     temperature: float = Field(2.0, gt=0, le=100, description="Softmax temperature of both models' logits.")
     alpha: float = Field(0.5, ge=0, description="Weight of the hard-label (or next-token) cross-entropy.")
     hidden_mse: float = Field(0.0, ge=0, description="Weight of the MSE between mapped hidden states.")
@@ -68,6 +81,7 @@ class DistillParams(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep on disk.")
     max_seq_len: int | None = Field(None, ge=2, description="Tokens per text; None: ctx.seq_len.")
     eval_batches: int = Field(2, ge=1, description="Batches on which KL to the teacher is measured.")
+    eval_every: int = Field(100, ge=0, description="Report the KL to ctx.progress every N steps; 0: never.")
 
     @field_validator("layers")
     @classmethod
@@ -82,21 +96,6 @@ class DistillParams(BaseModel):
             raise ValueError("set 'layers' (a smaller student) or 'teacher' (the input is the student); "
                              "otherwise the student is its own teacher")
         return self
-
-
-@dataclass(frozen=True)
-class _Plan:
-    rows: int
-    batch_size: int
-    total_steps: int
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return math.ceil(self.rows / self.batch_size)
-
-    def order(self, epoch: int, seed: int) -> torch.Tensor:
-        """Row order of ``epoch``: a permutation that depends only on the seed and the epoch."""
-        return torch.randperm(self.rows, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
 
 
 def _student(folder: Path, cfg: DistillParams, ctx: StageContext) -> PreTrainedModel:
@@ -117,13 +116,15 @@ def _layer_map(cfg: DistillParams, student: PreTrainedModel, teacher: PreTrained
     return [round((i + 1) * t_depth / s_depth) - 1 for i in range(s_depth)]  # evenly spread, last to last
 
 
-def _check(student: PreTrainedModel, teacher: PreTrainedModel, cfg: DistillParams, batch: hf.Batch) -> None:
+def _check(student: PreTrainedModel, teacher: TeacherOutputs, cfg: DistillParams,
+           first: tuple[list[int], hf.Batch]) -> None:
+    rows, batch = first
     with torch.no_grad():
-        s_n, t_n = (hf.forward_logits(m, batch).logits.shape[-1] for m in (student, teacher))
+        s_n, t_n = hf.forward_logits(student, batch).logits.shape[-1], teacher.logits(rows, batch).shape[-1]
     if s_n != t_n:
         raise ConfigError(f"teacher and student predict {t_n} and {s_n} classes/tokens; they must share "
                           "a head (same tokenizer, same labels)")
-    if cfg.hidden_mse and student.config.hidden_size != teacher.config.hidden_size:
+    if cfg.hidden_mse and student.config.hidden_size != teacher.model.config.hidden_size:
         raise ConfigError("hidden_mse needs equal hidden sizes in teacher and student; set hidden_mse to 0")
 
 
@@ -137,14 +138,18 @@ def soft_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float,
     return mean * temperature**2
 
 
-def _losses(student: PreTrainedModel, teacher: PreTrainedModel, batch: hf.Batch, cfg: DistillParams,
-            layer_map: list[int], causal: bool) -> dict[str, torch.Tensor]:
+def _losses(student: PreTrainedModel, teacher: TeacherOutputs, rows: list[int], batch: hf.Batch,
+            cfg: DistillParams, layer_map: list[int], causal: bool) -> dict[str, torch.Tensor]:
     hidden = cfg.hidden_mse > 0
-    with torch.no_grad():
-        t_out = hf.forward_logits(teacher, batch, output_hidden_states=hidden)
+    if hidden:  # the teacher's hidden states are not cached: it runs on every batch
+        with torch.no_grad():
+            t_out = hf.forward_logits(teacher.model, batch, output_hidden_states=True)
+        t_logits = t_out.logits
+    else:
+        t_logits = teacher.logits(rows, batch)
     s_out = hf.forward_logits(student, batch, output_hidden_states=hidden)
     mask = batch["attention_mask"].float() if causal else None
-    parts = {"kl": soft_kl(s_out.logits, t_out.logits, cfg.temperature, mask)}
+    parts = {"kl": soft_kl(s_out.logits, t_logits, cfg.temperature, mask)}
     labels = batch.get("labels")
     if cfg.alpha and labels is not None:
         logits = s_out.logits[:, :-1] if causal else s_out.logits
@@ -159,14 +164,14 @@ def _losses(student: PreTrainedModel, teacher: PreTrainedModel, batch: hf.Batch,
     return parts
 
 
-def _mean_kl(student: PreTrainedModel, teacher: PreTrainedModel, data: list[hf.Batch], temperature: float,
-             causal: bool) -> float:
+def _mean_kl(student: PreTrainedModel, teacher: TeacherOutputs, data: list[tuple[list[int], hf.Batch]],
+             temperature: float, causal: bool) -> float:
     """Mean T^2-scaled KL of ``student`` to ``teacher`` on ``data`` (eval mode, no dropout)."""
     student.eval()
     values = []
     with torch.no_grad():
-        for batch in data:
-            s, t = (hf.forward_logits(m, batch).logits for m in (student, teacher))
+        for rows, batch in data:
+            s, t = hf.forward_logits(student, batch).logits, teacher.logits(rows, batch)
             values.append(soft_kl(s, t, temperature, batch["attention_mask"].float() if causal else None))
     return float(torch.stack(values).mean())
 
@@ -217,11 +222,10 @@ def _resume(folder: Path, student: PreTrainedModel, optimizer: torch.optim.Optim
     return int(state["step"])
 
 
-def _fit(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: Any, cfg: DistillParams,
-         ctx: StageContext, plan: _Plan) -> tuple[int, float]:
+def _fit(student: PreTrainedModel, teacher: TeacherOutputs, texts: Texts, cfg: DistillParams, ctx: StageContext,
+         plan: Plan, eval_data: list[tuple[list[int], hf.Batch]]) -> tuple[int, float]:
     """Train ``student`` (resuming from a checkpoint if one exists); returns (first step run, last loss)."""
-    causal, layer_map = ctx.task == "causal-lm", _layer_map(cfg, student, teacher)
-    seq = cfg.max_seq_len or ctx.seq_len
+    causal, layer_map = ctx.task == "causal-lm", _layer_map(cfg, student, teacher.model)
     torch.manual_seed(ctx.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lr)
     checkpoints, fingerprint = ctx.workdir / "checkpoints", _fingerprint(cfg, ctx)
@@ -229,21 +233,31 @@ def _fit(student: PreTrainedModel, teacher: PreTrainedModel, tokenizer: Any, cfg
     student.train()
     data, last = None, float("nan")
     bar = tqdm(total=plan.total_steps, initial=start, desc="distill", unit="step", leave=False)
-    for step in range(start, plan.total_steps):
-        epoch, offset = divmod(step, plan.steps_per_epoch)
-        if data is None or offset == 0:
-            data = hf.batches(ctx.train, tokenizer, ctx, batch_size=cfg.batch_size, max_len=seq,
-                              order=plan.order(epoch, ctx.seed), start=offset)
-        loss = _losses(student, teacher, to_device(next(data), ctx.device), cfg, layer_map, causal)["loss"]
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        last = float(loss.item())
-        bar.update(1)
-        bar.set_postfix(loss=f"{last:.4f}", refresh=False)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < plan.total_steps:
-            _save_checkpoint(checkpoints, step + 1, student, optimizer, fingerprint, cfg.keep_checkpoints)
-    bar.close()
+    try:
+        for step in range(start, plan.total_steps):
+            epoch, offset = divmod(step, plan.steps_per_epoch)
+            if data is None or offset == 0:
+                data = texts.batches(plan.groups(epoch, ctx.seed), start=offset)
+            rows, batch = next(data)
+            set_lr(optimizer, cfg.lr, step, plan.total_steps, warmup=cfg.warmup, kind=cfg.schedule)
+            loss = _losses(student, teacher, rows, to_device(batch, ctx.device), cfg, layer_map, causal)["loss"]
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            last = float(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{last:.4f}", refresh=False)
+            done = step + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < plan.total_steps:
+                teacher.flush()
+                _save_checkpoint(checkpoints, done, student, optimizer, fingerprint, cfg.keep_checkpoints)
+            if ctx.progress is not None and cfg.eval_every and done % cfg.eval_every == 0:
+                # May raise to stop the run (a pruned search trial): it propagates, and no model is written.
+                ctx.progress("distill", done, {"kl": _mean_kl(student, teacher, eval_data, cfg.temperature, causal)})
+                student.train()
+    finally:
+        bar.close()
+        teacher.flush()  # what was computed stays useful, whether the run finished or not
     student.eval()
     return start, last
 
@@ -272,29 +286,35 @@ def distill(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> St
     cfg = hf.parse_params(DistillParams, params, "distill")
     folder = hf.require_hf(artifact, "distill")
     torch.set_num_threads(ctx.threads)
-    teacher = hf.load_model(_teacher_dir(cfg, folder, ctx), ctx.task)
+    teacher_dir = _teacher_dir(cfg, folder, ctx)
+    teacher = hf.load_model(teacher_dir, ctx.task)
     teacher.requires_grad_(False)
     hf.check_task(teacher, ctx)
     tokenizer = hf.load_tokenizer(folder, ctx)
     student = _student(folder, cfg, ctx)
     teacher.to(ctx.device)
     student.to(ctx.device)  # before the optimizer exists: it holds the parameters, wherever they are
-    eval_data = [to_device(b, ctx.device) for b in hf.batches(
-        ctx.train.iloc[: cfg.batch_size * cfg.eval_batches], tokenizer, ctx, batch_size=cfg.batch_size,
-        max_len=cfg.max_seq_len or ctx.seq_len)]
-    _check(student, teacher, cfg, eval_data[0])
+    texts = Texts(ctx.train, tokenizer, ctx, cfg.max_seq_len or ctx.seq_len)
     causal = ctx.task == "causal-lm"
-    kl_before = _mean_kl(student, teacher, eval_data, cfg.temperature, causal)
+    outputs = TeacherOutputs.open(teacher, teacher_dir, texts, ctx, enabled=not causal and not cfg.hidden_mse)
+    n_eval = min(len(texts), cfg.batch_size * cfg.eval_batches)
+    eval_rows = [list(range(i, min(i + cfg.batch_size, n_eval))) for i in range(0, n_eval, cfg.batch_size)]
+    eval_data = [(rows, to_device(batch, ctx.device)) for rows, batch in texts.batches(eval_rows)]
+    _check(student, outputs, cfg, eval_data[0])
+    kl_before = _mean_kl(student, outputs, eval_data, cfg.temperature, causal)
 
-    rows = len(ctx.train)
-    plan = _Plan(rows, cfg.batch_size, cfg.max_steps or cfg.epochs * math.ceil(rows / cfg.batch_size))
-    start, last = _fit(student, teacher, tokenizer, cfg, ctx, plan)
+    steps = cfg.max_steps or cfg.epochs * -(-len(texts) // cfg.batch_size)
+    plan = Plan(tuple(texts.lengths), cfg.batch_size, steps, cfg.length_buckets)
+    start, last = _fit(student, outputs, texts, cfg, ctx, plan, eval_data)
 
-    kl_after = _mean_kl(student, teacher, eval_data, cfg.temperature, causal)
+    kl_after = _mean_kl(student, outputs, eval_data, cfg.temperature, causal)
+    outputs.flush()
     out = hf.save_folder(student.to("cpu"), tokenizer, ctx.workdir / "model")  # nothing saved needs CUDA
     shutil.rmtree(ctx.workdir / "checkpoints", ignore_errors=True)  # superseded; 3x the model with Adam
-    log.info("distill: KL to teacher %.4f -> %.4f over %d steps", kl_before, kl_after, plan.total_steps)
+    log.info("distill: KL to teacher %.4f -> %.4f over %d steps (teacher outputs from the cache for %d of %d rows)",
+             kl_before, kl_after, plan.total_steps, outputs.hits, outputs.hits + outputs.misses)
     metrics = {"kl_before": kl_before, "kl_after": kl_after, "loss": last, "steps": float(plan.total_steps),
                "resumed_from_step": float(start), "params": float(hf.count_params(student)),
-               "teacher_params": float(hf.count_params(teacher))}
+               "teacher_params": float(hf.count_params(teacher)),
+               "teacher_cache_hits": float(outputs.hits), "teacher_runs": float(outputs.misses)}
     return StageResult(Artifact("hf", out), metrics=metrics)

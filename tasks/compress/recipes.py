@@ -43,6 +43,7 @@ STAGES: dict[str, str] = {
     "fp16": "kiln.tasks.compress.quantization.dynamic:fp16",
     "weight_only": "kiln.tasks.compress.quantization.dynamic:weight_only",
     "qat": "kiln.tasks.compress.quantization.qat:qat",
+    "draft": "kiln.tasks.compress.draft:draft",  # a speculative-decoding draft: layers kept, distilled on generations
 }
 # Asked for often, deliberately not offered: the reason is the error message.
 UNSUPPORTED = {
@@ -66,9 +67,10 @@ PARAMS: dict[str, str] = {
     "fp16": "kiln.tasks.compress.quantization.dynamic:HalfParams",
     "weight_only": "kiln.tasks.compress.quantization.dynamic:WeightOnlyParams",
     "qat": "kiln.tasks.compress.quantization.qat:QatParams",
+    "draft": "kiln.tasks.compress.draft:DraftParams",
 }
 # Stages that train on ctx.device: off the CPU their cache key names the device (a GPU rounds differently).
-TRAINS_ON_DEVICE = frozenset({"distill", "qat"})
+TRAINS_ON_DEVICE = frozenset({"distill", "qat", "draft"})
 
 
 class _Strict(BaseModel):
@@ -93,6 +95,14 @@ class CascadeParams(_Strict):
         "threshold is the one that escalates the fewest validation rows within it."))
 
 
+class SpeculativeParams(_Strict):
+    """Speculative decoding (:mod:`kiln.tasks.models.speculative`): a draft proposes tokens, the target checks them."""
+
+    draft: str = Field(..., description="The recipe whose candidate is the draft (e.g. stages draft + export).")
+    target: str = Field("champion", description="What decides every token: 'champion' (or the source) or a recipe.")
+    lookahead: int = Field(4, ge=1, le=32, description="Tokens the draft proposes per target pass.")
+
+
 class Recipe(_Strict):
     """A named, ordered list of stages that turns the source model into one candidate (or a cascade of two)."""
 
@@ -100,13 +110,14 @@ class Recipe(_Strict):
     description: str = ""
     stages: list[StageSpec] = Field(default_factory=list, description="The stages (every recipe but a cascade).")
     cascade: CascadeParams | None = Field(None, description="Instead of stages: a cascade of two candidates.")
+    speculative: SpeculativeParams | None = Field(None, description="Instead of stages: a target with a draft.")
     _file: Path | None = PrivateAttr(None)  # the YAML file it came from, named in errors
     _members: dict[str, Recipe] = PrivateAttr(default_factory=dict)  # a cascade's member recipes, once resolved
 
     @model_validator(mode="after")
     def _stages_or_cascade(self) -> Recipe:
-        if bool(self.stages) == (self.cascade is not None):
-            raise ValueError("give either 'stages' (at least one) or 'cascade', not both")
+        if bool(self.stages) + (self.cascade is not None) + (self.speculative is not None) != 1:
+            raise ValueError("give either 'stages' (at least one), 'cascade' or 'speculative', only one")
         return self
 
     @property
@@ -120,7 +131,7 @@ class Recipe(_Strict):
         return f"recipe {self.name!r}" + (f" in {self._file}" if self._file else "")
 
     def validate_stages(self) -> None:
-        if self.cascade is not None:
+        if self.cascade is not None or self.speculative is not None:
             return  # its members are recipes of their own, validated as such (resolve_recipes)
         for spec in self.stages:
             if spec.stage in UNSUPPORTED:
@@ -184,6 +195,11 @@ class _Shape:
                 raise ConfigError(f"{where}: layers {p.layers} — the teacher has only {self.layers} layers "
                                   f"(indices 0..{self.layers - 1})")
             self.layers = len(p.layers)
+        elif stage == "draft":  # keeps p.layers, or every keep_every-th layer and the last
+            keep = p.layers or sorted({*range(0, self.layers, p.keep_every), self.layers - 1})
+            if max(keep) >= self.layers:
+                raise ConfigError(f"{where}: layers {keep} — the teacher has only {self.layers} layers")
+            self.layers = len(keep)
         elif stage == "prune_layers":
             drop = p.layers if p.layers is not None else list(range(p.remove))
             if len(drop) >= self.layers or any(i >= self.layers for i in drop):
@@ -232,23 +248,26 @@ def resolve_recipes(names: list[str], extra: Path | None = None) -> list[Recipe]
     recipes = [known[n] for n in names]
     for recipe in recipes:
         recipe.validate_stages()
-        if recipe.cascade is not None:
+        if recipe.cascade is not None or recipe.speculative is not None:
             recipe._members = _cascade_members(recipe, known)
     return recipes
 
 
 def _cascade_members(recipe: Recipe, known: dict[str, Recipe]) -> dict[str, Recipe]:
-    """The recipes a cascade names, validated; 'champion' as the large member is not a recipe."""
-    roles = {"small": recipe.cascade.small, "large": recipe.cascade.large}
+    """The recipes a cascade (or speculative recipe) names, validated; 'champion' as a member is not a recipe."""
+    c, s = recipe.cascade, recipe.speculative
+    kind, champion_role = ("cascade", "large") if c is not None else ("speculative", "target")
+    roles = {"small": c.small, "large": c.large} if c is not None else {"draft": s.draft, "target": s.target}
     members = {}
     for role, name in roles.items():
-        if role == "large" and name == "champion":
+        if role == champion_role and name == "champion":
             continue
         if name not in known:
-            raise ConfigError(f"{recipe.label}: cascade {role} {name!r} is not a recipe; known: {sorted(known)}"
-                              + (" or 'champion'" if role == "large" else ""))
-        if known[name].cascade is not None:
-            raise ConfigError(f"{recipe.label}: cascade {role} {name!r} is itself a cascade; name a recipe with stages")
+            raise ConfigError(f"{recipe.label}: {kind} {role} {name!r} is not a recipe; known: {sorted(known)}"
+                              + (" or 'champion'" if role == champion_role else ""))
+        if not known[name].stages:
+            itself = "cascade" if known[name].cascade is not None else "speculative recipe"
+            raise ConfigError(f"{recipe.label}: {kind} {role} {name!r} is itself a {itself}; name a recipe with stages")
         known[name].validate_stages()
         members[role] = known[name]
     return members
@@ -271,15 +290,15 @@ def stage_function(name: str) -> Stage:
 
 
 def export_stage(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
-    """Hugging Face folder → ONNX graph (fp32), checked after export."""
-    from kiln.tasks.models.export import ExportConfig, export_onnx
-    from kiln.tasks.models.hf import load_model
+    """Hugging Face folder → ONNX graph (fp32), checked after export; a causal LM with its KV cache by default."""
+    from kiln.tasks.models.export import ExportConfig, export_folder
 
     if artifact.kind != "hf":
         raise ConfigError("export needs a Hugging Face model; it must come before quantization stages")
-    model = load_model(artifact.path, ctx.task)
-    path = export_onnx(model, ctx.workdir / "model.onnx", ExportConfig(**params))
-    return StageResult(Artifact("onnx", path), precision="fp32")
+    config = ExportConfig(**params)
+    path = export_folder(artifact.path, ctx.task, ctx.workdir / "model.onnx", config)
+    return StageResult(Artifact("onnx", path), precision="fp32",
+                       metrics={"kv_cache": float(config.with_past(ctx.task == "causal-lm"))})
 
 
 def artifact_stats(artifact: Artifact) -> dict[str, float]:

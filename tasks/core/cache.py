@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -44,6 +45,10 @@ from kiln import __version__
 log = logging.getLogger(__name__)
 
 KILN = "kiln"  # the top-level package whose modules a key hashes (besides the stage's own package)
+# CPython 3.11 keeps the AST constructor's recursion depth in per-interpreter state: two threads in ast.parse at
+# once can fail with "AST constructor recursion depth mismatch" (seen on 3.11.7; cf. gh-106905). Builds fanned
+# out on threads (flows/runners.py, a Dask worker's threads) compute keys concurrently.
+_PARSE_LOCK = threading.Lock()
 
 
 def code_version(fn: Callable[..., Any]) -> str:
@@ -177,7 +182,9 @@ def _scan(path: Path, package: str) -> _Scanned:
     """Hash ``path``'s source and list its imports (top level and inside functions), read with ``ast``."""
     source = path.read_bytes()
     imports: list[tuple[str, tuple[str, ...]]] = []
-    for node in ast.walk(ast.parse(source, filename=str(path))):
+    with _PARSE_LOCK:
+        tree = ast.parse(source, filename=str(path))
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imports.extend((alias.name, ()) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -48,6 +48,9 @@ class StageContext:
         threads: CPU threads a stage may use.
         device: torch device training stages (distill, qat) run on: ``cpu`` or ``cuda:N``, already
             resolved (:func:`kiln.tasks.core.device.resolve_device`); outputs are saved from the CPU either way.
+        progress: optional ``(stage, step, metrics)`` callback a training stage calls as it goes (distill: every
+            ``eval_every`` steps, ``{"kl": ...}``), e.g. to stop a search trial early: an exception it raises
+            propagates out of the stage, which then writes no output. Not part of any cache key.
     """
 
     task: TaskType
@@ -61,6 +64,7 @@ class StageContext:
     seed: int = 0
     threads: int = 2
     device: str = "cpu"
+    progress: Callable[[str, int, dict[str, float]], None] | None = None
 
 
 @dataclass

@@ -42,6 +42,11 @@ BACKEND = "kiln.backend"  # optimize: engine backend (onnxruntime | tensorrt)
 ENGINE = "kiln.engine"  # optimize: JSON engine options and library versions
 BASELINE = "kiln.baseline"  # optimize: what the gate compared against (source or champion)
 DEMO_FAULTS = "kiln.demo_faults"  # the demo's sabotaged copy: the faults its server injects
+RECIPE_YAML = "kiln.recipe_yaml"  # optimize --search: the generated recipe as YAML (rebuild it with --recipe-file)
+# ── run tags: a compression search's trials (nested runs under the optimize run) ─────────────────────
+SEARCH_STUDY = "kiln.search.study"  # the Optuna study the trial belongs to (storage + name resume it)
+SEARCH_TRIAL = "kiln.search.trial"  # the trial's number in that study
+SEARCH_STATE = "kiln.search.state"  # complete | pruned | failed
 
 # ── model-version tags: the gate ─────────────────────────────────────────────────────────────────────
 GATE = "kiln.gate"  # GATE_PASSED | GATE_FAILED

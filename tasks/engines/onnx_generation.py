@@ -16,7 +16,7 @@ keeps emitting the pad token until every row is done or ``max_new_tokens`` is re
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +117,22 @@ class KVCacheGenerator:
             pad_token_id: What a finished row emits (defaults to the first EOS id, or 0).
             on_step: Called after each step with the tokens chosen, for streaming and timing.
         """
+        out: list[np.ndarray] = []
+        for step, chosen in enumerate(self.stream(input_ids, attention_mask, config, eos_token_id=eos_token_id,
+                                                  pad_token_id=pad_token_id)):
+            out.append(chosen)
+            if on_step is not None:
+                on_step(step, chosen)
+        return np.stack(out, axis=1) if out else np.zeros((len(input_ids), 0), dtype=np.int64)
+
+    def stream(self, input_ids: np.ndarray, attention_mask: np.ndarray, config: GenerationConfig | None = None,
+               *, eos_token_id: int | list[int] | None, pad_token_id: int | None = None) -> Iterator[np.ndarray]:
+        """The tokens chosen at each step (``[batch]``), as soon as they are chosen; ``generate`` stacks them.
+
+        Same arguments as :meth:`generate`. Stopping the iteration early (``close()``, or simply no longer
+        asking) stops the decoding: nothing runs ahead of the consumer, so a client that went away costs no
+        more steps.
+        """
         config = config or GenerationConfig()
         eos = np.asarray([] if eos_token_id is None else np.atleast_1d(eos_token_id), dtype=np.int64)
         pad = pad_token_id if pad_token_id is not None else int(eos[0]) if eos.size else 0
@@ -124,21 +140,60 @@ class KVCacheGenerator:
         mask = attention_mask.astype(np.int64)
         ids, positions, cache = input_ids.astype(np.int64), position_ids(mask), self._empty_cache(len(input_ids))
         unfinished = np.ones(len(ids), dtype=bool)
-        out: list[np.ndarray] = []
-        for step in range(config.max_new_tokens):
+        for _ in range(config.max_new_tokens):
             logits, cache = self._step(ids, mask, positions, cache)
             chosen = _choose(logits[:, -1, :].astype(np.float32), config, rng)
             chosen = np.where(unfinished, chosen, pad)
-            out.append(chosen)
-            if on_step is not None:
-                on_step(step, chosen)
+            yield chosen
             unfinished &= ~np.isin(chosen, eos)
             if not unfinished.any():
-                break
+                return
             ids = chosen[:, None]
             positions = positions[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((len(mask), 1), dtype=np.int64)], axis=1)
-        return np.stack(out, axis=1) if out else np.zeros((len(input_ids), 0), dtype=np.int64)
+
+
+class TextStream:
+    """Incremental detokenization: the text each new token adds, never half a character.
+
+    Byte-level tokenizers (GPT-2, Llama 3, SmolLM2) split a multi-byte character (an emoji, most CJK) over
+    several tokens; decoding the tokens one by one would show U+FFFD for each part. So the new text is the
+    decoded tail of the sequence minus what was already sent, and it is held back while it ends in an
+    incomplete character. Decoding starts a few tokens back (``prefix``), not at the start, so a step costs a
+    handful of tokens however long the answer, and tokenizers that merge spaces across tokens (SentencePiece's
+    leading space) still see their left context.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt_ids: list[int] | None = None) -> None:
+        self._decode = decode
+        self.ids: list[int] = list(prompt_ids or [])
+        self._prefix = self._read = len(self.ids)  # decode from ``prefix``; text up to ``read`` has been sent
+        self._context = max(0, self._prefix - 5)
+
+    def push(self, token_ids: Iterable[int]) -> str:
+        """Add tokens; returns the text they complete (possibly empty)."""
+        self.ids.extend(int(t) for t in token_ids)
+        sent, full = self._texts()
+        if len(full) <= len(sent) or full.endswith("\ufffd"):
+            return ""  # nothing new yet, or a character still incomplete
+        self._advance()
+        return full[len(sent):]
+
+    def flush(self) -> str:
+        """Whatever is still held back at the end (an incomplete character stays as the decoder renders it)."""
+        sent, full = self._texts()
+        self._advance()
+        return full[len(sent):]
+
+    def _advance(self) -> None:
+        # The next decode starts where this text ended, unless that is inside a character (a prompt cut there).
+        if not self._decode(self.ids[self._read:self._read + 1]).startswith("\ufffd"):
+            self._context = self._read
+        self._read = len(self.ids)
+
+    def _texts(self) -> tuple[str, str]:
+        # A prompt cut mid-character leaves a U+FFFD at the end of what was "sent": its bytes complete later.
+        return self._decode(self.ids[self._context:self._read]).rstrip("\ufffd"), self._decode(self.ids[self._context:])
 
 
 def timed_generate(generator: KVCacheGenerator, input_ids: np.ndarray, attention_mask: np.ndarray,

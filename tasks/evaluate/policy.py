@@ -43,9 +43,14 @@ COMMON_METRICS = {
 }
 TASK_METRICS: dict[str, set[str]] = {
     "sequence-classification": COMMON_METRICS | {"accuracy", "macro_f1"},
-    "causal-lm": COMMON_METRICS | {"perplexity", "next_token_agreement"},
+    # greedy decoding of the prompt set at batch 1 (kiln.tasks.evaluate.decoding): agreement with the source, speed
+    "causal-lm": COMMON_METRICS | {"perplexity", "next_token_agreement", "greedy_agreement", "greedy_prefix_agreement",
+                                   "tokens_per_s_b1", "ttft_ms", "itl_ms",
+                                   "acceptance_rate", "speculative_speedup"},  # kiln.tasks.models.speculative
 }
-HIGHER_IS_BETTER = {"accuracy", "macro_f1", "next_token_agreement", "throughput_per_s", "parity_top1_agreement"}
+HIGHER_IS_BETTER = {"accuracy", "macro_f1", "next_token_agreement", "throughput_per_s", "parity_top1_agreement",
+                    "greedy_agreement", "greedy_prefix_agreement", "tokens_per_s_b1", "acceptance_rate",
+                    "speculative_speedup"}
 # How each metric is judged: quality from per-row outcomes (an interval must clear the threshold), speed from
 # interleaved latency samples (fail only when significantly and materially worse), the rest as exact numbers.
 QUALITY_METRICS = {"accuracy", "macro_f1", "perplexity", "next_token_agreement"}

@@ -20,6 +20,8 @@ from kiln.tasks.evaluate.evidence import RowEvidence
 from kiln.tasks.evaluate.paired import QUALITY_METRICS, has_outcomes, metric_value
 from kiln.tasks.models.predictor import Predictor, Runner, encode, torch_runner
 
+LM_ASSESS_ROWS = 32  # passages of a few hundred tokens: thousands of scored tokens, seconds not minutes
+
 
 @dataclass
 class Outputs:
@@ -28,6 +30,7 @@ class Outputs:
     logits: list[np.ndarray]
     masks: list[np.ndarray]
     ids: list[np.ndarray]
+    continuations: list[str] | None = None  # causal LMs: greedy continuations of the prompt set (decoding.py)
 
 
 def collect_outputs(predictor: Predictor, texts: Sequence[str], *, batch_size: int = 32,
@@ -162,21 +165,26 @@ def assess_artifact(artifact: Artifact, ctx: StageContext, rows: int = 256) -> d
     """Quality of a recipe's intermediate artifact on a seeded validation sample ("quality after the stage").
 
     Cheap on purpose (a few hundred rows): it shows where in a recipe quality was lost; candidates are
-    judged on the full evaluation split later.
+    judged on the full evaluation split later. A causal LM's rows are passages scored token by token (a few
+    hundred tokens each, logits over the whole vocabulary), so it gets :data:`LM_ASSESS_ROWS` in batches of 8.
     """
     from transformers import AutoTokenizer
 
     from kiln.tasks.engines import EngineOptions, OnnxRuntimeEngine
+    from kiln.tasks.engines.onnx_generation import KVCacheGenerator, has_kv_cache
 
     pool = ctx.validation if ctx.validation is not None else ctx.train
+    causal = ctx.task == "causal-lm"
+    rows = min(rows, LM_ASSESS_ROWS) if causal else rows
     frame = pool.sample(n=min(rows, len(pool)), random_state=ctx.seed)
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.tokenizer_dir))
     if artifact.kind == "hf":
         run = torch_runner(artifact.path, ctx.task, ctx.threads)
     else:
-        run = OnnxRuntimeEngine(artifact.path, EngineOptions(threads=ctx.threads)).run
-    outputs = _collect(run, lambda texts: encode(tokenizer, texts, ctx.seq_len), frame["text"].tolist(), 32,
-                       "assess")
+        engine = OnnxRuntimeEngine(artifact.path, EngineOptions(threads=ctx.threads))
+        run = KVCacheGenerator(artifact.path, engine=engine).run if has_kv_cache(engine) else engine.run
+    outputs = _collect(run, lambda texts: encode(tokenizer, texts, ctx.seq_len), frame["text"].tolist(),
+                       8 if causal else 32, "assess")
     if ctx.task == "causal-lm":
         return {f"stage_{k}": v for k, v in lm_metrics(outputs).items()}
     return {f"stage_{k}": v for k, v in classification_metrics(outputs, ctx.labels, frame["label"].tolist()).items()}

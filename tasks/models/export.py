@@ -2,6 +2,8 @@
 
 Inputs are ``input_ids`` and ``attention_mask`` with dynamic batch and sequence axes; the output is
 ``logits`` (``[batch, classes]`` for classifiers, ``[batch, seq, vocab]`` for causal LMs, no KV cache).
+A causal LM is exported *with past* instead unless ``ExportConfig.past`` says no
+(:mod:`kiln.tasks.models.decoder_export`: one token per decoding step, batched).
 Every export is checked twice: ``onnx.checker`` on the file and one ONNX Runtime run whose output is
 compared with PyTorch. Models over 2 GB are written with external data.
 """
@@ -11,13 +13,14 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 import torch
 from pydantic import BaseModel, Field
 
-from kiln.errors import ExportError
+from kiln.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,14 @@ class ExportConfig(BaseModel):
 
     opset: int = Field(17, ge=14, le=21, description="ONNX opset version.")
     check_tolerance: float = Field(1e-3, gt=0, description="Max |Δ| between ONNX Runtime and PyTorch logits.")
+    past: Literal["auto"] | bool = Field("auto", description=(
+        "Export a causal LM with its KV cache as graph inputs/outputs (decoding costs one position per token, "
+        "batched): auto = yes for causal LMs, no for classifiers; false = the logits-only graph (every step "
+        "re-runs the prefix)."))
+
+    def with_past(self, causal: bool) -> bool:
+        """Whether a model that is (or is not) a causal LM gets the with-past graph."""
+        return causal if self.past == "auto" else self.past
 
 
 class _LogitsOnly(torch.nn.Module):
@@ -84,6 +95,24 @@ def export_onnx(model: torch.nn.Module, out_path: Path, config: ExportConfig | N
     check_onnx(out_path, wrapper, (ids, mask), config.check_tolerance)
     log.info("exported %s to %s (%.1f MB)", type(model).__name__, out_path, out_path.stat().st_size / 1e6)
     return out_path
+
+
+def export_folder(folder: Path, task: str, out_path: Path, config: ExportConfig) -> Path:
+    """Load the Hugging Face model in ``folder`` and export it: with past when ``config`` says so for ``task``.
+
+    Raises:
+        ConfigError: ``past: true`` for a model that is not a causal LM.
+        ExportError: the architecture does not export, or the graph disagrees with PyTorch.
+    """
+    causal = task == "causal-lm"
+    if config.past is True and not causal:
+        raise ConfigError(f"export past: true needs a causal LM, not a {task} model; remove 'past' from the "
+                          "recipe's export stage")
+    from kiln.tasks.models.decoder_export import export_decoder_with_past  # it builds on this module
+    from kiln.tasks.models.hf import load_model
+
+    export = export_decoder_with_past if config.with_past(causal) else export_onnx
+    return export(load_model(folder, task), out_path, config)
 
 
 def _explain(exc: Exception, model: torch.nn.Module) -> str:

@@ -29,6 +29,7 @@ META_FILE = "kiln.json"
 ENGINE_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 CASCADE_FILE = "cascade.json"  # a cascade package: two member packages (kiln.tasks.models.cascade)
+SPECULATIVE_FILE = "speculative.json"  # a target package with a draft/ member (kiln.tasks.models.speculative)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 WEIGHT_SUFFIXES = frozenset({".onnx", ".safetensors", ".data", ".bin", ".plan"})  # what size_mb counts
 
@@ -175,6 +176,10 @@ class Predictor:
             from kiln.tasks.models.cascade import CascadePredictor
 
             return CascadePredictor(folder, *args, **kwargs)
+        if cls is Predictor and (Path(folder) / SPECULATIVE_FILE).is_file():  # target + draft, one model
+            from kiln.tasks.models.speculative import SpeculativePredictor
+
+            return super().__new__(SpeculativePredictor)  # a Predictor subclass: its __init__ runs next
         return super().__new__(cls)
 
     def __init__(self, folder: Path, options: EngineOptions | None = None, *, check: bool = True) -> None:

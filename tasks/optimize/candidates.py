@@ -29,12 +29,14 @@ from kiln.tasks.core.device import resolve_device
 from kiln.tasks.core.stages import StageContext
 from kiln.tasks.data.datasets import DatasetSpec, Splits
 from kiln.tasks.engines import EngineOptions
+from kiln.tasks.evaluate import decoding
 from kiln.tasks.evaluate.benchmark import BenchConfig, footprint
 from kiln.tasks.evaluate.evidence import Interval, LatencySamples, RowEvidence
 from kiln.tasks.evaluate.gate import GateDecision, Measured
 from kiln.tasks.evaluate.policy import Policy
 from kiln.tasks.evaluate.quality import Outputs, quality
 from kiln.tasks.models.predictor import PackageMeta, Predictor, add_tensorrt_plan, package
+from kiln.tasks.models.speculative import measure_speculation
 from kiln.tasks.registry import client as registry
 
 log = logging.getLogger(__name__)
@@ -119,6 +121,8 @@ def stage_context_factory(source: Source, splits: Splits, settings: Settings, se
 def package_candidate(built: BuiltCandidate, source: Source, cache: StageCache, seq_len: int,
                       backend: str = "onnxruntime") -> Path:
     """The candidate's Kiln package (engine + tokenizer + checksums), made once per backend."""
+    if source.meta.task == "causal-lm":  # scored on the same tokens as its source: perplexity and parity compare
+        seq_len = source.meta.seq_len  # (a GGUF import is registered at 256, the flow's default is 64)
     # "m2": packages whose kiln.json lists every file; a cached older one (weights only) would be refused.
     folder = cache.folder(built.key) / f"package-{backend}-seq{seq_len}-m2"
     if (folder / "kiln.json").is_file():
@@ -152,14 +156,17 @@ def _save_outputs(path: Path, outputs: Outputs) -> None:
     arrays = {}
     for i, (lg, m, ids) in enumerate(zip(outputs.logits, outputs.masks, outputs.ids, strict=True)):
         arrays |= {f"l{i}": lg, f"m{i}": m, f"i{i}": ids}
+    if outputs.continuations is not None:
+        arrays["continuations"] = np.array(outputs.continuations, dtype=np.str_)
     np.savez(path, **arrays)
 
 
 def _load_outputs(path: Path) -> Outputs:
     data = np.load(path)
     n = len(data.files) // 3
+    texts = data["continuations"].tolist() if "continuations" in data.files else None
     return Outputs([data[f"l{i}"] for i in range(n)], [data[f"m{i}"] for i in range(n)],
-                   [data[f"i{i}"] for i in range(n)])
+                   [data[f"i{i}"] for i in range(n)], texts)
 
 
 def evaluate_candidate(name: str, folder: Path, precision: str, key: str, frame: pd.DataFrame, cache: StageCache,
@@ -172,13 +179,20 @@ def evaluate_candidate(name: str, folder: Path, precision: str, key: str, frame:
     measured here: candidates are timed together, in interleaved rounds (:mod:`kiln.tasks.optimize.judging`).
     """
     eval_key = make_key("evaluate", key, pd.util.hash_pandas_object(frame, index=False).sum(),
-                        options.model_dump(), reference is not None, code_version(quality))
+                        options.model_dump(), reference is not None, code_version(quality),
+                        code_version(decoding.decode_prompts))
 
     def run(workdir: Path) -> dict[str, Any]:
         predictor = Predictor(folder, options)
         metrics, outputs, rows = quality(predictor, frame, reference=reference, desc=f"evaluate {name}")
+        if predictor.meta.task == "causal-lm":  # the prompt set decoded greedily at batch 1, serially, timed
+            decoded = decoding.decode_prompts(predictor)
+            outputs.continuations = decoded.texts
+            metrics |= decoding.generation_metrics(decoded, reference.continuations if reference else None)
         if getattr(predictor, "is_cascade", False):  # the share of evaluation rows its small member passed on
             metrics["escalation_rate"] = predictor.stats.escalation_rate
+        if getattr(predictor, "is_speculative", False):  # its draft's acceptance and speed-up (batch 1, serial)
+            metrics |= measure_speculation(predictor, frame["text"].astype(str).tolist())
         del predictor
         rows.save(workdir / "rows.npz")
         if keep_outputs:

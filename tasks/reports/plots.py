@@ -86,3 +86,30 @@ def rollout_png(verdicts: list[dict[str, Any]], title: str, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def trials_png(trials: list[dict[str, Any]], front: list[int], path: Path) -> Path:
+    """A compression search's trials: accuracy vs latency (batch 1) and vs size, one point per complete trial,
+    the Pareto front outlined and joined, labelled with trial numbers."""
+    done = [t for t in trials if t.get("state") == "complete" and t.get("metrics")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, (x, xlabel) in zip(axes, [("latency_p50_ms", "p50 latency, batch 1 (ms)"), ("size_mb", "size (MB)")],
+                               strict=True):
+        for t in done:
+            m, on_front = t["metrics"], t["number"] in front
+            ax.scatter(m[x], m["accuracy"], s=60 if on_front else 30, zorder=3,
+                       color="#2a9d3f" if on_front else "#9aa5b1", edgecolor="black" if on_front else "none")
+            ax.annotate(str(t["number"]), (m[x], m["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
+        line = sorted((t["metrics"][x], t["metrics"]["accuracy"]) for t in done if t["number"] in front)
+        if len(line) > 1:
+            ax.plot(*zip(*line, strict=True), color="#2a9d3f", alpha=0.4, zorder=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy (validation sample)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Search: {len(done)} complete trials of {len(trials)}; green = Pareto front")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -10,6 +10,8 @@ from rich.table import Table
 COLUMNS = [  # (metric, header, format)
     ("accuracy", "acc", "{:.4f}"), ("macro_f1", "macro-F1", "{:.4f}"), ("perplexity", "ppl", "{:.2f}"),
     ("next_token_agreement", "next-tok agree", "{:.3f}"),
+    ("greedy_agreement", "greedy agree", "{:.3f}"), ("greedy_prefix_agreement", "greedy prefix", "{:.3f}"),
+    ("tokens_per_s_b1", "tok/s b1", "{:.1f}"), ("ttft_ms", "TTFT ms", "{:.1f}"), ("itl_ms", "ITL ms", "{:.2f}"),
     ("latency_p50_ms", "p50 b1 ms", "{:.2f}"), ("latency_p95_ms", "p95 b1 ms", "{:.2f}"),
     ("latency_p99_ms", "p99 b1 ms", "{:.2f}"), ("batch_latency_p50_ms", "p50 b32 ms", "{:.1f}"),
     ("throughput_per_s", "b32 /s", "{:.0f}"), ("size_mb", "size MB", "{:.1f}"),

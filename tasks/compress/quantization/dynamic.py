@@ -285,7 +285,20 @@ def run_graph(model: Path | bytes, feeds: list[Feeds], threads: int) -> list[np.
     session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), sess_options=so,
                                    providers=["CPUExecutionProvider"])
     names = {i.name for i in session.get_inputs()}
-    return [session.run(None, {k: v for k, v in f.items() if k in names})[0] for f in feeds]
+    return [session.run(None, _prefill(session, {k: v for k, v in f.items() if k in names}))[0] for f in feeds]
+
+
+def _prefill(session: Any, feeds: Feeds) -> Feeds:
+    """A decoder exported with past (KV cache inputs) runs the texts as one prefill: positions and an empty cache."""
+    from kiln.tasks.engines.onnx_generation import PAST_PREFIX, POSITION_INPUT, position_ids
+
+    for i in session.get_inputs():
+        if i.name == POSITION_INPUT and i.name not in feeds:
+            feeds[i.name] = position_ids(feeds["attention_mask"])
+        elif i.name.startswith(PAST_PREFIX):
+            dtype = np.float16 if i.type == "tensor(float16)" else np.float32
+            feeds[i.name] = np.zeros((len(feeds["input_ids"]), int(i.shape[1]), 0, int(i.shape[3])), dtype=dtype)
+    return feeds
 
 
 def file_size(path: Path) -> int:
