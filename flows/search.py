@@ -9,9 +9,7 @@ kiln.tasks.optimize.search.
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +19,7 @@ from prefect.cache_policies import NONE
 from rich.console import Console
 
 from kiln.credentials import redact
+from kiln.flows.runners import serial_section  # one serial section for every timing (threads, processes, Dask)
 from kiln.settings import Settings
 from kiln.tasks.compress.recipes import Recipe
 from kiln.tasks.core.cache import StageCache
@@ -31,16 +30,6 @@ from kiln.tasks.optimize import search
 from kiln.tasks.optimize.search_space import recipe_yaml, space_named
 from kiln.tasks.optimize.search_trial import TRIAL_BENCH, TrialEnv, evaluate_trial, log_trial
 from kiln.tasks.reports.plots import trials_png
-
-try:  # slice F's one serial section for every timing (threads, processes, Dask workers)
-    from kiln.flows.runners import serial_section
-except ImportError:  # pragma: no cover - until flows/runners.py lands
-    _LOCK = threading.Lock()
-
-    @contextmanager
-    def serial_section() -> Iterator[None]:
-        with _LOCK:
-            yield
 
 
 @dataclass

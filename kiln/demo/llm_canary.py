@@ -110,7 +110,7 @@ def drive_streams(url: str, name: str, stop: threading.Event, stats: StreamStats
 
 
 def canary(settings: Settings, name: str, *, spec: Path = LLM_SPEC, prompts: Sequence[str] = PROMPTS,
-           concurrency: int = 2, max_new_tokens: int = 16, echo: Callable[[str], None] | None = None
+           concurrency: int = 3, max_new_tokens: int = 8, echo: Callable[[str], None] | None = None
            ) -> dict[str, Any]:
     """Roll ``name``'s @challenger out against its @champion under streamed generate traffic; the summary.
 

