@@ -116,19 +116,27 @@ def run_canary(settings: Settings, name: str, texts: list[str], labels: list[str
         box: dict[str, LoadSummary] = {}
         traffic = threading.Thread(target=lambda: box.update(summary=generate_load(plan)), daemon=True,
                                    name="demo-traffic")
-        traffic.start()
-        try:
-            # The demo is the operator here: its gateway (random port) goes into the settings' allow-list.
-            run_settings = settings.model_copy(update={"gateway_token": SecretStr(token),
-                                                       "rollout_gateways": {"demo": AnyHttpUrl(url)}})
-            state = run_rollout(RolloutParams(model=name, spec=str(spec), gateway="demo", poll_s=0.5,
-                                              actor="kiln-demo"), run_settings, echo=echo)
-            where = routed(url, token)
-            (echo or log.info)(where)
-        finally:
-            stop.set()
-            traffic.join(60)
+        state, where = rollout_under_traffic(settings, name, spec, url, token, traffic, stop, echo)
     return CanaryResult(state, box.get("summary"), where)
+
+
+def rollout_under_traffic(settings: Settings, name: str, spec: Path, url: str, token: str, traffic: threading.Thread,
+                          stop: threading.Event, echo: Callable[[str], None] | None) -> tuple[RolloutState, str]:
+    """Start ``traffic``, roll ``name`` out through the demo's gateway at ``url``, then stop the traffic; the
+    rollout's end state and where the gateway routes now. Shared by the classifier and LLM demos."""
+    traffic.start()
+    try:
+        # The demo is the operator here: its gateway (random port) goes into the settings' allow-list.
+        run_settings = settings.model_copy(update={"gateway_token": SecretStr(token),
+                                                   "rollout_gateways": {"demo": AnyHttpUrl(url)}})
+        state = run_rollout(RolloutParams(model=name, spec=str(spec), gateway="demo", poll_s=0.5,
+                                          actor="kiln-demo"), run_settings, echo=echo)
+        where = routed(url, token)
+        (echo or log.info)(where)
+    finally:
+        stop.set()
+        traffic.join(60)
+    return state, where
 
 
 def register_broken_copy(client: MlflowClient, name: str, of_version: str, home: Path) -> str:

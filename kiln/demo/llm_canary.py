@@ -23,17 +23,14 @@ from typing import Any
 
 import httpx
 import numpy as np
-from pydantic import AnyHttpUrl, SecretStr
 
 from kiln.demo import approver
-from kiln.demo.canary import canary_stack, routed
+from kiln.demo.canary import canary_stack, rollout_under_traffic
 from kiln.errors import ConfigError
 from kiln.settings import Settings
 from kiln.tasks.core import tags as vocab
 from kiln.tasks.presets import PRESETS
 from kiln.tasks.registry import client as registry
-from kiln.tasks.rollout.launch import run_rollout
-from kiln.tasks.rollout.params import RolloutParams
 
 log = logging.getLogger(__name__)
 LLM_SPEC = PRESETS / "rollout-llm-demo.yaml"
@@ -130,17 +127,7 @@ def canary(settings: Settings, name: str, *, spec: Path = LLM_SPEC, prompts: Seq
         traffic = threading.Thread(target=drive_streams, args=(url, name, stop, stats), daemon=True,
                                    kwargs={"prompts": prompts, "concurrency": concurrency,
                                            "max_new_tokens": max_new_tokens}, name="llm-canary-traffic")
-        traffic.start()
-        try:
-            run_settings = settings.model_copy(update={"gateway_token": SecretStr(token),
-                                                       "rollout_gateways": {"demo": AnyHttpUrl(url)}})
-            state = run_rollout(RolloutParams(model=name, spec=str(spec), gateway="demo", poll_s=0.5,
-                                              actor="kiln-demo"), run_settings, echo=echo)
-            where = routed(url, token)
-            (echo or log.info)(where)
-        finally:
-            stop.set()
-            traffic.join(60)
+        state, where = rollout_under_traffic(settings, name, spec, url, token, traffic, stop, echo)
     return {"version": state.challenger, "champion_before": state.champion, "status": state.status,
             "message": state.message, "analyses": [(v.step + 1, v.weight, v.outcome) for v in state.verdicts],
             "traffic": where, **stats.summary()}
