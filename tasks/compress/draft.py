@@ -6,29 +6,47 @@ training text says, so it learns from the target's own generations. The stage
 1. takes prefixes of the training texts (``prompt_tokens`` tokens of the first ``prompts`` rows) and lets the
    input model (the teacher, normally the champion) continue each for ``new_tokens`` tokens, greedily (the
    decoding the draft will assist) or sampled with the stage seed;
-2. calls :func:`kiln.tasks.compress.distill.distill` with those generations in place of ``ctx.train``, keeping
-   a subset of the teacher's layers (every ``keep_every``-th plus the last, or ``layers``), so the student
-   starts from the teacher's own weights and is trained on token-level KL to it.
+2. keeps a subset of the teacher's layers (every ``keep_every``-th plus the last, or ``layers``), so the draft
+   starts from the teacher's own weights;
+3. with ``vocab: N``, keeps only the ``N`` tokens the teacher generated most (plus its special tokens) in the
+   draft's embedding and head, and writes the map of its ids to the target's (``kiln_draft_vocab.json``) beside
+   the weights (:mod:`kiln.tasks.compress.draft_vocab`): the head is otherwise the costliest part of a draft;
+4. trains it, by ``objective``:
 
-It is one stage rather than a corpus stage followed by ``distill`` because a stage's only output is an
+   * ``ce`` (the default): next-token cross-entropy on the teacher's generated tokens, the very ids ``generate``
+     returned (:mod:`kiln.tasks.compress.draft_train`). That is the acceptance objective (guess the target's
+     greedy token) and needs no teacher forward per step. Loss and top-1 agreement on a held-out slice of the
+     generations are stage metrics (``draft_loss``, ``draft_top1``: top-1 predicts the acceptance rate).
+   * ``kl``: :func:`kiln.tasks.compress.distill.distill` on the generations as text (token-level KL to the
+     teacher's full distribution, a teacher forward every step), with ``distill`` params; ``vocab`` then cuts
+     the distilled draft. A recipe that sets ``distill`` params and no ``objective`` means ``kl`` (recipes
+     written before ``ce`` existed keep their meaning).
+
+It is one stage rather than a corpus stage followed by a training stage because a stage's only output is an
 artifact: a replaced ``ctx.train`` would not reach the next stage. Follow it with ``export`` as usual; the
-``speculative:`` candidate kind (:mod:`kiln.tasks.optimize.speculative`) exports the draft with its KV cache.
+``speculative:`` candidate kind (:mod:`kiln.tasks.optimize.speculative`) exports the draft with its KV cache and
+packages its vocabulary map with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kiln.errors import ConfigError
+from kiln.tasks.compress import draft_train
 from kiln.tasks.compress.distill import DistillParams, distill
+from kiln.tasks.compress.draft_vocab import check_size, choose_vocab, revocabularize
 from kiln.tasks.compress.prune import surgery
 from kiln.tasks.core.stages import Artifact, StageContext, StageResult
+from kiln.tasks.engines.speculative import DraftVocab
 from kiln.tasks.models import hf
 
 log = logging.getLogger(__name__)
@@ -48,8 +66,18 @@ class DraftParams(BaseModel):
     do_sample: bool = Field(False, description="Sample the teacher's continuations (seeded) instead of greedy.")
     temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature (with do_sample).")
     batch_size: int = Field(16, ge=1, le=1024, description="Prompts the teacher continues at once.")
+    vocab: int | None = Field(None, ge=2, description="Tokens the draft predicts: the special tokens and the ones "
+                                                       "the teacher generated most; None: the whole vocabulary.")
+    objective: Literal["ce", "kl"] | None = Field(
+        None, description="'ce': next-token cross-entropy on the generated tokens; 'kl': the distill stage. "
+                          "None: 'ce', or 'kl' when distill params are given.")
+    steps: int = Field(300, ge=1, description="Optimizer steps of the ce objective.")
+    train_batch: int = Field(8, ge=1, le=1024, description="Generations per ce step.")
+    lr: float = Field(3e-4, gt=0, lt=1, description="Peak AdamW learning rate of the ce objective.")
+    warmup: float = Field(0.1, ge=0, lt=1, description="Share of the ce steps spent warming up (then linear decay).")
+    held_out: float = Field(0.1, gt=0, lt=1, description="Share of the generations held out to measure top-1.")
     distill: dict[str, Any] = Field(default_factory=dict, description="Parameters of the distill stage run on the "
-                                                                      "generations (all but layers and teacher).")
+                                                                      "generations (kl; all but layers, teacher).")
 
     @field_validator("distill")
     @classmethod
@@ -59,6 +87,18 @@ class DraftParams(BaseModel):
             raise ValueError(f"{taken} are set by the draft stage itself; use draft's own 'layers'")
         DistillParams.model_validate({**value, "layers": [0]})  # unknown keys and bad values fail here
         return value
+
+    @model_validator(mode="after")
+    def _one_objective(self) -> DraftParams:
+        if self.objective == "ce" and self.distill:
+            raise ValueError("distill params belong to objective 'kl'; the ce objective reads steps, train_batch, "
+                             "lr and warmup")
+        return self
+
+    @property
+    def trained_by(self) -> str:
+        """The objective in effect (see ``objective``)."""
+        return self.objective or ("kl" if self.distill else "ce")
 
 
 def draft_layers(depth: int, params: DraftParams) -> list[int]:
@@ -70,14 +110,18 @@ def draft_layers(depth: int, params: DraftParams) -> list[int]:
     return layers
 
 
-def teacher_generations(model: torch.nn.Module, tokenizer: Any, texts: list[str], params: DraftParams,
-                        seed: int) -> list[str]:
-    """Prompt prefix + the teacher's continuation, as text, for each of ``texts``."""
+def teacher_rows(model: torch.nn.Module, tokenizer: Any, texts: list[str], params: DraftParams,
+                 seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``(prompt, continuation)`` token ids for each of ``texts``, as ``generate`` returned them.
+
+    The prompt loses its left padding; the continuation ends at its first EOS (kept: the target says it too).
+    """
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generate appends after the last column
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     torch.manual_seed(seed)
-    out: list[str] = []
+    rows: list[tuple[np.ndarray, np.ndarray]] = []
     try:
         for first in range(0, len(texts), params.batch_size):
             enc = tokenizer(texts[first: first + params.batch_size], truncation=True,
@@ -86,17 +130,32 @@ def teacher_generations(model: torch.nn.Module, tokenizer: Any, texts: list[str]
                 "do_sample": False}
             with torch.inference_mode():
                 ids = model.generate(**enc, max_new_tokens=params.new_tokens, pad_token_id=pad, **sampling)
-            out.extend(tokenizer.batch_decode(ids, skip_special_tokens=True))
+            width = enc["input_ids"].shape[1]
+            for row, mask in zip(ids.numpy(), enc["attention_mask"].numpy(), strict=True):
+                generated = row[width:]
+                ends = np.flatnonzero(generated == eos) if eos is not None else []
+                rows.append((row[:width][mask.astype(bool)], generated[: ends[0] + 1] if len(ends) else generated))
     finally:
         tokenizer.padding_side = side
+    return rows
+
+
+def teacher_generations(model: torch.nn.Module, tokenizer: Any, texts: list[str], params: DraftParams,
+                        seed: int) -> list[str]:
+    """Prompt prefix + the teacher's continuation, as text, for each of ``texts`` (empty ones left out)."""
+    rows = teacher_rows(model, tokenizer, texts, params, seed)
+    out = [tokenizer.decode(np.concatenate(row), skip_special_tokens=True) for row in rows]
     return [text for text in out if text.strip()]
 
 
 def draft(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
-    """Distil a layer subset of the input model on the input model's own generations (see the module docstring).
+    """Train a layer subset of the input model on the input model's own generations (see the module docstring).
 
     Returns:
-        The draft folder (with tokenizer), the distill stage's metrics, ``draft_layers`` and ``corpus_rows``.
+        The draft folder (with tokenizer, and ``kiln_draft_vocab.json`` with ``vocab``); metrics:
+        ``draft_layers``, ``corpus_rows``, ``params``, ``teacher_params``, ``steps``, ``loss``; with ``vocab``,
+        ``vocab`` and ``vocab_coverage``; by ce, ``draft_loss`` / ``draft_top1`` (held out, before and after);
+        by kl, the distill stage's.
     """
     cfg = hf.parse_params(DraftParams, params, "draft")
     folder = hf.require_hf(artifact, "draft")
@@ -107,13 +166,61 @@ def draft(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> Stag
     teacher = hf.load_model(folder, ctx.task)
     tokenizer = hf.load_tokenizer(folder, ctx)
     layers = draft_layers(len(surgery.blocks(teacher)), cfg)
+    model_vocab = teacher.get_input_embeddings().num_embeddings
+    if cfg.vocab is not None:
+        check_size(cfg.vocab, tokenizer, model_vocab)  # before minutes of generation, not after
+    teacher_params = hf.count_params(teacher)
     prompts = ctx.train["text"].astype(str).head(cfg.prompts).tolist()
-    corpus = teacher_generations(teacher, tokenizer, prompts, cfg, ctx.seed)
+    rows = teacher_rows(teacher, tokenizer, prompts, cfg, ctx.seed)
     del teacher
+    rows = [(prompt, generated) for prompt, generated in rows if len(generated)]
+    if not rows:
+        raise ConfigError("the teacher generated no text from the training prompts; check the training split")
+    vocab, metrics = None, {}
+    if cfg.vocab is not None:
+        vocab, metrics = choose_vocab([g for _, g in rows], [p for p, _ in rows], cfg.vocab, tokenizer, model_vocab)
+    log.info("draft: %d teacher generations, keeping layers %s%s, objective %s", len(rows), layers,
+             f" and {cfg.vocab} tokens ({metrics['vocab_coverage']:.1%} of those generated)" if vocab else "",
+             cfg.trained_by)
+    train = _by_kl if cfg.trained_by == "kl" else _by_ce
+    out, trained = train(artifact, folder, tokenizer, rows, layers, vocab, cfg, ctx)
+    if vocab is not None:
+        vocab.write(out)
+    metrics |= trained | {"draft_layers": float(len(layers)), "corpus_rows": float(len(rows)),
+                          "teacher_params": float(teacher_params)}
+    return StageResult(Artifact("hf", out), metrics=metrics)
+
+
+def _by_ce(artifact: Artifact, folder: Path, tokenizer: Any, rows: list[tuple[np.ndarray, np.ndarray]],
+           layers: list[int], vocab: DraftVocab | None, cfg: DraftParams, ctx: StageContext
+           ) -> tuple[Path, dict[str, float]]:
+    # a fresh copy, not the teacher generate ran on: tensors made under inference_mode cannot take gradients
+    model = hf.load_model(folder, ctx.task)
+    surgery.keep_layers(model, layers)
+    if vocab is not None:
+        revocabularize(model, vocab)
+    model.to(ctx.device)
+    train, held = draft_train.split(draft_train.examples(rows, vocab), cfg.held_out, ctx.seed)
+    metrics = draft_train.train_ce(model, train, held, steps=cfg.steps, batch_size=cfg.train_batch, lr=cfg.lr,
+                                   warmup=cfg.warmup, seed=ctx.seed, device=ctx.device)
+    model.eval()
+    out = hf.save_folder(model.to("cpu"), tokenizer, ctx.workdir / "model")  # nothing saved needs CUDA
+    return out, metrics | {"params": float(hf.count_params(model))}
+
+
+def _by_kl(artifact: Artifact, folder: Path, tokenizer: Any, rows: list[tuple[np.ndarray, np.ndarray]],
+           layers: list[int], vocab: DraftVocab | None, cfg: DraftParams, ctx: StageContext
+           ) -> tuple[Path, dict[str, float]]:
+    corpus = [tokenizer.decode(np.concatenate(row), skip_special_tokens=True) for row in rows]
+    corpus = [text for text in corpus if text.strip()]
     if not corpus:
         raise ConfigError("the teacher generated no text from the training prompts; check the training split")
-    log.info("draft: %d teacher generations, keeping layers %s", len(corpus), layers)
     distill_params = {"max_seq_len": cfg.prompt_tokens + cfg.new_tokens + 8, **cfg.distill, "layers": layers}
     result = distill(artifact, distill_params, dataclasses.replace(ctx, train=pd.DataFrame({"text": corpus})))
-    result.metrics |= {"draft_layers": float(len(layers)), "corpus_rows": float(len(corpus))}
-    return result
+    out, metrics = result.artifact.path, dict(result.metrics)
+    if vocab is not None:  # KL needs the teacher's whole distribution, so the vocabulary is cut after training
+        model = hf.load_model(out, ctx.task)
+        revocabularize(model, vocab)
+        hf.save_folder(model, tokenizer, out)
+        metrics["params"] = float(hf.count_params(model))
+    return out, metrics

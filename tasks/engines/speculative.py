@@ -18,6 +18,12 @@ goes to the target alone, batched: on SmolLM2-135M the batched target decodes 4.
 (``benchmarks/llm_bench.py``), far more than speculation gives one row, so decoding rows one by one with the
 draft would be slower. Sampling (``do_sample``) is not speculated either: it also goes to the target alone.
 
+Vocabulary-pruned drafts: a draft may predict only the ``N`` tokens the target generates most (its head, a
+``hidden x vocab`` product per drafted token, is otherwise as costly as several target layers). Its ids are then
+its own: :class:`DraftVocab` (``kiln_draft_vocab.json`` beside the draft) maps them to the target's. The draft
+reads target tokens mapped to its ids (tokens it does not know become its ``fallback`` id) and its argmax is
+mapped back before the target checks it, so the target still decides every token and identity is untouched.
+
 Identity caveat: "identical" is exact in arithmetic; in floating point the target scores ``k + 1`` positions in
 one matrix product instead of one at a time, which can round the last bits differently, so an exact tie between
 two logits could break the other way. Tests and the benchmark compare token for token.
@@ -25,16 +31,100 @@ two logits could break the other way. Tests and the benchmark compare token for 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, Field
 
-from kiln.errors import ConfigError
+from kiln.errors import ArtifactError, ConfigError
 from kiln.tasks.engines.onnx_generation import GenerationConfig, KVCacheGenerator, StepCallback
 
 Cache = dict[str, np.ndarray]
+DRAFT_VOCAB_FILE = "kiln_draft_vocab.json"  # in a vocabulary-pruned draft's folder (HF weights or package)
+_VOCAB_FORMAT = "kiln-draft-vocab/1"
+
+
+class DraftVocab:
+    """Which target token each token of a vocabulary-pruned draft is, and the way back.
+
+    Attributes:
+        draft_to_target: ``[N]`` target id of each draft id (distinct ids).
+        fallback: the draft id every target id outside the kept set is read as.
+        target_vocab_size: the target's vocabulary size (its logits width).
+    """
+
+    def __init__(self, draft_to_target: Sequence[int] | np.ndarray, fallback: int, target_vocab_size: int) -> None:
+        ids = np.asarray(draft_to_target, dtype=np.int64).reshape(-1)
+        problem = _vocab_problem(ids, fallback, target_vocab_size)
+        if problem:
+            raise ConfigError(f"a draft vocabulary map {problem}; rebuild the draft with the draft stage")
+        self.draft_to_target, self.fallback, self.target_vocab_size = ids, int(fallback), int(target_vocab_size)
+        self._to_draft = np.full(self.target_vocab_size, self.fallback, dtype=np.int64)
+        self._to_draft[ids] = np.arange(len(ids), dtype=np.int64)
+
+    @property
+    def size(self) -> int:
+        """Tokens the draft predicts (its logits width)."""
+        return len(self.draft_to_target)
+
+    def to_draft(self, target_ids: np.ndarray) -> np.ndarray:
+        """Target ids as draft ids; ids outside the kept set (or the target's range) become ``fallback``."""
+        ids = np.asarray(target_ids, dtype=np.int64)
+        inside = (ids >= 0) & (ids < self.target_vocab_size)
+        return np.where(inside, self._to_draft[np.where(inside, ids, 0)], self.fallback)
+
+    def to_target(self, draft_ids: np.ndarray | int) -> np.ndarray:
+        """Draft ids as the target's ids."""
+        return self.draft_to_target[np.asarray(draft_ids, dtype=np.int64)]
+
+    def check_width(self, width: int | None, what: str) -> None:
+        """ConfigError unless ``what`` (a draft graph or model) predicts exactly :attr:`size` tokens."""
+        if width is not None and width != self.size:
+            raise ConfigError(f"{what} predicts {width} tokens but its {DRAFT_VOCAB_FILE} maps {self.size}; "
+                              "package the draft with the map its draft stage wrote")
+
+    def write(self, folder: Path) -> Path:
+        path = Path(folder) / DRAFT_VOCAB_FILE
+        path.write_text(json.dumps({"format": _VOCAB_FORMAT, "target_vocab_size": self.target_vocab_size,
+                                    "fallback": self.fallback, "draft_to_target": self.draft_to_target.tolist()}))
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> DraftVocab | None:
+        """The map in ``folder``, or None when the draft there keeps the target's whole vocabulary."""
+        path = Path(folder) / DRAFT_VOCAB_FILE
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_bytes())
+            if raw.get("format") != _VOCAB_FORMAT:
+                raise ValueError(f"format {str(raw.get('format'))[:40]!r} is not {_VOCAB_FORMAT!r}")
+            return cls(raw["draft_to_target"], int(raw["fallback"]), int(raw["target_vocab_size"]))
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError, ConfigError) as exc:
+            raise ArtifactError(f"{path} is unreadable or corrupt ({str(exc)[:120]}); rebuild the draft") from None
+
+
+def _vocab_problem(ids: np.ndarray, fallback: int, target_vocab_size: int) -> str | None:
+    if not len(ids):
+        return "keeps no token"
+    if ids.min() < 0 or ids.max() >= target_vocab_size:
+        return f"names target ids outside 0..{target_vocab_size - 1}"
+    if len(np.unique(ids)) != len(ids):
+        return "names a target id twice"
+    if not 0 <= fallback < len(ids):
+        return f"has fallback {fallback} outside its {len(ids)} draft ids"
+    return None
+
+
+def logits_width(generator: KVCacheGenerator) -> int | None:
+    """The vocabulary a KV-cache graph predicts (its ``logits`` output's last axis), None when not static."""
+    for output in generator.session.get_outputs():
+        if output.name == "logits" and output.shape and isinstance(output.shape[-1], int):
+            return int(output.shape[-1])
+    return None
 
 
 class SpeculativeConfig(BaseModel):
@@ -94,16 +184,33 @@ class SpeculativeGenerator(KVCacheGenerator):
     ``stream`` keep their contracts; ``stats`` counts drafted and accepted tokens for the acceptance rate.
     """
 
-    def __init__(self, target: KVCacheGenerator, draft: KVCacheGenerator, config: SpeculativeConfig | None = None
-                 ) -> None:
+    def __init__(self, target: KVCacheGenerator, draft: KVCacheGenerator, config: SpeculativeConfig | None = None,
+                 vocab: DraftVocab | None = None) -> None:
+        """
+        Args:
+            vocab: the draft's map to the target's ids when the draft keeps fewer tokens (None: same ids).
+
+        Raises:
+            ConfigError: the draft's logits do not fit ``vocab`` (or, without one, the target's vocabulary).
+        """
         self.__dict__.update(target.__dict__)  # the target's open session and graph I/O, not a second session
-        self.target, self.draft = target, draft
+        self.target, self.draft, self.vocab = target, draft, vocab
         self.config = config or SpeculativeConfig()
         self.stats = SpeculativeStats()
+        draft_width, target_width = logits_width(draft), logits_width(target)
+        if vocab is not None:
+            vocab.check_width(draft_width, "the draft graph")
+            if target_width is not None and target_width != vocab.target_vocab_size:
+                raise ConfigError(f"the draft's vocabulary map is for a target of {vocab.target_vocab_size} tokens, "
+                                  f"this target predicts {target_width}; build the draft from this target")
+        elif None not in (draft_width, target_width) and draft_width != target_width:
+            raise ConfigError(f"the draft predicts {draft_width} tokens and the target {target_width}; a "
+                              f"vocabulary-pruned draft needs the {DRAFT_VOCAB_FILE} its draft stage wrote")
 
     def describe(self) -> dict[str, str]:
+        vocab = {} if self.vocab is None else {"draft_vocab": str(self.vocab.size)}
         return {**self.target.describe(), "speculative": "greedy", "lookahead": str(self.config.lookahead),
-                "draft_layers": str(len(self.draft.past_names) // 2)}
+                "draft_layers": str(len(self.draft.past_names) // 2), **vocab}
 
     def reset_stats(self) -> None:
         self.stats = SpeculativeStats()
@@ -163,7 +270,7 @@ class SpeculativeGenerator(KVCacheGenerator):
         while True:
             # the target has cached everything but the last token; the draft may lag further behind
             k = min(self.config.lookahead, max_new_tokens - emitted - 1)  # the target's own token is the +1
-            guesses = self._propose(draft, seq, k)
+            guesses = self._propose(draft, seq, k, self.vocab)
             checked = target.forward(np.asarray([seq[-1], *guesses], dtype=np.int64)).argmax(axis=-1)
             agree = 0
             while agree < k and guesses[agree] == int(checked[agree]):
@@ -183,12 +290,15 @@ class SpeculativeGenerator(KVCacheGenerator):
                     return
 
     @staticmethod
-    def _propose(draft: _Decoder, seq: list[int], k: int) -> list[int]:
-        """``k`` greedy draft tokens after ``seq``; the draft first catches up on tokens it has not cached."""
+    def _propose(draft: _Decoder, seq: list[int], k: int, vocab: DraftVocab | None) -> list[int]:
+        """``k`` greedy draft tokens (target ids) after ``seq``; the draft first catches up on what it has not
+        cached. With a ``vocab`` it reads and writes its own ids, mapped on the way in and out."""
         pending = np.asarray(seq[draft.length:], dtype=np.int64)
+        if vocab is not None:
+            pending = vocab.to_draft(pending)
         guesses: list[int] = []
         for _ in range(k):
-            logits = draft.forward(pending)
-            guesses.append(int(logits[-1].argmax()))
-            pending = np.asarray(guesses[-1:], dtype=np.int64)
+            best = int(draft.forward(pending)[-1].argmax())
+            guesses.append(best if vocab is None else int(vocab.to_target(best)))
+            pending = np.asarray([best], dtype=np.int64)  # the draft's own id: no round trip through the target's
         return guesses

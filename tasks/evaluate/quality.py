@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -172,7 +173,10 @@ def assess_artifact(artifact: Artifact, ctx: StageContext, rows: int = 256) -> d
 
     from kiln.tasks.engines import EngineOptions, OnnxRuntimeEngine
     from kiln.tasks.engines.onnx_generation import KVCacheGenerator, has_kv_cache
+    from kiln.tasks.engines.speculative import DRAFT_VOCAB_FILE
 
+    if (Path(ctx.tokenizer_dir) / DRAFT_VOCAB_FILE).is_file():
+        return {}  # a vocabulary-pruned draft reads and predicts its own ids; the speculative build measures it
     pool = ctx.validation if ctx.validation is not None else ctx.train
     causal = ctx.task == "causal-lm"
     rows = min(rows, LM_ASSESS_ROWS) if causal else rows

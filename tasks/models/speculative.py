@@ -7,7 +7,9 @@ Why it exists: the draft only speeds the target up, it never changes an answer, 
     model.onnx         the target, a with-past (KV-cache) decoder graph
     tokenizer files    shared by both members (packaging checks the vocabularies are equal)
     speculative.json   lookahead, the draft's folder and recipe, the target's recipe
-    draft/             a Kiln package: the draft's with-past graph, tokenizer, its own kiln.json
+    draft/             a Kiln package: the draft's with-past graph, tokenizer, its own kiln.json, and
+                       kiln_draft_vocab.json when the draft predicts only part of the vocabulary (its ids
+                       mapped to the target's: :class:`~kiln.tasks.engines.speculative.DraftVocab`)
 
 ``Predictor(folder)`` opens such a folder as a :class:`SpeculativePredictor`, a :class:`Predictor` whose engine
 is a :class:`~kiln.tasks.engines.speculative.SpeculativeGenerator`: ``run`` (logits: perplexity, parity,
@@ -32,7 +34,7 @@ from kiln.errors import ArtifactError, ConfigError
 from kiln.tasks.core.stages import Artifact
 from kiln.tasks.engines import EngineOptions
 from kiln.tasks.engines.onnx_generation import PAST_PREFIX, GenerationConfig, KVCacheGenerator
-from kiln.tasks.engines.speculative import SpeculativeConfig, SpeculativeGenerator
+from kiln.tasks.engines.speculative import DraftVocab, SpeculativeConfig, SpeculativeGenerator
 from kiln.tasks.models.predictor import (
     SPECULATIVE_FILE,
     PackageMeta,
@@ -88,7 +90,8 @@ class SpeculativePredictor(Predictor):
         if not isinstance(target, KVCacheGenerator) or not isinstance(draft, KVCacheGenerator):
             raise ArtifactError(f"{self.folder}: both the target and {DRAFT_FOLDER}/ must be KV-cache ONNX graphs "
                                 "(causal LMs exported with past); re-build the speculative candidate")
-        self.engine = SpeculativeGenerator(target, draft, SpeculativeConfig(lookahead=self.spec.lookahead))
+        self.engine = SpeculativeGenerator(target, draft, SpeculativeConfig(lookahead=self.spec.lookahead),
+                                           DraftVocab.read(self.folder / DRAFT_FOLDER))
 
     def describe(self) -> dict[str, str]:
         return self.engine.describe()
@@ -133,11 +136,17 @@ def measure_speculation(predictor: SpeculativePredictor, texts: Sequence[str], *
 
 def package_speculative(target_graph: Path, draft_graph: Path, tokenizer_dir: Path, out_dir: Path, *,
                         lookahead: int, meta: PackageMeta, draft_recipe: str, target_recipe: str,
-                        draft_tokenizer_dir: Path | None = None, measured: dict[str, Any] | None = None) -> Path:
+                        draft_tokenizer_dir: Path | None = None, measured: dict[str, Any] | None = None,
+                        draft_vocab: DraftVocab | None = None) -> Path:
     """One package of a target and a draft KV-cache graph (layout in the module docstring).
 
+    Args:
+        draft_vocab: the map of a vocabulary-pruned draft (written by its draft stage beside its weights);
+            None: the draft predicts the target's whole vocabulary.
+
     Raises:
-        ConfigError: the two tokenize differently, or a graph has no KV cache.
+        ConfigError: the two tokenize differently, a graph has no KV cache, or the draft's logits do not fit
+            ``draft_vocab`` (without one: the target's vocabulary).
     """
     draft_tokens = draft_tokenizer_dir or tokenizer_dir
     if _load_tokenizer(draft_tokens).get_vocab() != _load_tokenizer(tokenizer_dir).get_vocab():
@@ -145,11 +154,20 @@ def package_speculative(target_graph: Path, draft_graph: Path, tokenizer_dir: Pa
                           "build the draft without prune_vocab")
     for role, graph in (("target", target_graph), ("draft", draft_graph)):
         _require_kv(graph, role)
+    draft_width, target_width = _logits_width(draft_graph), _logits_width(target_graph)
+    if draft_vocab is not None:
+        draft_vocab.check_width(draft_width, f"the draft graph {draft_graph}")
+    elif None not in (draft_width, target_width) and draft_width != target_width:
+        raise ConfigError(f"the draft graph {draft_graph} predicts {draft_width} tokens and the target "
+                          f"{target_width}; pass the draft's vocabulary map (its draft stage wrote one)")
     shutil.rmtree(out_dir, ignore_errors=True)
     package(Artifact("onnx", target_graph), tokenizer_dir, out_dir, meta)
     draft_meta = PackageMeta(format="onnx", task=meta.task, seq_len=meta.seq_len, precision=meta.precision,
                              recipe=draft_recipe)
     package(Artifact("onnx", draft_graph), draft_tokens, out_dir / DRAFT_FOLDER, draft_meta)
+    if draft_vocab is not None:
+        draft_vocab.write(out_dir / DRAFT_FOLDER)
+        record_checksums(out_dir / DRAFT_FOLDER, draft_meta)  # the draft's own manifest pins its map too
     SpeculativeSpec(int(lookahead), {"folder": DRAFT_FOLDER, "recipe": draft_recipe}, target_recipe,
                     dict(measured or {})).write(out_dir)
     record_checksums(out_dir, meta)  # the top manifest now pins the draft member and speculative.json too
@@ -163,6 +181,17 @@ def _require_kv(graph: Path, role: str) -> None:
     if not any(name.startswith(PAST_PREFIX) for name in inputs):
         raise ConfigError(f"the {role} graph {graph} has no KV cache; export it with past "
                           "(kiln.tasks.models.decoder_export.export_decoder_with_past)")
+
+
+def _logits_width(graph: Path) -> int | None:
+    """The static last axis of the graph's ``logits`` output (None when symbolic)."""
+    import onnx
+
+    for output in onnx.load(str(graph), load_external_data=False).graph.output:
+        if output.name == "logits":
+            dims = output.type.tensor_type.shape.dim
+            return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") else None
+    return None
 
 
 def is_speculative(folder: Path) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 
 import optuna
 from pydantic import BaseModel, Field, field_validator
+from sqlalchemy.engine import make_url
 
 from kiln.errors import ConfigError
 from kiln.settings import Settings
@@ -95,7 +96,14 @@ def storage_url(settings: Settings) -> str:
 
 
 def storage(url: str) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage; SQLite waits on a writer instead of failing (trials tell from several threads)."""
+    """Optuna's RDB storage; SQLite waits on a writer instead of failing (trials tell from several threads).
+
+    A plain ``postgresql://`` URL (how ``KILN_DATABASE_URL`` and libpq spell it) gets the psycopg 3 driver
+    Kiln installs: SQLAlchemy 2.0 would otherwise look for psycopg2, which is not there.
+    """
+    parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 

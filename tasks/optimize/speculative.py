@@ -21,6 +21,7 @@ from kiln.tasks.core.cache import StageCache, code_version, make_key
 from kiln.tasks.core.stages import Artifact
 from kiln.tasks.data.datasets import Splits
 from kiln.tasks.engines import EngineOptions
+from kiln.tasks.engines.speculative import DraftVocab
 from kiln.tasks.evaluate.quality import assess_artifact
 from kiln.tasks.models import speculative as spec_package
 from kiln.tasks.models.predictor import ENGINE_FILE, PackageMeta, Predictor
@@ -61,7 +62,8 @@ def build_speculative(recipe: recipes.Recipe, source: cands.Source, splits: Spli
         meta = PackageMeta(format="onnx", task="causal-lm", seq_len=seq_len, precision=precision, recipe=recipe.name)
         folder = spec_package.package_speculative(
             target_graph, draft_folder / ENGINE_FILE, target_folder, workdir / PACKAGE, lookahead=params.lookahead,
-            meta=meta, draft_recipe=draft.recipe.name, target_recipe=target_name, draft_tokenizer_dir=draft_folder)
+            meta=meta, draft_recipe=draft.recipe.name, target_recipe=target_name, draft_tokenizer_dir=draft_folder,
+            draft_vocab=_draft_vocab(draft, draft_folder))
         predictor = Predictor(folder, options)
         texts = splits.validation["text"].astype(str).tolist()
         measured = spec_package.measure_speculation(predictor, texts, max_new_tokens=VALIDATION_TOKENS,
@@ -75,6 +77,16 @@ def build_speculative(recipe: recipes.Recipe, source: cands.Source, splits: Spli
     built = recipes.BuiltCandidate(recipe, Artifact("onnx", folder / ENGINE_FILE), precision, key,
                                    [*draft.records, record], folder)
     return built, folder
+
+
+def _draft_vocab(draft: recipes.BuiltCandidate, draft_folder: Path) -> DraftVocab | None:
+    """A vocabulary-pruned draft's map: in its package when it has one, else beside the weights its draft stage
+    wrote (the recipe's tokenizer folder from that stage on); None for a draft with the target's vocabulary."""
+    for folder in (draft_folder, draft.tokenizer_dir):
+        vocab = DraftVocab.read(folder)
+        if vocab is not None:
+            return vocab
+    return None
 
 
 def _target_graph(folder: Path, workdir: Path) -> Path:

@@ -72,3 +72,26 @@ def test_a_bad_budget_is_refused_in_one_line(settings):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "budget '20x' is not a duration" in lines[0], result.output
     assert CliRunner().invoke(app, ["optimize", "--model", "tiny", "--budget", "5m"]).exit_code == 2
+
+
+def test_the_study_lives_in_postgresql_and_two_trials_run_at_once(settings, tiny_models, tiny_spec, postgres_url,
+                                                                   monkeypatch):
+    # The URL as a user writes it (libpq's spelling): Kiln picks the psycopg 3 driver itself.
+    assert postgres_url.startswith("postgresql://")
+    monkeypatch.setenv("KILN_SEARCH_STORAGE", postgres_url)
+    monkeypatch.setenv("KILN_SEARCH_PARALLEL", "2")
+    client = registry.connect(settings)
+    register_folder(client, settings, tiny_models["bert"], "tiny", "sequence-classification", tiny_spec)
+    params = OptimizeParams(model="tiny", recipes=["onnx-fp32"], eval_limit=40,
+                            search=search.SearchParams(budget="10m", trials=2, space="quick"))
+    found = optimize(params)["search"]
+    assert found["trials_this_run"] == 2
+
+    study = optuna.load_study(study_name=found["study"], storage=search.storage(postgres_url))
+    assert len(study.trials) == 2 and all(t.state.is_finished() for t in study.trials)
+    assert not (settings.home / "search.db").exists()  # nothing went to the SQLite default
+
+    again = optimize(params.model_copy(update={"search": search.SearchParams(budget="10m", trials=1,
+                                                                             space="quick")}))["search"]
+    assert again["study"] == found["study"]
+    assert len(optuna.load_study(study_name=found["study"], storage=search.storage(postgres_url)).trials) == 3

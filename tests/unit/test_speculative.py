@@ -3,7 +3,9 @@
 Correctness is the target decoding alone (:class:`KVCacheGenerator`): greedy tokens must be the same for every
 prompt and lookahead, with a draft that agrees (the target itself: acceptance 1.0), one that almost never agrees
 (a random 1-layer Llama), and one the ``draft`` stage derives from the model (a layer kept, distilled on its
-generations). The package opens through ``Predictor`` as one model.
+generations); and with vocabulary-pruned drafts (one the stage derives with the ce objective, one random), whose
+ids are mapped, on prompts holding ids outside their vocabulary. The package opens through ``Predictor`` as one
+model.
 """
 
 import json
@@ -16,9 +18,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from kiln.errors import ArtifactError, ConfigError
 from kiln.tasks.compress import recipes
 from kiln.tasks.compress.draft import DraftParams, draft, draft_layers
+from kiln.tasks.compress.draft_vocab import revocabularize, special_ids
 from kiln.tasks.core.stages import Artifact, StageContext
 from kiln.tasks.engines.onnx_generation import GenerationConfig, KVCacheGenerator
-from kiln.tasks.engines.speculative import SpeculativeConfig, SpeculativeGenerator
+from kiln.tasks.engines.speculative import DraftVocab, SpeculativeConfig, SpeculativeGenerator
 from kiln.tasks.models.decoder_export import export_decoder_with_past
 from kiln.tasks.models.predictor import PackageMeta, Predictor, package
 from kiln.tasks.models.speculative import SpeculativePredictor, measure_speculation, package_speculative
@@ -42,8 +45,21 @@ def graphs(tiny_models, tiny_splits, tmp_path_factory):
     derived = draft(Artifact("hf", root / "target-hf"), {"layers": [0, 3], "prompts": 8, "prompt_tokens": 4,
                                                          "new_tokens": 6, "distill": {"max_steps": 2,
                                                                                       "batch_size": 4}}, ctx)
+    ctx.workdir = root / "stage-ce"
+    ctx.workdir.mkdir()
+    pruned = draft(Artifact("hf", root / "target-hf"), {"layers": [0, 3], "prompts": 16, "prompt_tokens": 4,
+                                                        "new_tokens": 8, "vocab": 48, "steps": 4}, ctx)
+    rng = np.random.default_rng(7)
+    kept = np.union1d(special_ids(tokenizer, len(tokenizer)), rng.choice(np.arange(4, len(tokenizer)), 36, False))
+    random_vocab = DraftVocab(kept, fallback=10, target_vocab_size=len(tokenizer))
+    random_pruned = build("llama", tokenizer, layers=1, seed=5)
+    revocabularize(random_pruned, random_vocab)
     return {
         "tokenizer": tokenizer, "folder": folder, "draft_metrics": derived.metrics,
+        "pruned": export_decoder_with_past(AutoModelForCausalLM.from_pretrained(pruned.artifact.path),
+                                           root / "pruned.onnx"),
+        "random_pruned": export_decoder_with_past(random_pruned, root / "random_pruned.onnx"),
+        "vocabs": {"pruned": DraftVocab.read(pruned.artifact.path), "random_pruned": random_vocab},
         "target": export_decoder_with_past(target, root / "target.onnx"),
         "random": export_decoder_with_past(build("llama", tokenizer, layers=1, seed=5), root / "random.onnx"),
         "derived": export_decoder_with_past(AutoModelForCausalLM.from_pretrained(derived.artifact.path),
@@ -74,6 +90,27 @@ def test_greedy_tokens_are_the_targets_own_for_every_prompt_and_lookahead(graphs
             assert engine.stats.tokens_per_pass > 1
         if which == "random":
             assert engine.stats.acceptance_rate < 0.5  # it disagreed often, and still changed nothing
+
+
+@pytest.mark.parametrize("which", ["pruned", "random_pruned"])
+def test_a_vocabulary_pruned_draft_changes_no_token_even_on_ids_it_does_not_know(graphs, which):
+    tokenizer, vocab = graphs["tokenizer"], graphs["vocabs"][which]
+    target, drafter = KVCacheGenerator(graphs["target"]), KVCacheGenerator(graphs[which])
+    outside = [t for t in range(4, len(tokenizer)) if t not in set(vocab.draft_to_target.tolist())]
+    inside = int(vocab.draft_to_target[-1])
+    prompts = [_ids(tokenizer, PROMPTS[1])[0], np.asarray([[outside[0], inside, outside[1], outside[2]]])]
+    assert vocab.size < len(tokenizer) and (vocab.to_draft(prompts[1]) == vocab.fallback).sum() == 3
+    config = GenerationConfig(max_new_tokens=12)
+    for lookahead in (1, 4):
+        engine = SpeculativeGenerator(target, drafter, SpeculativeConfig(lookahead=lookahead), vocab)
+        for ids in prompts:
+            mask = np.ones_like(ids)
+            want = target.generate(ids, mask, config, eos_token_id=None)
+            np.testing.assert_array_equal(engine.generate(ids, mask, config, eos_token_id=None), want,
+                                          err_msg=f"{which} k={lookahead} {ids}")
+        assert engine.stats.drafted > 0
+    with pytest.raises(ConfigError, match="needs the kiln_draft_vocab.json"):
+        SpeculativeGenerator(target, drafter)  # its ids read as the target's would be wrong guesses
 
 
 def test_a_stop_token_ends_a_row_inside_an_accepted_run(graphs):
