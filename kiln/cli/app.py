@@ -153,6 +153,9 @@ def optimize(
     except GateError as exc:
         if json_out and exc.summary:
             typer.echo(json.dumps(exc.summary, default=str))
+        elif exc.summary:  # what was tried and why nothing passed, above the one-line refusal
+            print_search(exc.summary)
+            print_optimize(exc.summary)
         raise
     if json_out:
         typer.echo(json.dumps(summary, default=str))

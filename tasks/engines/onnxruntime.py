@@ -29,6 +29,8 @@ class OnnxRuntimeEngine:
         so.intra_op_num_threads = self.options.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = _LEVELS[self.options.graph_optimization]
+        if not self.options.spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if self.options.use_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -48,5 +50,6 @@ class OnnxRuntimeEngine:
             "providers": ",".join(self.session.get_providers()),
             "threads": str(self.options.threads),
             "graph_optimization": self.options.graph_optimization,
+            "spin": str(self.options.spin).lower(),
             "onnxruntime_version": ort.__version__,
         }

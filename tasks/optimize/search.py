@@ -118,8 +118,8 @@ def study_name(model: str, data_digest: str, source_key: str, space: SearchSpace
 def open_study(url: str, name: str, seed: int) -> optuna.Study:
     """The search study (created, or loaded to resume). TPE rather than NSGA-II: a 20-minute budget is ten-odd
     trials, and NSGA-II is random search until its first generation (50 trials) is complete."""
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, constant_liar=True,
-                                         warn_independent_sampling=False)
+    # No warn_independent_sampling: deprecated in Optuna 4.9 (a FutureWarning per run), and off by default since.
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=4, multivariate=True, constant_liar=True)
     return optuna.create_study(study_name=name, storage=storage(url), directions=list(DIRECTIONS), sampler=sampler,
                                load_if_exists=True)
 

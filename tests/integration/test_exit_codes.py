@@ -101,6 +101,9 @@ def test_optimize_exit_3_when_no_candidate_passes_the_gate(project, tmp_path):
     assert_one_error_line(result, ExitCode.DECLINED, "no candidate passed the gate for tiny@champion; nothing "
                           "registered. onnx-fp32: failed: size_mb", in_flow=True)
     assert result.output.strip().endswith("<= 0.001: FAILED [size_mb <= 0.001]")
+    # Above the refusal, the gate's table and each failed clause: why nothing passed, not only that.
+    before_error = result.output.split("error:")[0]
+    assert "size MB" in before_error and "✗" in before_error, result.output
     assert registry_state(client, "tiny") == before
 
 

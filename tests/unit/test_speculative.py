@@ -160,6 +160,10 @@ def test_the_package_opens_as_one_model_through_predictor(graphs, tmp_path):
     predictor = Predictor(folder)
     assert isinstance(predictor, SpeculativePredictor) and predictor.describe()["lookahead"] == "3"
     assert isinstance(predictor.engine, KVCacheGenerator)  # so every KV-cache decoding path uses the draft
+    # target and draft take turns on the same cores: neither session's threads spin between runs
+    for session in (predictor.engine.target.session, predictor.engine.draft.session):
+        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert Predictor(alone).describe()["spin"] == "true"  # a lone engine keeps ONNX Runtime's default
     assert json.loads((folder / "speculative.json").read_text())["draft"]["recipe"] == "draft-2l"
     pd.testing.assert_frame_equal(predictor.predict(PROMPTS, max_new_tokens=8),
                                   Predictor(alone).predict(PROMPTS, max_new_tokens=8))
