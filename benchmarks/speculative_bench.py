@@ -40,10 +40,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def draft_params(layers: list[int], *, vocab: int | None, objective: str, prompts: int, new_tokens: int,
-                 steps: int, batch: int, lr: float, prompt_tokens: int = 24) -> dict:
-    """The ``draft`` stage's params for one benchmark draft."""
+                 steps: int, batch: int, lr: float, prompt_tokens: int = 24, corpus: dict | None = None) -> dict:
+    """The ``draft`` stage's params for one benchmark draft (``corpus``: more of the stage's corpus params)."""
     params = {"layers": layers, "prompts": prompts, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
-              "batch_size": 16, "vocab": vocab, "objective": objective}
+              "batch_size": 32, "vocab": vocab, "objective": objective, **(corpus or {})}
     if objective == "kl":
         return params | {"distill": {"max_steps": steps, "batch_size": batch, "lr": lr, "temperature": 1.0,
                                      "alpha": 0.0, "checkpoint_every": 25}}
@@ -117,17 +117,23 @@ def pass_ms(generator, prompt: np.ndarray, tokens: int, vocab=None, repeats: int
     return 1e3 * float(np.median(times))
 
 
-def measure(target_graph: Path, draft_graph: Path, vocab, prompts: list[np.ndarray], lookaheads: list[int],
+def lookaheads(spec: str) -> list[tuple[int, bool]]:
+    """``--lookahead`` as ``(k, adaptive)`` pairs: ``2,4`` fixed; ``a2``: adaptive from 2 (Hugging Face's heuristic)."""
+    return [(int(x[1:]), True) if x.startswith("a") else (int(x), False) for x in spec.split(",") if x.strip()]
+
+
+def measure(target_graph: Path, draft_graph: Path, vocab, prompts: list[np.ndarray], rounds: list[tuple[int, bool]],
             new_tokens: int, repeats: int, threads: int) -> list[dict]:
     """One row for the target alone and one per lookahead with the draft (``vocab``: its map, or None)."""
     from kiln.tasks.engines.base import EngineOptions
     from kiln.tasks.engines.onnx_generation import GenerationConfig, KVCacheGenerator
     from kiln.tasks.engines.speculative import SpeculativeConfig, SpeculativeGenerator
 
-    # The target alone keeps ONNX Runtime's spinning threads (its fastest setting); the speculative pair runs
-    # without (two sessions taking turns; EngineOptions.spin): each row in its own best configuration.
+    # The target alone keeps ONNX Runtime's spinning threads (its fastest setting); the speculative pair spins
+    # only inside runs (two sessions taking turns; EngineOptions.spin_between_runs), as Kiln's package opens it:
+    # each row in its own best configuration.
     alone = KVCacheGenerator(target_graph, EngineOptions(threads=threads))
-    paired = EngineOptions(threads=threads, spin=False)
+    paired = EngineOptions(threads=threads, spin_between_runs=False)
     target, drafter = KVCacheGenerator(target_graph, paired), KVCacheGenerator(draft_graph, paired)
     config = GenerationConfig(max_new_tokens=new_tokens)
 
@@ -151,11 +157,12 @@ def measure(target_graph: Path, draft_graph: Path, vocab, prompts: list[np.ndarr
     rows = [{"engine": "target alone", "lookahead": 0, "tokens_per_s": tokens / base_s, "speedup": 1.0,
              "acceptance_rate": float("nan"), "tokens_per_pass": 1.0, "draft_ms_per_token": float("nan"),
              "target_ms_per_pass": pass_ms(alone, prompts[0], 1), "identical": True}]
-    for k in lookaheads:
-        engine = SpeculativeGenerator(target, drafter, SpeculativeConfig(lookahead=k), vocab)
+    for k, adaptive in rounds:
+        engine = SpeculativeGenerator(target, drafter, SpeculativeConfig(lookahead=k, adaptive=adaptive), vocab)
         spent, got = timed(engine)
         stats = engine.stats
-        rows.append({"engine": "target + draft", "lookahead": k, "tokens_per_s": tokens / spent,
+        rows.append({"engine": "+ draft, adaptive" if adaptive else "target + draft", "lookahead": k,
+                     "tokens_per_s": tokens / spent,
                      "speedup": base_s / spent, "acceptance_rate": stats.acceptance_rate,
                      "tokens_per_pass": stats.tokens_per_pass, "draft_ms_per_token": draft_ms,
                      "target_ms_per_pass": pass_ms(target, prompts[0], k + 1),
@@ -166,10 +173,10 @@ def measure(target_graph: Path, draft_graph: Path, vocab, prompts: list[np.ndarr
 def table(rows: list[dict]) -> str:
     """Rows as the benchmark's text table. The ceiling of a lookahead ``k`` row: a round costs ``target ms/pass``
     plus ``k x draft ms/token`` and yields ``tok/pass`` tokens, against the alone row's ms per token."""
-    lines = [f"{'engine':<16} {'k':>3} {'tokens/s':>9} {'speed-up':>9} {'accept':>7} {'tok/pass':>9} "
+    lines = [f"{'engine':<17} {'k':>3} {'tokens/s':>9} {'speed-up':>9} {'accept':>7} {'tok/pass':>9} "
              f"{'draft ms/token':>15} {'target ms/pass':>15} identical"]
     for r in rows:
-        lines.append(f"{r['engine']:<16} {r['lookahead']:>3} {r['tokens_per_s']:>9.1f} {r['speedup']:>8.2f}x "
+        lines.append(f"{r['engine']:<17} {r['lookahead']:>3} {r['tokens_per_s']:>9.1f} {r['speedup']:>8.2f}x "
                      f"{r['acceptance_rate']:>7.2f} {r['tokens_per_pass']:>9.2f} {r['draft_ms_per_token']:>15.2f} "
                      f"{r['target_ms_per_pass']:>15.2f} {r['identical']}")
     return "\n".join(lines)
@@ -185,6 +192,12 @@ def parser() -> argparse.ArgumentParser:
                         help="ce: next-token CE on the target's greedy tokens; kl: distil (a teacher pass a step).")
     parser.add_argument("--train-prompts", type=int, default=192, help="Corpus prefixes the target continues.")
     parser.add_argument("--new-tokens-train", type=int, default=40, help="Tokens the target generates per prefix.")
+    parser.add_argument("--prefixes", type=int, default=1, help="Prompts per training passage (evenly spaced).")
+    parser.add_argument("--sample-share", type=float, default=0.0, help="Share of prompts the target samples.")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature of those.")
+    parser.add_argument("--past-eos", action="store_true", help="The target writes past its end-of-turn token.")
+    parser.add_argument("--open-prompts", type=int, default=0,
+                        help="More prompts of the start token alone, sampled (the target writes what it likes).")
     parser.add_argument("--steps", type=int, default=200, help="Training steps of the draft.")
     parser.add_argument("--batch", type=int, default=8, help="Generations per training step.")
     parser.add_argument("--lr", type=float, default=3e-4, help="Peak learning rate of the draft's training.")
@@ -192,7 +205,8 @@ def parser() -> argparse.ArgumentParser:
                         help="int8: the draft graph's MatMuls as 8-bit weight-only MatMulNBits.")
     parser.add_argument("--target", choices=["fp32", "int8"], default="fp32",
                         help="The target graph: the with-past fp32 export, or its 8-bit weight-only version.")
-    parser.add_argument("--lookahead", default="2,4,6")
+    parser.add_argument("--lookahead", default="2,4,6",
+                        help="Guesses per target pass, comma-separated; aK: adaptive, starting at K.")
     parser.add_argument("--prompts", type=int, default=12, help="Evaluation prompts (batch 1 each).")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=2)
@@ -217,12 +231,15 @@ def main() -> None:
     layers = [int(x) for x in args.layers.split(",")]
     train = [text for key, text in llm_corpus.passages() if not llm_corpus.held_out(key)]
     params = draft_params(layers, vocab=args.vocab or None, objective=args.objective, prompts=args.train_prompts,
-                          new_tokens=args.new_tokens_train, steps=args.steps, batch=args.batch, lr=args.lr)
+                          new_tokens=args.new_tokens_train, steps=args.steps, batch=args.batch, lr=args.lr,
+                          corpus={"prefixes": args.prefixes, "sample_share": args.sample_share,
+                                  "temperature": args.temperature, "until_eos": not args.past_eos,
+                                  "open_prompts": args.open_prompts})
     draft_hf, draft_metrics = build_draft(args.work, args.work / "hf", train, params, args.threads)
     graph = draft_graph(draft_hf, args.draft_quant)
     tokenizer = AutoTokenizer.from_pretrained(args.work / "hf")
     rows = measure(args.work / target_row / "model.onnx", graph, DraftVocab.read(draft_hf),
-                   eval_prompts(tokenizer, args.prompts), [int(x) for x in args.lookahead.split(",")],
+                   eval_prompts(tokenizer, args.prompts), lookaheads(args.lookahead),
                    args.new_tokens, args.repeats, args.threads)
     if args.json:
         print(json.dumps({"draft": draft_metrics, "params": params, "target": args.target,

@@ -17,7 +17,7 @@ from prefect.cache_policies import NONE
 from prefect.futures import wait
 from pydantic import BaseModel, Field, field_validator
 
-from kiln.errors import DataCheckFailed, GateError, InsufficientEvidence
+from kiln.errors import ConfigError, DataCheckFailed, GateError, InsufficientEvidence
 from kiln.flows import crashed, runners
 from kiln.flows import search as search_flow
 from kiln.settings import Settings, load_settings
@@ -165,7 +165,18 @@ def preflight(params: OptimizeParams, settings: Settings) -> None:
                                   params.data)
     load_policy(Path(params.policy) if params.policy else None, source.meta.task)
     recipes.recipes_for(params.chosen_recipes, Path(params.recipe_file) if params.recipe_file else None, source.folder)
+    if params.recipe_file:
+        _check_file_used(Path(params.recipe_file), params.chosen_recipes)
     load_splits(source.data)
+
+
+def _check_file_used(path: Path, chosen: list[str]) -> None:
+    """A recipe file none of whose recipes is chosen would be read and ignored: say so instead of building
+    only the presets (the file adds names; --recipes picks what is built)."""
+    defined = list(recipes.library(path))
+    if not set(defined) & set(chosen):
+        raise ConfigError(f"recipe file {path} defines {', '.join(defined)} but none of them is chosen; name "
+                          f"them in --recipes (e.g. --recipes {defined[0]})")
 
 
 # ── the flow ─────────────────────────────────────────────────────────────────────────────────────────

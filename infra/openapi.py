@@ -1,6 +1,7 @@
 """OpenAPI 3.1 descriptions of Kiln's HTTP servers, served at ``GET /openapi.json`` by each app.
 
-    model server   Open Inference Protocol v2 (health, server and model metadata, readiness, infer) + /metrics
+    model server   Open Inference Protocol v2 (health, server and model metadata, readiness, infer, and the
+                   generate extension for causal LMs: generate, generate_stream) + /metrics
     gateway        the same v2 routes (proxied), POST /feedback and the /admin API, both behind bearer tokens
     webhooks       POST /hooks/github, /hooks/gitlab, /hooks/mlflow (signed or token-checked), GET /health
 
@@ -24,6 +25,7 @@ JSON = "application/json"
 _ERROR_WHY = {400: "Malformed request: the message names the field", 401: "Missing or wrong credential",
               404: "No such model, version or recorded request", 409: "Conflicts with the current state",
               413: "Body or row count over the server's limit", 415: "Unsupported Content-Encoding",
+              500: "The engine failed while decoding (the message names the error)",
               503: "Not ready, or a dependency (secret, Prefect, registry) is unavailable",
               502: "Neither upstream could be reached", 504: "The upstream did not answer in time"}
 
@@ -77,6 +79,16 @@ SCHEMAS: dict[str, Any] = {
                       "properties": {"name": {"type": "string"}, "versions": {"type": "array"},
                                      "platform": {"type": "string"}, "inputs": {"type": "array"},
                                      "outputs": {"type": "array"}, "parameters": {"type": "object"}}},
+    "GenerateRequest": {
+        "type": "object", "required": ["text_input"],
+        "properties": {"text_input": {"type": "string"}, "parameters": {"type": "object", "properties": {
+            "max_new_tokens": {"type": "integer", "minimum": 1}, "do_sample": {"type": "boolean"},
+            "temperature": {"type": "number", "exclusiveMinimum": 0}, "top_p": {"type": "number"},
+            "seed": {"type": "integer"}, "exclude_input_in_output": {"type": "boolean"}}}},
+        "examples": [{"text_input": "The capital of France is", "parameters": {"max_new_tokens": 8}}]},
+    "GenerateResponse": {"type": "object", "required": ["model_name", "model_version", "text_output"],
+                         "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
+                                        "text_output": {"type": "string"}}},
     "Routing": {"type": "object", "required": ["weight", "shadow", "generation"],
                 "properties": {"weight": {"type": "number"}, "shadow": {"type": "number"},
                                "generation": {"type": "integer"}, "expires_at": {"type": ["number", "null"]}}},
@@ -93,7 +105,7 @@ def _document(title: str, description: str, paths: dict[str, Any], security: dic
             "paths": paths, "components": components}
 
 
-def _v2_paths(names: list[str] | None, *, ready_fails: bool = True) -> dict[str, Any]:
+def _v2_paths(names: list[str] | None, *, ready_fails: bool = True, generate: bool = False) -> dict[str, Any]:
     """The Open Inference Protocol v2 REST routes; ``names``: the models served, when known (others answer 404)."""
     name = _NAME | ({"schema": {"type": "string", "enum": names}} if names else {})
     not_ready = (503,) if ready_fails else ()
@@ -114,19 +126,40 @@ def _v2_paths(names: list[str] | None, *, ready_fails: bool = True) -> dict[str,
         paths[f"{prefix}/ready"] = {"get": _op("Model readiness", _responses(
             {"200": _json({"type": "object", "required": ["name", "ready"]})}, 404, *not_ready), parameters=params)}
         paths[f"{prefix}/infer"] = {"post": infer | {"parameters": params}}
+        if generate:
+            paths |= _generate_paths(prefix, params)
     return paths
+
+
+def _generate_paths(prefix: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+    """The generate extension (Triton's): one prompt in, the text as one JSON object or as Server-Sent Events."""
+    body = {"required": True, "content": {JSON: {"schema": _ref("GenerateRequest"),
+                                                 "example": SCHEMAS["GenerateRequest"]["examples"][0]}}}
+    events = {"description": "Server-Sent Events: `data: {model_name, model_version, text_output}` per chunk of new "
+                             "text; the last adds finish_reason (stop or length) and output_tokens, or carries "
+                             "{error} when decoding fails after the stream began",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+    return {f"{prefix}/generate": {"post": _op(
+                "Generate text (causal LMs; budgets checked before decoding)",
+                _responses({"200": _json(_ref("GenerateResponse"))}, 400, 404, 413, 415, 500),
+                requestBody=body, parameters=params)},
+            f"{prefix}/generate_stream": {"post": _op(
+                "Generate text as a stream of events (refusals come as one JSON error before any event)",
+                _responses({"200": events}, 400, 404, 413, 415), requestBody=body, parameters=params)}}
 
 
 def model_server(names: list[str] | None = None) -> dict[str, Any]:
     """The model server's description; ``names``: the models it serves."""
     index = {"type": "array", "items": {"type": "object", "required": ["name", "version", "state"], "properties": {
         "name": {"type": "string"}, "version": {"type": "string"}, "state": {"type": "string"}}}}
-    paths = _v2_paths(names) | {"/metrics": _METRICS, "/v2/repository/index": {"post": _op(
+    paths = _v2_paths(names, generate=True) | {"/metrics": _METRICS, "/v2/repository/index": {"post": _op(
         "The models this server serves (model-repository extension; load/unload are refused: the registry decides)",
         _responses({"200": _json(index)}, 400, 413), requestBody={"required": False, "content": {JSON: {
             "schema": {"type": "object", "properties": {"ready": {"type": "boolean"}}}}}})}}
-    return _document("Kiln model server", "Open Inference Protocol v2 over HTTP/JSON (and binary tensor data).",
-                     paths, schemas=("Error", "Tensor", "InferRequest", "InferResponse", "ModelMetadata"))
+    return _document("Kiln model server", "Open Inference Protocol v2 over HTTP/JSON (and binary tensor data), "
+                     "with the generate extension for causal LMs.", paths,
+                     schemas=("Error", "Tensor", "InferRequest", "InferResponse", "ModelMetadata", "GenerateRequest",
+                              "GenerateResponse"))
 
 
 def _admin(summary: str, body: dict[str, Any] | None, *errors: int) -> dict[str, Any]:
@@ -150,7 +183,7 @@ def gateway() -> dict[str, Any]:
     """The gateway's description: the proxied v2 routes, feedback and the admin API."""
     feedback = _body(["request_id"], request_id={"type": "string"}, label={"type": "string"},
                      labels={"type": "array", "items": {"type": "string"}})
-    proxied = _v2_paths(None)
+    proxied = _v2_paths(None, generate=True)
     for operation in (op for methods in proxied.values() for op in methods.values()):
         operation["responses"] |= _responses({}, 502, 504)  # the gateway's own answers when upstreams fail
     paths = proxied | {
@@ -171,7 +204,8 @@ def gateway() -> dict[str, Any]:
         "/metrics": _METRICS,
     }
     return _document("Kiln gateway", "Weighted champion/challenger split in front of two v2 model servers.", paths,
-                     _BEARER, schemas=("Error", "Tensor", "InferRequest", "InferResponse", "ModelMetadata", "Routing"))
+                     _BEARER, schemas=("Error", "Tensor", "InferRequest", "InferResponse", "ModelMetadata", "Routing",
+                                       "GenerateRequest", "GenerateResponse"))
 
 
 def _hook(summary: str, headers: dict[str, str], payload: dict[str, Any], *, form: bool = False,

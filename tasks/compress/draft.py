@@ -3,9 +3,11 @@
 Why it exists: a draft is only worth its cost when it guesses what the *target* would say next, not what the
 training text says, so it learns from the target's own generations. The stage
 
-1. takes prefixes of the training texts (``prompt_tokens`` tokens of the first ``prompts`` rows) and lets the
-   input model (the teacher, normally the champion) continue each for ``new_tokens`` tokens, greedily (the
-   decoding the draft will assist) or sampled with the stage seed;
+1. takes prefixes of the training texts (``prompt_tokens`` tokens from ``prefixes`` starts in each of the first
+   ``prompts`` rows) and lets the input model (the teacher, normally the champion) continue each for
+   ``new_tokens`` tokens, greedily (the decoding the draft will assist) or, for a ``sample_share``, sampled with
+   the stage seed (``open_prompts`` more start from nothing), and labels every generated position with the
+   teacher's greedy token (:mod:`kiln.tasks.compress.draft_data`);
 2. keeps a subset of the teacher's layers (every ``keep_every``-th plus the last, or ``layers``), so the draft
    starts from the teacher's own weights;
 3. with ``vocab: N``, keeps only the ``N`` tokens the teacher generated most (plus its special tokens) in the
@@ -13,10 +15,11 @@ training text says, so it learns from the target's own generations. The stage
    the weights (:mod:`kiln.tasks.compress.draft_vocab`): the head is otherwise the costliest part of a draft;
 4. trains it, by ``objective``:
 
-   * ``ce`` (the default): next-token cross-entropy on the teacher's generated tokens, the very ids ``generate``
-     returned (:mod:`kiln.tasks.compress.draft_train`). That is the acceptance objective (guess the target's
-     greedy token) and needs no teacher forward per step. Loss and top-1 agreement on a held-out slice of the
-     generations are stage metrics (``draft_loss``, ``draft_top1``: top-1 predicts the acceptance rate).
+   * ``ce`` (the default): next-token cross-entropy on those greedy labels
+     (:mod:`kiln.tasks.compress.draft_train`). That is the acceptance objective
+     (guess the target's greedy token) and needs no teacher forward per step. Loss and top-1 agreement on a
+     held-out slice of the generations are stage metrics (``draft_loss``, ``draft_top1``: top-1 predicts the
+     acceptance rate).
    * ``kl``: :func:`kiln.tasks.compress.distill.distill` on the generations as text (token-level KL to the
      teacher's full distribution, a teacher forward every step), with ``distill`` params; ``vocab`` then cuts
      the distilled draft. A recipe that sets ``distill`` params and no ``objective`` means ``kl`` (recipes
@@ -35,13 +38,12 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kiln.errors import ConfigError
-from kiln.tasks.compress import draft_train
+from kiln.tasks.compress import draft_data, draft_train
 from kiln.tasks.compress.distill import DistillParams, distill
 from kiln.tasks.compress.draft_vocab import check_size, choose_vocab, revocabularize
 from kiln.tasks.compress.prune import surgery
@@ -61,15 +63,23 @@ class DraftParams(BaseModel):
                                                        "layer plus the last.")
     keep_every: int = Field(4, ge=1, description="With layers unset: keep layers 0, k, 2k, … and the last.")
     prompts: int = Field(256, ge=1, description="Training rows whose prefixes the teacher continues.")
+    prefixes: int = Field(1, ge=1, le=64, description="Prompts per training row: its first words and later "
+                                                      "starts, evenly spaced.")
+    open_prompts: int = Field(0, ge=0, description="More prompts of the start token alone, always sampled: the "
+                                                   "teacher writes whatever it likes.")
     prompt_tokens: int = Field(16, ge=1, description="Tokens of each training text used as the prompt.")
     new_tokens: int = Field(32, ge=1, le=1024, description="Tokens the teacher generates per prompt.")
-    do_sample: bool = Field(False, description="Sample the teacher's continuations (seeded) instead of greedy.")
-    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature (with do_sample).")
+    do_sample: bool = Field(False, description="Sample every continuation (seeded): sample_share 1.")
+    sample_share: float = Field(0.0, ge=0, le=1, description="Share of the prompts continued by sampling "
+                                                             "(seeded); the rest greedily.")
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature.")
+    until_eos: bool = Field(True, description="End a continuation at the teacher's end-of-turn token; off: "
+                                              "write all new_tokens (as decoding with EOS ignored does).")
     batch_size: int = Field(16, ge=1, le=1024, description="Prompts the teacher continues at once.")
     vocab: int | None = Field(None, ge=2, description="Tokens the draft predicts: the special tokens and the ones "
                                                        "the teacher generated most; None: the whole vocabulary.")
     objective: Literal["ce", "kl"] | None = Field(
-        None, description="'ce': next-token cross-entropy on the generated tokens; 'kl': the distill stage. "
+        None, description="'ce': next-token cross-entropy on the teacher's greedy tokens; 'kl': the distill stage. "
                           "None: 'ce', or 'kl' when distill params are given.")
     steps: int = Field(300, ge=1, description="Optimizer steps of the ce objective.")
     train_batch: int = Field(8, ge=1, le=1024, description="Generations per ce step.")
@@ -96,6 +106,14 @@ class DraftParams(BaseModel):
         return self
 
     @property
+    def plan(self) -> draft_data.Plan:
+        """How the teacher writes the corpus."""
+        return draft_data.Plan(prompt_tokens=self.prompt_tokens, prefixes=self.prefixes,
+                               new_tokens=self.new_tokens, sample_share=1.0 if self.do_sample else self.sample_share,
+                               temperature=self.temperature, until_eos=self.until_eos,
+                               batch_size=self.batch_size, open_prompts=self.open_prompts)
+
+    @property
     def trained_by(self) -> str:
         """The objective in effect (see ``objective``)."""
         return self.objective or ("kl" if self.distill else "ce")
@@ -108,44 +126,6 @@ def draft_layers(depth: int, params: DraftParams) -> list[int]:
         raise ConfigError(f"draft layers {layers} must be distinct, increasing indices of the teacher's "
                           f"{depth} layers (0..{depth - 1})")
     return layers
-
-
-def teacher_rows(model: torch.nn.Module, tokenizer: Any, texts: list[str], params: DraftParams,
-                 seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(prompt, continuation)`` token ids for each of ``texts``, as ``generate`` returned them.
-
-    The prompt loses its left padding; the continuation ends at its first EOS (kept: the target says it too).
-    """
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generate appends after the last column
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    torch.manual_seed(seed)
-    rows: list[tuple[np.ndarray, np.ndarray]] = []
-    try:
-        for first in range(0, len(texts), params.batch_size):
-            enc = tokenizer(texts[first: first + params.batch_size], truncation=True,
-                            max_length=params.prompt_tokens, padding=True, return_tensors="pt")
-            sampling = {"do_sample": True, "temperature": params.temperature, "top_k": 0} if params.do_sample else {
-                "do_sample": False}
-            with torch.inference_mode():
-                ids = model.generate(**enc, max_new_tokens=params.new_tokens, pad_token_id=pad, **sampling)
-            width = enc["input_ids"].shape[1]
-            for row, mask in zip(ids.numpy(), enc["attention_mask"].numpy(), strict=True):
-                generated = row[width:]
-                ends = np.flatnonzero(generated == eos) if eos is not None else []
-                rows.append((row[:width][mask.astype(bool)], generated[: ends[0] + 1] if len(ends) else generated))
-    finally:
-        tokenizer.padding_side = side
-    return rows
-
-
-def teacher_generations(model: torch.nn.Module, tokenizer: Any, texts: list[str], params: DraftParams,
-                        seed: int) -> list[str]:
-    """Prompt prefix + the teacher's continuation, as text, for each of ``texts`` (empty ones left out)."""
-    rows = teacher_rows(model, tokenizer, texts, params, seed)
-    out = [tokenizer.decode(np.concatenate(row), skip_special_tokens=True) for row in rows]
-    return [text for text in out if text.strip()]
 
 
 def draft(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> StageResult:
@@ -170,15 +150,15 @@ def draft(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> Stag
     if cfg.vocab is not None:
         check_size(cfg.vocab, tokenizer, model_vocab)  # before minutes of generation, not after
     teacher_params = hf.count_params(teacher)
-    prompts = ctx.train["text"].astype(str).head(cfg.prompts).tolist()
-    rows = teacher_rows(teacher, tokenizer, prompts, cfg, ctx.seed)
+    texts = draft_data.prompt_texts(ctx.train["text"].astype(str).head(cfg.prompts).tolist(), cfg.prefixes)
+    rows = draft_data.generate(teacher, tokenizer, texts, cfg.plan, ctx.seed)
     del teacher
-    rows = [(prompt, generated) for prompt, generated in rows if len(generated)]
     if not rows:
         raise ConfigError("the teacher generated no text from the training prompts; check the training split")
     vocab, metrics = None, {}
     if cfg.vocab is not None:
-        vocab, metrics = choose_vocab([g for _, g in rows], [p for p, _ in rows], cfg.vocab, tokenizer, model_vocab)
+        vocab, metrics = choose_vocab(draft_data.label_tokens(rows), [r.prompt for r in rows], cfg.vocab,
+                                      tokenizer, model_vocab)
     log.info("draft: %d teacher generations, keeping layers %s%s, objective %s", len(rows), layers,
              f" and {cfg.vocab} tokens ({metrics['vocab_coverage']:.1%} of those generated)" if vocab else "",
              cfg.trained_by)
@@ -191,7 +171,7 @@ def draft(artifact: Artifact, params: dict[str, Any], ctx: StageContext) -> Stag
     return StageResult(Artifact("hf", out), metrics=metrics)
 
 
-def _by_ce(artifact: Artifact, folder: Path, tokenizer: Any, rows: list[tuple[np.ndarray, np.ndarray]],
+def _by_ce(artifact: Artifact, folder: Path, tokenizer: Any, rows: list[draft_data.Generation],
            layers: list[int], vocab: DraftVocab | None, cfg: DraftParams, ctx: StageContext
            ) -> tuple[Path, dict[str, float]]:
     # a fresh copy, not the teacher generate ran on: tensors made under inference_mode cannot take gradients
@@ -208,10 +188,10 @@ def _by_ce(artifact: Artifact, folder: Path, tokenizer: Any, rows: list[tuple[np
     return out, metrics | {"params": float(hf.count_params(model))}
 
 
-def _by_kl(artifact: Artifact, folder: Path, tokenizer: Any, rows: list[tuple[np.ndarray, np.ndarray]],
+def _by_kl(artifact: Artifact, folder: Path, tokenizer: Any, rows: list[draft_data.Generation],
            layers: list[int], vocab: DraftVocab | None, cfg: DraftParams, ctx: StageContext
            ) -> tuple[Path, dict[str, float]]:
-    corpus = [tokenizer.decode(np.concatenate(row), skip_special_tokens=True) for row in rows]
+    corpus = [tokenizer.decode(row.ids, skip_special_tokens=True) for row in rows]
     corpus = [text for text in corpus if text.strip()]
     if not corpus:
         raise ConfigError("the teacher generated no text from the training prompts; check the training split")

@@ -1,16 +1,16 @@
 """Training a draft on exactly what it will be asked: the target's next greedy token.
 
 Why it exists: a guess is accepted when it equals the target's greedy token, so the objective that matches
-acceptance is next-token cross-entropy on the target's *own greedy generations*, scored on the generated tokens
-only (the prompt is the user's text: the draft never proposes it). Unlike KL to the teacher's distribution it
-needs no teacher forward per step, so a step costs one draft forward and backward.
+acceptance is next-token cross-entropy on the target's greedy token in contexts the target itself wrote
+(:mod:`kiln.tasks.compress.draft_data`), at every generated position (the prompt is the user's text). Unlike KL
+to the teacher's distribution it needs no teacher forward per step, so a step costs one draft forward and
+backward.
 
-Rows are the token ids ``generate`` returned (prompt + continuation), never decoded and re-tokenized, since
-that round trip can split text differently from the tokens the target chose. With a vocabulary-pruned draft
-(:mod:`kiln.tasks.compress.draft_vocab`) they are mapped to draft ids; a generated token outside the kept set
-cannot be proposed, so it is left out of the loss but counts as a miss in ``top1`` (as it will in decoding).
-A seeded slice of the rows is held out: its ``top1`` (share of generated tokens whose argmax is the target's
-token) predicts the acceptance rate.
+Rows are the token ids ``generate`` returned (prompt + continuation), never decoded and re-tokenized. With a
+vocabulary-pruned draft (:mod:`kiln.tasks.compress.draft_vocab`) they are mapped to draft ids; a label outside
+the kept set cannot be proposed, so it is left out of the loss but counts as a miss in ``top1`` (as it will in
+decoding). A seeded slice of the rows is held out: its ``top1`` (share of labels the draft's argmax equals)
+predicts the acceptance rate.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from kiln.tasks.compress.draft_data import Generation
 from kiln.tasks.compress.schedule import set_lr
 from kiln.tasks.engines.speculative import DraftVocab
 
@@ -41,19 +42,23 @@ class Example:
     labels: np.ndarray
 
 
-def examples(rows: list[tuple[np.ndarray, np.ndarray]], vocab: DraftVocab | None) -> list[Example]:
-    """``(prompt, generated)`` target-id rows as training examples (labels on generated tokens only)."""
+def examples(rows: list[Generation], vocab: DraftVocab | None) -> list[Example]:
+    """Teacher generations as training examples: each generated position labelled with the teacher's greedy
+    token there (``row.greedy``; without it, the generated token); the prompt is not trained (the user's text)."""
     out = []
-    for prompt, generated in rows:
-        seq = np.concatenate([prompt, generated]).astype(np.int64)
-        if len(seq) < 2 or not len(generated):
+    for row in rows:
+        seq = row.ids
+        if len(seq) < 2 or not len(row.generated):
             continue
+        wanted = np.full(len(seq) - 1, IGNORE, dtype=np.int64)  # position j predicts token j + 1
+        wanted[len(row.prompt) - 1:] = row.greedy if row.greedy is not None else row.generated
         ids = seq if vocab is None else vocab.to_draft(seq)
-        labels = ids[1:].copy()
+        labels = wanted.copy()
         if vocab is not None:
-            kept = vocab.draft_to_target[ids[1:]] == seq[1:]  # fallback stands in for an id it is not
-            labels[~kept] = MISSED
-        labels[: max(0, len(prompt) - 1)] = IGNORE  # position j predicts token j + 1
+            trained = wanted != IGNORE
+            labels[trained] = vocab.to_draft(wanted[trained])
+            kept = vocab.draft_to_target[labels[trained]] == wanted[trained]  # fallback stands in for an id it is not
+            labels[np.flatnonzero(trained)[~kept]] = MISSED
         out.append(Example(ids[:-1], labels))
     return out
 

@@ -31,6 +31,8 @@ class OnnxRuntimeEngine:
         so.graph_optimization_level = _LEVELS[self.options.graph_optimization]
         if not self.options.spin:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif not self.options.spin_between_runs:  # spin inside a run, go quiet when it ends
+            so.add_session_config_entry("session.force_spinning_stop", "1")
         providers = ["CPUExecutionProvider"]
         if self.options.use_cuda and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
@@ -50,6 +52,6 @@ class OnnxRuntimeEngine:
             "providers": ",".join(self.session.get_providers()),
             "threads": str(self.options.threads),
             "graph_optimization": self.options.graph_optimization,
-            "spin": str(self.options.spin).lower(),
+            "spin": "off" if not self.options.spin else "in runs" if not self.options.spin_between_runs else "on",
             "onnxruntime_version": ort.__version__,
         }

@@ -130,7 +130,14 @@ def logits_width(generator: KVCacheGenerator) -> int | None:
 class SpeculativeConfig(BaseModel):
     """How far the draft guesses ahead."""
 
-    lookahead: int = Field(4, ge=1, le=32, description="Tokens the draft proposes per target pass (k).")
+    lookahead: int = Field(4, ge=1, le=32, description="Tokens the draft proposes per target pass (k); with "
+                                                       "adaptive, the first round's.")
+    # Hugging Face's "heuristic" schedule for assisted generation: a draft that keeps being right is asked for
+    # more, one that misses for fewer, so a row spends few drafted tokens where the draft is weak (they cost a
+    # longer target pass too) and many where the text is easy to guess.
+    adaptive: bool = Field(False, description="Per row: 2 more guesses after a round all accepted, 1 fewer "
+                                              "(at least 1) after one that was not, at most max_lookahead.")
+    max_lookahead: int = Field(16, ge=1, le=64, description="The most guesses an adaptive round makes.")
 
 
 @dataclass
@@ -209,7 +216,8 @@ class SpeculativeGenerator(KVCacheGenerator):
 
     def describe(self) -> dict[str, str]:
         vocab = {} if self.vocab is None else {"draft_vocab": str(self.vocab.size)}
-        return {**self.target.describe(), "speculative": "greedy", "lookahead": str(self.config.lookahead),
+        adaptive = {"adaptive": f"up to {self.config.max_lookahead}"} if self.config.adaptive else {}
+        return {**self.target.describe(), "speculative": "greedy", "lookahead": str(self.config.lookahead), **adaptive,
                 "draft_layers": str(len(self.draft.past_names) // 2), **vocab}
 
     def reset_stats(self) -> None:
@@ -267,15 +275,18 @@ class SpeculativeGenerator(KVCacheGenerator):
         yield seq[-1]
         if seq[-1] in eos or emitted >= max_new_tokens:
             return
+        planned = self.config.lookahead
         while True:
             # the target has cached everything but the last token; the draft may lag further behind
-            k = min(self.config.lookahead, max_new_tokens - emitted - 1)  # the target's own token is the +1
+            k = min(planned, max_new_tokens - emitted - 1)  # the target's own token is the +1
             guesses = self._propose(draft, seq, k, self.vocab)
             checked = target.forward(np.asarray([seq[-1], *guesses], dtype=np.int64)).argmax(axis=-1)
             agree = 0
             while agree < k and guesses[agree] == int(checked[agree]):
                 agree += 1
             accepted = [*guesses[:agree], int(checked[agree])]  # the agreeing guesses and the target's own next
+            if self.config.adaptive:
+                planned = min(planned + 2, self.config.max_lookahead) if agree == k else max(1, planned - 1)
             self.stats.drafted += k
             self.stats.accepted += agree
             self.stats.target_passes += 1

@@ -84,8 +84,8 @@ class SpeculativePredictor(Predictor):
 
     def __init__(self, folder: Path, options: EngineOptions | None = None, *, check: bool = True) -> None:
         # Target and draft take turns on the same cores: neither session's threads may spin while the other
-        # runs (see EngineOptions.spin; the pair decoded ~1.5x faster on 2 cores without spinning).
-        options = (options or EngineOptions()).model_copy(update={"spin": False})
+        # runs, but each may inside its own runs (see EngineOptions.spin_between_runs, measured there).
+        options = (options or EngineOptions()).model_copy(update={"spin": True, "spin_between_runs": False})
         super().__init__(Path(folder), options, check=check)  # the target; the top manifest covers draft/ too
         self.spec = SpeculativeSpec.read(self.folder)
         self.draft = Predictor(self.folder / DRAFT_FOLDER, self.options, check=check)

@@ -57,6 +57,7 @@ def project(tmp_path_factory, tiny_models, tiny_spec):
         (files / "folder.yaml").mkdir()
         (files / "list.yaml").write_text("- onnx-fp32\n- int8-dynamic\n")
         (files / "scalar.yaml").write_text("just a string\n")
+        (files / "unused.yaml").write_text("mine:\n  stages: [{stage: export}]\n")
         (files / "nan.yaml").write_text("clauses: ['accuracy >= .nan']\n")
         (files / "nan-word.yaml").write_text("clauses: ['accuracy >= nan']\n")
         (files / "inf.yaml").write_text("clauses: ['size_mb <= inf']\n")
@@ -154,6 +155,8 @@ PATHS = {
     "recipes-file-a-scalar": (("--recipe-file", "scalar.yaml"), "must be a mapping of recipe names"),
     "recipes-file-missing": (("--recipe-file", "missing.yaml"), "missing.yaml is unreadable (No such file"),
     "recipes-file-a-folder": (("--recipe-file", "folder.yaml"), "folder.yaml is unreadable (Is a directory)"),
+    "recipes-file-unused": (("--recipe-file", "unused.yaml"), "defines mine but none of them is chosen; name them "
+                                                              "in --recipes (e.g. --recipes mine)"),
 }
 
 

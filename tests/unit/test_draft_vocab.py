@@ -181,7 +181,10 @@ def test_the_benchmark_builds_quantizes_and_measures_a_pruned_draft(target, toke
     graph = bench.draft_graph(draft_hf, "int8")
     assert graph.name == "model.onnx" and "kv-int8" in str(graph)
     prompts = [np.asarray([tokenizer(t)["input_ids"]], dtype=np.int64) for t in PROMPTS]
-    rows = bench.measure(target["graph"], graph, DraftVocab.read(draft_hf), prompts, [1, 3], 6, 1, 1)
-    assert [r["lookahead"] for r in rows] == [0, 1, 3] and all(r["identical"] for r in rows)
+    assert bench.lookaheads("1,3,a2") == [(1, False), (3, False), (2, True)]
+    rows = bench.measure(target["graph"], graph, DraftVocab.read(draft_hf), prompts, bench.lookaheads("1,3,a2"), 6,
+                         1, 1)
+    assert [r["lookahead"] for r in rows] == [0, 1, 3, 2] and all(r["identical"] for r in rows)
+    assert rows[-1]["engine"] == "+ draft, adaptive"
     assert all(r["target_ms_per_pass"] > 0 for r in rows) and rows[1]["draft_ms_per_token"] > 0
     assert "draft ms/token" in bench.table(rows) and json.dumps(rows)

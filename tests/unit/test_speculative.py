@@ -77,19 +77,42 @@ def test_greedy_tokens_are_the_targets_own_for_every_prompt_and_lookahead(graphs
     tokenizer = graphs["tokenizer"]
     target, drafter = KVCacheGenerator(graphs["target"]), KVCacheGenerator(graphs[which])
     config = GenerationConfig(max_new_tokens=12)
-    for lookahead in (1, 4):
-        engine = SpeculativeGenerator(target, drafter, SpeculativeConfig(lookahead=lookahead))
+    for lookahead, adaptive in ((1, False), (4, False), (2, True)):
+        engine = SpeculativeGenerator(target, drafter, SpeculativeConfig(lookahead=lookahead, adaptive=adaptive,
+                                                                         max_lookahead=6))
         for i, text in enumerate(PROMPTS[:3]):
             ids, mask = _ids(tokenizer, text)
             eos = None if i % 2 else tokenizer.eos_token_id
             want = target.generate(ids, mask, config, eos_token_id=eos)
             got = engine.generate(ids, mask, config, eos_token_id=eos)
-            np.testing.assert_array_equal(got, want, err_msg=f"{which} k={lookahead} {text!r}")
+            np.testing.assert_array_equal(got, want, err_msg=f"{which} k={lookahead} {adaptive=} {text!r}")
         if which == "target":
             assert engine.stats.acceptance_rate == 1.0
             assert engine.stats.tokens_per_pass > 1
         if which == "random":
             assert engine.stats.acceptance_rate < 0.5  # it disagreed often, and still changed nothing
+
+
+def test_an_adaptive_lookahead_grows_while_the_draft_is_right_and_shrinks_when_it_is_not(graphs):
+    tokenizer = graphs["tokenizer"]
+    target = KVCacheGenerator(graphs["target"])
+    ids, mask = _ids(tokenizer, PROMPTS[0])
+    config = GenerationConfig(max_new_tokens=30)
+    passes = {}
+    for which in ("target", "random"):
+        drafted = []
+        engine = SpeculativeGenerator(target, KVCacheGenerator(graphs[which]),
+                                      SpeculativeConfig(lookahead=2, adaptive=True, max_lookahead=6))
+        original = engine._propose
+        engine._propose = lambda d, seq, k, v, original=original, drafted=drafted: drafted.append(k) or original(
+            d, seq, k, v)
+        np.testing.assert_array_equal(engine.generate(ids, mask, config, eos_token_id=None),
+                                      target.generate(ids, mask, config, eos_token_id=None))
+        passes[which] = drafted
+    right = passes["target"]  # always accepted: 2, 4, 6, 6 ... (bounded by what is left to write)
+    assert right[:3] == [2, 4, 6] and max(right) == 6
+    wrong = passes["random"]  # mostly rejected: down to single guesses
+    assert wrong[0] == 2 and wrong.count(1) > len(wrong) // 2
 
 
 @pytest.mark.parametrize("which", ["pruned", "random_pruned"])
@@ -162,8 +185,8 @@ def test_the_package_opens_as_one_model_through_predictor(graphs, tmp_path):
     assert isinstance(predictor.engine, KVCacheGenerator)  # so every KV-cache decoding path uses the draft
     # target and draft take turns on the same cores: neither session's threads spin between runs
     for session in (predictor.engine.target.session, predictor.engine.draft.session):
-        assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
-    assert Predictor(alone).describe()["spin"] == "true"  # a lone engine keeps ONNX Runtime's default
+        assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
+    assert Predictor(alone).describe()["spin"] == "on"  # a lone engine keeps ONNX Runtime's default
     assert json.loads((folder / "speculative.json").read_text())["draft"]["recipe"] == "draft-2l"
     pd.testing.assert_frame_equal(predictor.predict(PROMPTS, max_new_tokens=8),
                                   Predictor(alone).predict(PROMPTS, max_new_tokens=8))
