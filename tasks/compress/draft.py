@@ -86,6 +86,8 @@ class DraftParams(BaseModel):
     lr: float = Field(3e-4, gt=0, lt=1, description="Peak AdamW learning rate of the ce objective.")
     warmup: float = Field(0.1, ge=0, lt=1, description="Share of the ce steps spent warming up (then linear decay).")
     held_out: float = Field(0.1, gt=0, lt=1, description="Share of the generations held out to measure top-1.")
+    check_every: int = Field(0, ge=0, description="Measure held-out top-1 every this many ce steps and keep the "
+                                                  "best weights; 0: only at the end.")
     distill: dict[str, Any] = Field(default_factory=dict, description="Parameters of the distill stage run on the "
                                                                       "generations (kl; all but layers, teacher).")
 
@@ -182,7 +184,8 @@ def _by_ce(artifact: Artifact, folder: Path, tokenizer: Any, rows: list[draft_da
     model.to(ctx.device)
     train, held = draft_train.split(draft_train.examples(rows, vocab), cfg.held_out, ctx.seed)
     metrics = draft_train.train_ce(model, train, held, steps=cfg.steps, batch_size=cfg.train_batch, lr=cfg.lr,
-                                   warmup=cfg.warmup, seed=ctx.seed, device=ctx.device)
+                                   warmup=cfg.warmup, seed=ctx.seed, device=ctx.device,
+                                   check_every=cfg.check_every)
     model.eval()
     out = hf.save_folder(model.to("cpu"), tokenizer, ctx.workdir / "model")  # nothing saved needs CUDA
     return out, metrics | {"params": float(hf.count_params(model))}

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 IGNORE = -100  # prompt positions and padding: neither trained nor scored
 MISSED = -1  # a generated token the draft's vocabulary lacks: not trained, scored as a miss
+Best = tuple[float, int, "dict[str, torch.Tensor] | None"]  # held-out top-1, the step, the weights then
 
 
 @dataclass
@@ -106,13 +107,16 @@ def evaluate(model: torch.nn.Module, rows: list[Example], batch_size: int, devic
 
 
 def train_ce(model: torch.nn.Module, train: list[Example], held: list[Example], *, steps: int, batch_size: int,
-             lr: float, warmup: float, seed: int, device: str = "cpu") -> dict[str, float]:
+             lr: float, warmup: float, seed: int, device: str = "cpu", check_every: int = 0) -> dict[str, float]:
     """AdamW on next-token CE with warm-up and linear decay, batches in a seeded order (epoch after epoch).
+
+    With ``check_every`` (and rows held out), held-out top-1 is measured every that many steps and the best
+    weights are kept (a small draft memorises a small corpus: past some step more training lowers acceptance).
 
     Returns:
         ``draft_loss_before`` / ``draft_top1_before`` (the draft as given) and ``draft_loss`` / ``draft_top1``
         (trained) on ``held`` (on ``train`` when nothing is held out), ``loss`` (last step), ``steps``,
-        ``step_seconds`` (mean wall time of a step).
+        ``step_seconds`` (mean wall time of a step), ``best_step`` (the step whose weights were kept).
     """
     judge = held or train
     before = evaluate(model, judge, batch_size, device)
@@ -123,6 +127,7 @@ def train_ce(model: torch.nn.Module, train: list[Example], held: list[Example], 
     order: list[int] = []
     last = float("nan")
     model.train()
+    best: Best = (-1.0, steps, None)  # held-out top-1, its step, the weights
     started = time.perf_counter()
     bar = tqdm(total=steps, desc="draft", unit="step", leave=False)
     try:
@@ -141,12 +146,29 @@ def train_ce(model: torch.nn.Module, train: list[Example], held: list[Example], 
             last = float(loss.item()) if not torch.isnan(loss) else last
             bar.update(1)
             bar.set_postfix(loss=f"{last:.3f}", refresh=False)
+            if check_every and held and (step + 1) % check_every == 0 and step + 1 < steps:
+                best = _check(model, held, batch_size, device, step + 1, best)
     finally:
         bar.close()
     spent = time.perf_counter() - started
     after = evaluate(model, judge, batch_size, device)
+    best_step = steps
+    if best[2] is not None and best[0] > after["top1"]:
+        model.load_state_dict(best[2])
+        best_step, after = best[1], evaluate(model, judge, batch_size, device)
+        log.info("draft: kept the weights of step %d (held-out top-1 %.3f)", best_step, after["top1"])
     log.info("draft: held-out CE %.3f -> %.3f, top-1 %.3f -> %.3f over %d steps (%.2fs/step)", before["loss"],
              after["loss"], before["top1"], after["top1"], steps, spent / max(steps, 1))
     return {"draft_loss_before": before["loss"], "draft_top1_before": before["top1"], "draft_loss": after["loss"],
             "draft_top1": after["top1"], "loss": last, "steps": float(steps),
-            "step_seconds": spent / max(steps, 1), "held_out_rows": float(len(held))}
+            "step_seconds": spent / max(steps, 1), "held_out_rows": float(len(held)), "best_step": float(best_step)}
+
+
+def _check(model: torch.nn.Module, held: list[Example], batch_size: int, device: str, step: int, best: Best) -> Best:
+    """Held-out top-1 at ``step``; the weights (a CPU copy) when it beats ``best``."""
+    top1 = evaluate(model, held, batch_size, device)["top1"]
+    model.train()
+    log.info("draft: step %d, held-out top-1 %.3f", step, top1)
+    if top1 <= best[0]:
+        return best
+    return top1, step, {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}

@@ -83,3 +83,23 @@ def test_generated_positions_are_trained_and_unknown_labels_are_misses():
     vocab = DraftVocab([0, 1, 5, 6, 7, 8, 9], fallback=0, target_vocab_size=64)
     (ex,) = examples([row], vocab)
     assert ex.inputs.tolist() == [1, 2, 3, 4] and ex.labels.tolist() == [IGNORE, IGNORE, 6, MISSED]  # 30: not kept
+
+
+def test_checked_training_keeps_the_weights_that_guessed_best(teacher):
+    import copy
+
+    from kiln.tasks.compress.draft_train import Example, evaluate, train_ce
+
+    rng = np.random.default_rng(0)
+    inputs = [rng.integers(4, 60, 8) for _ in range(6)]
+    right = [Example(x, rng.integers(4, 60, 8)) for x in inputs]  # what the held-out rows ask for
+    wrong = [Example(x, (r.labels + 1) % 60) for x, r in zip(inputs, right, strict=True)]  # every label off by one
+    model = copy.deepcopy(teacher).train()
+    train_ce(model, right, [], steps=40, batch_size=6, lr=1e-2, warmup=0.0, seed=0)
+    assert evaluate(model, right, 6, "cpu")["top1"] > 0.9
+    unchecked = copy.deepcopy(model)
+    drift = train_ce(unchecked, wrong, right, steps=30, batch_size=6, lr=1e-2, warmup=0.0, seed=0)
+    assert drift["draft_top1"] < 0.5 and drift["best_step"] == 30  # without checks: the last weights
+    kept = train_ce(model, wrong, right, steps=30, batch_size=6, lr=1e-2, warmup=0.0, seed=0, check_every=2)
+    assert kept["best_step"] < 30 and kept["draft_top1"] > drift["draft_top1"]
+    assert evaluate(model, right, 6, "cpu")["top1"] == kept["draft_top1"]  # the model holds the kept weights
