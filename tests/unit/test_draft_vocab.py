@@ -188,3 +188,20 @@ def test_the_benchmark_builds_quantizes_and_measures_a_pruned_draft(target, toke
     assert rows[-1]["engine"] == "+ draft, adaptive"
     assert all(r["target_ms_per_pass"] > 0 for r in rows) and rows[1]["draft_ms_per_token"] > 0
     assert "draft ms/token" in bench.table(rows) and json.dumps(rows)
+
+
+def test_quantizing_a_pruned_draft_checks_it_on_its_own_ids(ce_draft, tmp_path):
+    """weight_only's parity check tokenizes validation texts: a pruned draft must read them mapped to its ids (the
+    target's ids fell out of its embedding's range in ONNX Runtime's Gather)."""
+    from kiln.tasks.compress.quantization.dynamic import weight_only
+    from kiln.tasks.compress.recipes import export_stage
+
+    result, ctx = ce_draft
+    staged = StageContext(task="causal-lm", workdir=tmp_path / "export", tokenizer_dir=result.artifact.path,
+                          train=ctx.train, seq_len=32, threads=1)
+    staged.workdir.mkdir()
+    graph = export_stage(result.artifact, {"past": True}, staged).artifact
+    staged.workdir = tmp_path / "int8"
+    staged.workdir.mkdir()
+    packed = weight_only(graph, {"bits": 8, "group_size": 32, "check_samples": 16}, staged)
+    assert packed.metrics["size_ratio"] > 1 and packed.metrics["parity_top1_agreement"] > 0.9

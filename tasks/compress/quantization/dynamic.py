@@ -267,12 +267,19 @@ def sample_rows(frame: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 
 
 def text_feeds(texts: list[str], ctx: StageContext, batch_size: int) -> list[Feeds]:
-    """``input_ids`` / ``attention_mask`` batches of ``texts`` with the recipe's tokenizer at ``ctx.seq_len``."""
+    """``input_ids`` / ``attention_mask`` batches of ``texts`` with the recipe's tokenizer at ``ctx.seq_len``.
+
+    A vocabulary-pruned speculative draft (its folder holds a :class:`DraftVocab`) reads its own ids, so the
+    tokenizer's are mapped to them, as the speculative engine does (a graph fed target ids fails out of range).
+    """
+    from kiln.tasks.engines.speculative import DraftVocab
+
     tokenizer = hf.load_tokenizer(ctx.tokenizer_dir, ctx)
+    vocab = DraftVocab.read(Path(ctx.tokenizer_dir))
     out = []
     for start in range(0, len(texts), batch_size):
         ids, mask = encode(tokenizer, texts[start : start + batch_size], ctx.seq_len)
-        out.append({"input_ids": ids, "attention_mask": mask})
+        out.append({"input_ids": ids if vocab is None else vocab.to_draft(ids), "attention_mask": mask})
     return out
 
 
