@@ -50,16 +50,19 @@ class Generation:
 
 @dataclass(frozen=True)
 class Plan:
-    """How the teacher writes the corpus (the draft stage's params, the part this module reads)."""
+    """How the teacher writes the corpus (the draft stage's params, the part this module reads).
 
-    prompt_tokens: int = 16
-    prefixes: int = 1
-    new_tokens: int = 32
-    sample_share: float = 0.0
-    temperature: float = 1.0
-    until_eos: bool = True
-    batch_size: int = 16
-    open_prompts: int = 0
+    No defaults here: ``DraftParams`` is their one source (its ``plan`` builds this), so the two cannot drift.
+    """
+
+    prompt_tokens: int
+    prefixes: int
+    new_tokens: int
+    sample_share: float
+    temperature: float
+    until_eos: bool
+    batch_size: int
+    open_prompts: int
 
 
 def prompt_texts(texts: list[str], prefixes: int) -> list[str]:

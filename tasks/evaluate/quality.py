@@ -173,10 +173,11 @@ def assess_artifact(artifact: Artifact, ctx: StageContext, rows: int = 256) -> d
 
     from kiln.tasks.engines import EngineOptions, OnnxRuntimeEngine
     from kiln.tasks.engines.onnx_generation import KVCacheGenerator, has_kv_cache
-    from kiln.tasks.engines.speculative import DRAFT_VOCAB_FILE
+    from kiln.tasks.engines.speculative import DraftVocab
 
-    if (Path(ctx.tokenizer_dir) / DRAFT_VOCAB_FILE).is_file():
-        return {}  # a vocabulary-pruned draft reads and predicts its own ids; the speculative build measures it
+    # A vocabulary-pruned draft reads and predicts its own ids: the text is scored in them, a token it dropped
+    # counting as its fallback id (so its perplexity is over its own vocabulary, not comparable with the target's).
+    vocab = DraftVocab.read(Path(ctx.tokenizer_dir))
     pool = ctx.validation if ctx.validation is not None else ctx.train
     causal = ctx.task == "causal-lm"
     rows = min(rows, LM_ASSESS_ROWS) if causal else rows
@@ -187,8 +188,11 @@ def assess_artifact(artifact: Artifact, ctx: StageContext, rows: int = 256) -> d
     else:
         engine = OnnxRuntimeEngine(artifact.path, EngineOptions(threads=ctx.threads))
         run = KVCacheGenerator(artifact.path, engine=engine).run if has_kv_cache(engine) else engine.run
-    outputs = _collect(run, lambda texts: encode(tokenizer, texts, ctx.seq_len), frame["text"].tolist(),
-                       8 if causal else 32, "assess")
+    def encoded(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = encode(tokenizer, texts, ctx.seq_len)
+        return (ids if vocab is None else vocab.to_draft(ids)), mask
+
+    outputs = _collect(run, encoded, frame["text"].tolist(), 8 if causal else 32, "assess")
     if ctx.task == "causal-lm":
         return {f"stage_{k}": v for k, v in lm_metrics(outputs).items()}
     return {f"stage_{k}": v for k, v in classification_metrics(outputs, ctx.labels, frame["label"].tolist()).items()}

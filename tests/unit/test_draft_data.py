@@ -8,12 +8,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from kiln.tasks.compress.draft import DraftParams
 from kiln.tasks.compress.draft_data import Generation, Plan, generate, label_tokens, prompt_texts, sampled_rows
 from kiln.tasks.compress.draft_train import IGNORE, MISSED, examples
 from kiln.tasks.engines.speculative import DraftVocab
 from tests.tiny import build
 
 TEXTS = ["the movie was a truly wonderful and moving film with a great cast", "boring and slow", "fine"]
+
+
+def plan_of(**fields) -> Plan:
+    """The corpus plan the draft stage makes of these params (its defaults for the rest)."""
+    return DraftParams(**fields).plan
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +50,8 @@ def test_the_sampled_share_is_exact_and_seeded(share):
 
 
 def test_every_generated_position_is_labelled_with_the_teachers_argmax(teacher, tokenizer):
-    plan = Plan(prompt_tokens=4, prefixes=2, new_tokens=10, sample_share=0.5, until_eos=False, batch_size=2,
-                open_prompts=3)
+    plan = plan_of(prompt_tokens=4, prefixes=2, new_tokens=10, sample_share=0.5, until_eos=False, batch_size=2,
+                   open_prompts=3)
     texts = prompt_texts(TEXTS * 2, plan.prefixes)
     rows = generate(teacher, tokenizer, texts, plan, seed=0)
     assert len(rows) == len(texts) + 3 and all(len(r.generated) == 10 for r in rows)  # past EOS: all new tokens
@@ -68,9 +74,9 @@ def test_a_continuation_ends_at_eos_unless_told_to_write_past_it(tokenizer):
     eos = tokenizer.eos_token_id
     keen = build("llama", tokenizer, layers=1, seed=0).eval()  # a teacher that always says EOS next
     keen.lm_head.register_forward_hook(lambda _m, _i, out: out + 100 * (torch.arange(out.shape[-1]) == eos))
-    stop = generate(keen, tokenizer, TEXTS, Plan(prompt_tokens=4, new_tokens=6), seed=0)
+    stop = generate(keen, tokenizer, TEXTS, plan_of(prompt_tokens=4, new_tokens=6), seed=0)
     assert [r.generated.tolist() for r in stop] == [[eos]] * 3 and [r.greedy.tolist() for r in stop] == [[eos]] * 3
-    past = generate(keen, tokenizer, TEXTS, Plan(prompt_tokens=4, new_tokens=6, until_eos=False), seed=0)
+    past = generate(keen, tokenizer, TEXTS, plan_of(prompt_tokens=4, new_tokens=6, until_eos=False), seed=0)
     assert [r.generated.tolist() for r in past] == [[eos] * 6] * 3
 
 
