@@ -130,4 +130,4 @@ def canary(settings: Settings, name: str, *, spec: Path = LLM_SPEC, prompts: Seq
         state, where = rollout_under_traffic(settings, name, spec, url, token, traffic, stop, echo)
     return {"version": state.challenger, "champion_before": state.champion, "status": state.status,
             "message": state.message, "analyses": [(v.step + 1, v.weight, v.outcome) for v in state.verdicts],
-            "traffic": where, **stats.summary()}
+            "traffic": where.removeprefix("traffic: "), **stats.summary()}

@@ -247,8 +247,9 @@ def test_faulty_challenger_is_rolled_back_within_interval_times_failure_limit(ti
         routing = stack.gw.routing
     assert state.status == "rolled_back", state.message
     assert [v.outcome for v in state.verdicts] == ["fail"] * (failure_limit + 1)
-    # Rolled back after the (failure_limit + 1)-th failed analysis: a few seconds of bookkeeping on top at most.
-    assert elapsed < (failure_limit + 1) * analysis_s + 6
+    # Rolled back at the (failure_limit + 1)-th failed analysis (the verdicts above say which), not intervals later
+    # or after a hang: bookkeeping on top is ~1 s alone and was 7 s on two cores shared with three busy processes.
+    assert elapsed < (failure_limit + 1) * analysis_s + 12
     assert routing.weight == 0 and routing.shadow == 0
     assert evidence in " ".join(state.verdicts[-1].reasons)
     aliases = registry.aliases_of(tiny, "tiny")
